@@ -1,0 +1,29 @@
+"""The unit of data in nmm: an interleaved document of text and image segments."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class TextSegment:
+    text: str
+    loss: bool = True  # False for prompt-like segments we condition on but do not learn to produce
+
+
+@dataclass
+class ImageSegment:
+    image: np.ndarray  # (H, W, 3) uint8
+    loss: bool = True
+
+
+Segment = TextSegment | ImageSegment
+
+
+@dataclass
+class Document:
+    segments: list[Segment]
+    role: str = "interleaved"  # captioning | generation | interleaved | text | qa
+    meta: dict = field(default_factory=dict)
