@@ -1,0 +1,251 @@
+"""Typed run configuration: dataclasses, YAML presets, dot-list overrides.
+
+One `RunConfig` describes a whole run (model, tokenizers, data mixture, training, evaluation).
+Presets live in `configs/*.yaml`; the command line overrides single fields with a dot-list
+(`train.max_steps=200 model.d_model=128`). Unknown keys and badly typed values are errors that
+name the key, so a typo never silently trains the wrong model. The resolved config is saved in
+every run directory, which makes a run directory self-describing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from nmm.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    d_model: int = 192
+    n_layers: int = 4
+    n_heads: int = 6
+    n_kv_heads: int = 2  # grouped-query attention: n_heads must be a multiple of this
+    ffn_hidden: int = 512  # SwiGLU hidden width
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    qk_norm: bool = True  # normalising q and k keeps attention logits bounded (Chameleon's fix for spikes)
+    norm_eps: float = 1e-5
+    factorised_image_head: bool = True  # image logits = sum of per-factor logits (shape, colour)
+    init_std: float = 0.02
+
+
+@dataclass
+class ImageCodecConfig:
+    image_size: int = 32
+    downsample: int = 4
+    factorised: bool = True
+    steps: int = 1500
+    batch_size: int = 64
+    lr: float = 3e-3
+    time_budget_s: float | None = None
+
+
+@dataclass
+class TextCodecConfig:
+    vocab_size: int = 768
+    english_paragraphs: int = 2000  # general English mixed into tokenizer training and the text role
+
+
+@dataclass
+class DataConfig:
+    source: str = "shapes"  # shapes | folder
+    folder: str | None = None  # for source=folder: a directory with images and captions.jsonl
+    seed: int = 0
+    pool_size: int = 20000  # pre-tokenised scenes the LM samples from
+    caption_dropout: float = 0.1  # empty caption before an image, so classifier-free guidance has an unconditional
+    # Role mixture: documents of each role are drawn with these weights.
+    roles: dict[str, float] = field(
+        default_factory=lambda: {"captioning": 0.35, "generation": 0.4, "qa": 0.1, "edit": 0.1, "text": 0.05}
+    )
+    min_shapes: int = 1
+    max_shapes: int = 3
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    batch_size: int = 16  # sequences per step per process
+    seq_len: int = 256  # packed sequence length
+    max_steps: int = 1000
+    time_budget_min: float | None = None  # if set, max_steps is chosen from the measured step time
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    z_loss: float = 1e-4  # penalises log Z of the softmax: keeps logits from drifting (PaLM, Chameleon)
+    loss_weights: dict[str, float] = field(default_factory=lambda: {"text": 1.0, "image": 1.0})
+    dtype: str = "fp32"  # fp32 | bf16 (autocast); bf16 is slower on CPUs without native support
+    compile: bool = False
+    log_every: int = 10
+    ckpt_every: int = 500
+    keep_checkpoints: int = 2
+    threads: int | None = None  # torch intra-op threads; None = torch's default
+
+
+@dataclass
+class EvalConfig:
+    n_samples: int = 200  # per task and split
+    temperature: float = 0.3
+    top_k: int | None = None
+    top_p: float | None = None
+    cfg_scale: float = 2.0
+    batch_size: int = 32
+    seed: int = 1234
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    image: ImageCodecConfig = field(default_factory=ImageCodecConfig)
+    text: TextCodecConfig = field(default_factory=TextCodecConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+PRESET_DIR = Path(__file__).parent / "configs"
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _coerce(value, tp, key: str):
+    """Check/convert a YAML value to the annotated type, naming the key on failure."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"config key '{key}': cannot use {value!r} as {tp}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
+        return _build(tp, value, key)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
+        _, vt = typing.get_args(tp)
+        return {str(k): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        items = [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}': expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+    return value
+
+
+def _build(cls, values: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(
+            f"unknown config key '{where}{unknown[0]}' (valid keys here: {', '.join(sorted(names))})"
+        )
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _set_dotted(tree: dict, dotted: str, value) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"config key '{dotted}': '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """`["train.max_steps=200", "model.qk_norm=false"]` -> nested dict; values parsed as YAML."""
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value (e.g. train.max_steps=200)")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "roles":
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e.__class__.__name__})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def load_config(preset: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a preset name (`shapes-tiny`) or a YAML path, then apply dot-list overrides."""
+    values: dict = {}
+    if preset is not None:
+        path = Path(preset)
+        if not path.suffix:
+            path = PRESET_DIR / f"{preset}.yaml"
+        if not path.exists():
+            raise ConfigError(f"unknown preset '{preset}' (available: {', '.join(list_presets())})")
+        values = read_yaml(path)
+    values = _merge(values, parse_overrides(overrides or []))
+    return _build(RunConfig, values)
+
+
+def save_config(cfg: RunConfig, path: Path) -> None:
+    from nmm.utils import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
