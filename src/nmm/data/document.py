@@ -15,8 +15,9 @@ class TextSegment:
 
 @dataclass
 class ImageSegment:
-    image: np.ndarray  # (H, W, 3) uint8
+    image: np.ndarray | None = None  # (H, W, 3) uint8
     loss: bool = True
+    codes: np.ndarray | None = None  # (N,) image-token ids, when already tokenised (saves re-encoding)
 
 
 Segment = TextSegment | ImageSegment

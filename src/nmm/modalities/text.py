@@ -1,4 +1,4 @@
-"""Text side of the unified vocabulary: a small byte-level BPE tokenizer and an offline English corpus.
+"""Text modality: a small byte-level BPE tokenizer and an offline English corpus.
 
 nmm trains models from scratch, so the tokenizer is trained from scratch too, on the run's own text.
 The unified vocabulary lays out ids as ``[text ids | special tokens | image codes]``, which is why
@@ -21,7 +21,6 @@ import importlib
 import inspect
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -85,25 +84,19 @@ class TextTokenizer:
         Ids outside the text range are an error rather than silently skipped: in a unified
         sequence they are special tokens or image codes, and the caller must split those out.
         """
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        vocab_size = self.vocab_size
+        bad = [i for i in ids if not 0 <= i < vocab_size]
         if bad:
-            raise ValueError(
-                f"ids {bad[:5]} are outside the text vocabulary 0..{self.vocab_size - 1}"
-            )
+            raise ValueError(f"ids {bad[:5]} are outside the text vocabulary 0..{vocab_size - 1}")
         return self._tokenizer.decode(list(ids))
 
     def save(self, path: str | Path) -> None:
         """Write the tokenizer as one JSON file, atomically so a crash never leaves half a file."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(self._tokenizer.to_str())
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(self._tokenizer.to_str(), encoding="utf-8")
+        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: str | Path) -> TextTokenizer:
@@ -120,17 +113,16 @@ class TextTokenizer:
 # ---------------------------------------------------------------------------------------------
 # Offline English corpus
 
-# Pure-Python modules that import in well under a second and document themselves in prose.
-# Platform-specific modules (os, socket, subprocess) are left out so the corpus is the same on
-# every machine running the same Python version. Keep the list sorted and append-only in spirit:
-# changing it changes every tokenizer trained on the corpus.
+# Standard-library modules that import quickly and document themselves in prose. Platform-specific
+# modules (os, socket, subprocess) are left out so the corpus is the same on every machine with
+# the same Python version. Editing this list changes every tokenizer trained on the corpus.
 _CORPUS_MODULES = (
     "argparse", "ast", "bisect", "calendar", "collections", "configparser", "contextlib",
     "csv", "dataclasses", "datetime", "decimal", "difflib", "email.message", "enum",
     "fractions", "ftplib", "functools", "gzip", "heapq", "html.parser", "http.client",
     "inspect", "ipaddress", "itertools", "json", "logging", "operator", "pathlib", "pprint",
     "queue", "random", "shutil", "statistics", "string", "tarfile", "tempfile", "textwrap",
-    "threading", "typing", "unittest", "urllib.parse", "zipfile",
+    "threading", "typing", "unittest.case", "urllib.parse", "zipfile",
 )  # fmt: skip
 
 _MIN_PARAGRAPH_CHARS = 40
@@ -170,25 +162,32 @@ def _all_paragraphs() -> tuple[str, ...]:
 
 
 def _stdlib_docstrings() -> Iterable[str]:
-    """Docstrings of each corpus module and of the classes, functions and methods it defines."""
+    """Docstrings of each corpus module and of the public classes, functions and methods it defines.
+
+    Private names are skipped because third-party libraries do patch them at runtime (for example
+    typing_extensions replaces typing._check_generic), which would make the corpus depend on what
+    else happens to be imported.
+    """
     for module_name in _CORPUS_MODULES:
         module = importlib.import_module(module_name)
         yield _docstring(module)
-        for _, obj in sorted(vars(module).items()):
+        for obj in _public_members(module):
             # Skip names the module merely imports, so each docstring comes from its home module.
-            if not (inspect.isclass(obj) or inspect.isroutine(obj)):
-                continue
-            if getattr(obj, "__module__", None) != module_name:
+            is_definition = inspect.isclass(obj) or inspect.isroutine(obj)
+            if not is_definition or getattr(obj, "__module__", None) != module_name:
                 continue
             yield _docstring(obj)
             if inspect.isclass(obj):
-                for _, member in sorted(vars(obj).items()):
-                    # vars(cls) also holds plain strings such as __module__, whose __doc__
-                    # would be str's own docstring, so only look at callables and properties.
+                for member in _public_members(obj):
+                    # Plain class attributes would yield the docstring of their type (str, int...).
                     if inspect.isroutine(member) or isinstance(
                         member, (property, classmethod, staticmethod)
                     ):
                         yield _docstring(member)
+
+
+def _public_members(namespace) -> list:
+    return [value for name, value in sorted(vars(namespace).items()) if not name.startswith("_")]
 
 
 def _docstring(obj) -> str:
@@ -198,9 +197,8 @@ def _docstring(obj) -> str:
 
 
 def _looks_like_prose(paragraph: str) -> bool:
-    lines = paragraph.strip().splitlines()
-    if not lines or any(line.lstrip().startswith((">>>", "...")) for line in lines):
-        return False
+    if any(line.lstrip().startswith((">>>", "...")) for line in paragraph.splitlines()):
+        return False  # a doctest example
     text = " ".join(paragraph.split())
     if len(text) < _MIN_PARAGRAPH_CHARS:
         return False

@@ -1,0 +1,10 @@
+"""nmm: native multimodal models. One transformer reads and writes interleaved text and image tokens."""
+
+__version__ = "0.1.0"
+
+
+def load(path, device=None):
+    """Load a run directory: returns a `Pipeline` (model, codecs, generate/caption/answer/edit)."""
+    from nmm.api import load as _load
+
+    return _load(path, device)

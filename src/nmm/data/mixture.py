@@ -1,0 +1,150 @@
+"""Training data: role-mixed documents, pre-tokenised pools, and sequence packing.
+
+Roles (their weights come from `DataConfig.roles`):
+  captioning   <image>  caption           loss on the caption        (M2T)
+  generation   caption  <image>           loss on the image          (M2G; caption dropped at rate p for CFG)
+  qa           <image>  question answer   loss on the answer         (M2T)
+  edit         <image>  instruction <image'>  loss on the new image   (M2M)
+  text         english paragraph          loss on everything         (keeps the language model a language model)
+
+Batches are a pure function of (seed, rank, batch index): resuming at batch k reproduces the
+exact stream, and each rank draws a different shard, without any loader state to save.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from nmm.config import DataConfig
+from nmm.data.document import Document, ImageSegment, TextSegment
+from nmm.modalities.codecs import Codecs
+
+
+@dataclass
+class Batch:
+    ids: torch.Tensor  # (B, T)
+    targets: torch.Tensor  # (B, T), -100 = no loss
+    positions: torch.Tensor  # (B, T), restarting at 0 in each packed document
+    doc_ids: torch.Tensor  # (B, T), -1 = padding
+
+    def to(self, device) -> "Batch":
+        return Batch(*(t.to(device) for t in (self.ids, self.targets, self.positions, self.doc_ids)))
+
+
+class ImagePool:
+    """Pre-tokenised images with their captions (and, for the shapes world, scenes and edits)."""
+
+    def __init__(self, codes: np.ndarray, captions: list[str], scenes: list | None = None):
+        self.codes, self.captions, self.scenes = codes, captions, scenes
+        self.edits: list[tuple[int, str, np.ndarray]] = []  # (source index, instruction, edited codes)
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+
+def build_shapes_pool(world, codecs: Codecs, n: int, seed: int, split: str = "train", n_edits: int = 0):
+    scenes = world.scenes(n, seed, split)
+    images = np.stack([world.render(s) for s in scenes])
+    pool = ImagePool(codecs.encode_images(images), [world.caption(s) for s in scenes], scenes)
+    if n_edits:
+        rng = np.random.default_rng([seed, 7])
+        pairs = []
+        for i in rng.permutation(n):
+            edit = world.edit(scenes[i], rng)
+            if edit is not None and (split != "train" or not world.has_heldout(edit[1])):
+                pairs.append((int(i), edit[0], world.render(edit[1])))
+            if len(pairs) == n_edits:
+                break
+        edited = codecs.encode_images(np.stack([p[2] for p in pairs]))
+        pool.edits = [(i, instr, codes) for (i, instr, _), codes in zip(pairs, edited)]
+    return pool
+
+
+def build_folder_pool(source, codecs: Codecs, indices: list[int]) -> ImagePool:
+    images = np.stack([source[i][0] for i in indices])
+    return ImagePool(codecs.encode_images(images), [source[i][1] for i in indices])
+
+
+class DocumentMixture:
+    """Draws documents of each role with the configured weights."""
+
+    def __init__(self, cfg: DataConfig, codecs: Codecs, pool: ImagePool, world=None, english: list[str] = ()):
+        self.cfg, self.codecs, self.pool, self.world = cfg, codecs, pool, world
+        self.english = list(english)
+        roles = {r: w for r, w in cfg.roles.items() if w > 0 and self._available(r)}
+        if not roles:
+            raise ValueError("data.roles leaves no role with data to train on")
+        self.roles = list(roles)
+        w = np.array([roles[r] for r in self.roles], dtype=np.float64)
+        self.weights = w / w.sum()
+
+    def _available(self, role: str) -> bool:
+        known = {"captioning", "generation", "qa", "edit", "text"}
+        if role not in known:
+            raise ValueError(f"data.roles: unknown role '{role}' (known: {', '.join(sorted(known))})")
+        if role == "qa":
+            return self.world is not None and self.pool.scenes is not None
+        if role == "edit":
+            return bool(self.pool.edits)
+        if role == "text":
+            return bool(self.english)
+        return True
+
+    def sample(self, rng: np.random.Generator) -> Document:
+        role = self.roles[rng.choice(len(self.roles), p=self.weights)]
+        if role == "text":
+            return Document([TextSegment(self.english[rng.integers(len(self.english))])], role)
+        if role == "edit":
+            src, instruction, edited = self.pool.edits[rng.integers(len(self.pool.edits))]
+            return Document(
+                [ImageSegment(codes=self.pool.codes[src], loss=False), TextSegment(instruction, loss=False),
+                 ImageSegment(codes=edited)], role)
+        i = int(rng.integers(len(self.pool)))
+        image = ImageSegment(codes=self.pool.codes[i], loss=role == "generation")
+        if role == "captioning":
+            return Document([image, TextSegment(self.pool.captions[i])], role)
+        if role == "generation":
+            if rng.random() < self.cfg.caption_dropout:
+                return Document([image], role)  # unconditional: what CFG subtracts at inference
+            return Document([TextSegment(self.pool.captions[i], loss=False), image], role)
+        question, answer, _ = self.world.question_answer(self.pool.scenes[i], rng)
+        return Document([image, TextSegment(question, loss=False), TextSegment(answer)], role)
+
+
+class PackedBatches:
+    """Packs documents into (batch_size, seq_len) rows; batch k is a pure function of (seed, rank, k)."""
+
+    def __init__(self, mixture: DocumentMixture, batch_size: int, seq_len: int, seed: int, rank: int = 0):
+        self.mixture, self.batch_size, self.seq_len = mixture, batch_size, seq_len
+        self.seed, self.rank = seed, rank
+        self.pad = mixture.codecs.vocab.pad
+
+    def batch(self, index: int) -> Batch:
+        rng = np.random.default_rng([self.seed, self.rank, index])
+        B, T = self.batch_size, self.seq_len
+        ids = np.full((B, T), self.pad, dtype=np.int64)
+        targets = np.full((B, T), -100, dtype=np.int64)
+        positions = np.zeros((B, T), dtype=np.int64)
+        doc_ids = np.full((B, T), -1, dtype=np.int64)
+        for row in range(B):
+            fill, doc_index = 0, 0
+            while True:
+                tokens, is_target = self.mixture.codecs.encode_document(self.mixture.sample(rng))
+                tokens, is_target = tokens[:T], is_target[:T]  # an over-long document is cut, not dropped
+                n = len(tokens)
+                if fill + n > T:
+                    if fill == 0:
+                        continue
+                    break
+                ids[row, fill : fill + n] = tokens
+                nxt = np.array(tokens[1:], dtype=np.int64)
+                targets[row, fill : fill + n - 1] = np.where(np.array(is_target[1:]), nxt, -100)
+                positions[row, fill : fill + n] = np.arange(n)
+                doc_ids[row, fill : fill + n] = doc_index
+                fill, doc_index = fill + n, doc_index + 1
+                if T - fill < 8:
+                    break
+        return Batch(*(torch.from_numpy(a) for a in (ids, targets, positions, doc_ids)))

@@ -1,0 +1,217 @@
+"""The training loop: one process or many (torchrun), resumable to the exact step.
+
+    nmm train shapes-tiny --out runs/x train.max_steps=200
+    torchrun --nproc-per-node 2 -m nmm.cli train shapes-tiny --out runs/x
+
+Each step draws `grad_accum` packed micro-batches per rank; batch indices are a pure function of
+(step, rank), so a resumed run sees exactly the data it would have seen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from nmm.config import RunConfig, save_config, to_dict
+from nmm.data.mixture import PackedBatches
+from nmm.model.model import NativeMultimodalModel
+from nmm.train import distributed as dist
+from nmm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from nmm.train.prepare import prepare_codecs, prepare_mixture
+from nmm.utils import atomic_write_json, atomic_write_text, seed_everything
+from nmm.errors import CheckpointError
+
+
+def lr_at(step: int, cfg, max_steps: int) -> float:
+    """Linear warmup, then cosine decay to min_lr_ratio * lr."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
+    # No weight decay on norms and other vectors; embeddings and matrices decay.
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    other = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=False)
+
+
+def param_checksum(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class LossModule(torch.nn.Module):
+    """Model + loss as one forward, so DDP and torch.compile wrap the whole training computation."""
+
+    def __init__(self, model: NativeMultimodalModel, loss_weights: dict, z_loss: float):
+        super().__init__()
+        self.model, self.loss_weights, self.z_loss = model, loss_weights, z_loss
+
+    def forward(self, ids, targets, positions, doc_ids):
+        return self.model.loss(ids, targets, positions, doc_ids, self.loss_weights, self.z_loss)
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per logged step; appended across resumes."""
+
+    def __init__(self, path: Path, enabled: bool, resume_step: int):
+        self.path, self.enabled = path, enabled
+        if enabled and path.exists():
+            # Drop records past the checkpoint we resume from, so the log never shows a step twice.
+            keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
+            atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, show_progress: bool = True, log=print) -> dict:
+    run_dir = Path(run_dir)
+    info = dist.setup()
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    torch.set_flush_denormal(True)  # denormals made CPU training up to 2x slower
+    seed_everything(cfg.train.seed)
+    say = log if info.is_main else (lambda *a, **k: None)
+
+    ckpt = latest_checkpoint(run_dir) if resume else None
+    if resume and ckpt is None:
+        raise CheckpointError(f"{run_dir}: --resume given but no checkpoint found in {run_dir / 'checkpoints'}")
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        from nmm.cli_progress import progress_callback
+
+        codecs, tok_stats = prepare_codecs(cfg, run_dir, progress=progress_callback("image tokenizer", show_progress), log=say)
+    dist.barrier(info)
+    if not info.is_main:
+        codecs, tok_stats = prepare_codecs(cfg, run_dir, log=say)
+
+    t_data = time.time()
+    mixture = prepare_mixture(cfg, codecs)
+    batches = PackedBatches(mixture, cfg.train.batch_size, cfg.train.seq_len, cfg.train.seed, info.rank)
+    say(f"data: {len(mixture.pool)} images pre-tokenised, roles {dict(zip(mixture.roles, mixture.weights.round(2)))} "
+        f"({time.time() - t_data:.1f}s)")
+
+    cfg.model.max_seq_len = max(cfg.model.max_seq_len, cfg.train.seq_len)
+    model = NativeMultimodalModel(cfg.model, codecs.vocab).to(info.device)
+    optimizer = make_optimizer(model, cfg.train)
+    start_step, max_steps = 0, cfg.train.max_steps
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, model, optimizer)
+        start_step, max_steps = state["step"], state["max_steps"]
+        say(f"resumed from {ckpt} at step {start_step}")
+    say(f"model: {model.num_params() / 1e6:.2f}M parameters, vocabulary {codecs.vocab.size} "
+        f"({codecs.vocab.n_text} text, {codecs.vocab.image_codes} image codes)")
+
+    net = LossModule(model, cfg.train.loss_weights, cfg.train.z_loss)
+    net = DistributedDataParallel(net) if info.enabled else net
+    net = torch.compile(net) if cfg.train.compile else net
+    autocast = (
+        torch.autocast(info.device.type, dtype=torch.bfloat16) if cfg.train.dtype == "bf16" else contextlib.nullcontext()
+    )
+    metrics = MetricsLog(run_dir / "metrics.jsonl", info.is_main, start_step)
+
+    from nmm.cli_progress import TrainProgress
+
+    bar = TrainProgress(max_steps, start_step, enabled=info.is_main and show_progress)
+    t_start, tokens_window, t_window = time.time(), 0, time.time()
+    step = start_step
+    loss_ema = None
+    for step in range(start_step, max_steps):
+        lr = lr_at(step, cfg.train, max_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        stats_sum: dict[str, float] = {}
+        for micro in range(cfg.train.grad_accum):
+            batch = batches.batch(step * cfg.train.grad_accum + micro).to(info.device)
+            sync = contextlib.nullcontext()
+            if info.enabled and micro < cfg.train.grad_accum - 1:
+                sync = net.no_sync()
+            with sync, autocast:
+                loss, stats = net(batch.ids, batch.targets, batch.positions, batch.doc_ids)
+                (loss / cfg.train.grad_accum).backward()
+            stats_sum["loss"] = stats_sum.get("loss", 0.0) + loss.item() / cfg.train.grad_accum
+            for k, v in stats.items():
+                if k.startswith("loss_"):
+                    stats_sum[k] = stats_sum.get(k, 0.0) + float(v) / cfg.train.grad_accum
+            tokens_window += int((batch.doc_ids >= 0).sum()) * info.world_size
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip).item()
+        if not math.isfinite(grad_norm):
+            # A non-finite gradient would poison AdamW's moments: skip the update, keep going.
+            optimizer.zero_grad(set_to_none=True)
+            say(f"step {step}: non-finite gradient norm, update skipped")
+            continue
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        if cfg.train.time_budget_min and step == start_step + 10 and ckpt is None:
+            # Fix the schedule length from the measured speed: the run then fits the budget.
+            per_step = (time.time() - t_window) / 11
+            budget_steps = int(cfg.train.time_budget_min * 60 / per_step)
+            max_steps = dist.broadcast_int(info, max(step + 2, min(cfg.train.max_steps, budget_steps)))
+            bar.set_total(max_steps)
+            say(f"time budget {cfg.train.time_budget_min} min at {per_step:.3f} s/step -> {max_steps} steps")
+        loss_ema = stats_sum["loss"] if loss_ema is None else 0.95 * loss_ema + 0.05 * stats_sum["loss"]
+        spike = stats_sum["loss"] > 2.0 * loss_ema and step > start_step + 20
+        if (step + 1) % cfg.train.log_every == 0 or step == max_steps - 1 or spike:
+            elapsed = time.time() - t_window
+            record = {"step": step + 1, **{k: round(v, 5) for k, v in stats_sum.items()}, "lr": lr,
+                      "grad_norm": round(grad_norm, 4), "tokens_per_s": round(tokens_window / max(elapsed, 1e-9), 1),
+                      "elapsed_s": round(time.time() - t_start, 2)}
+            if spike:
+                record["loss_spike"] = True
+            metrics.write(record)
+            bar.update(step + 1, record)
+            tokens_window, t_window = 0, time.time()
+        else:
+            bar.update(step + 1, None)
+        if info.is_main and (step + 1) % cfg.train.ckpt_every == 0 and step + 1 < max_steps:
+            save_checkpoint(run_dir, step + 1, model, optimizer, {"max_steps": max_steps}, cfg.train.keep_checkpoints)
+        if step + 1 >= max_steps:
+            break
+    bar.close()
+    final_step = max(step + 1, start_step)
+    if info.is_main:
+        save_checkpoint(run_dir, final_step, model, optimizer, {"max_steps": max_steps}, cfg.train.keep_checkpoints)
+        export_model(model, run_dir)
+    if info.enabled:
+        atomic_write_json(run_dir / f"rank{info.rank}_checksum.json", {"step": final_step, "checksum": param_checksum(model)})
+    summary = {
+        "steps": final_step,
+        "train_minutes": round((time.time() - t_start) / 60, 3),
+        "params": model.num_params(),
+        "final_loss": loss_ema,
+        "tokenizer": tok_stats,
+        "world_size": info.world_size,
+    }
+    if info.is_main:
+        atomic_write_json(run_dir / "train_summary.json", summary)
+    dist.barrier(info)
+    dist.teardown(info)
+    return summary
+
+
+def export_model(model: NativeMultimodalModel, run_dir: Path) -> None:
+    """The final weights, beside the codecs: what `nmm.load(run_dir)` reads."""
+    from safetensors.torch import save_file
+
+    tmp = run_dir / ".model.safetensors.tmp"
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp)
+    tmp.replace(run_dir / "model.safetensors")
+    atomic_write_json(run_dir / "model.json", to_dict(model.cfg))
