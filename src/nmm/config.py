@@ -18,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from nmm.errors import ConfigError
+from nmm.modalities.image import ImageTokenizerConfig
 
 
 @dataclass
@@ -33,17 +34,6 @@ class ModelConfig:
     norm_eps: float = 1e-5
     factorised_image_head: bool = True  # image logits = sum of per-factor logits (shape, colour)
     init_std: float = 0.02
-
-
-@dataclass
-class ImageCodecConfig:
-    image_size: int = 32
-    downsample: int = 4
-    factorised: bool = True
-    steps: int = 1500
-    batch_size: int = 64
-    lr: float = 3e-3
-    time_budget_s: float | None = None
 
 
 @dataclass
@@ -106,7 +96,7 @@ class EvalConfig:
 class RunConfig:
     name: str = "run"
     model: ModelConfig = field(default_factory=ModelConfig)
-    image: ImageCodecConfig = field(default_factory=ImageCodecConfig)
+    image: ImageTokenizerConfig = field(default_factory=ImageTokenizerConfig)
     text: TextCodecConfig = field(default_factory=TextCodecConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -112,6 +112,8 @@ class ShapesWorld:
             raise ValueError(f"image_size={image_size} is too small: small shapes need >= 7 px "
                              "to survive a patch tokenizer (use image_size >= 29)")
         self._masks = {(k, s): _template(k, self.size_px[s]) for k in KINDS for s in SIZES}
+        for mask in self._masks.values():
+            mask.flags.writeable = False  # shared with callers, so guard the cache
         self._train_kinds = {c: [k for k in KINDS if (c, k) not in self.heldout] for c in COLOURS}
 
     # ----- sampling -----
@@ -131,6 +133,8 @@ class ShapesWorld:
             colours = [names[i] for i in rng.permutation(len(names))[:n]]
             kinds = [KINDS[i] for i in rng.integers(len(KINDS), size=n)]
             if split == "heldout_combo":
+                if not self.heldout:
+                    raise ValueError("split 'heldout_combo' needs at least one held-out combination")
                 combos = sorted(self.heldout)
                 colour, kind = combos[rng.integers(len(combos))]
                 if colour in colours:  # keep colours distinct: the held-out shape takes its slot

@@ -34,9 +34,10 @@ class ShapesJudge:
     def parse(self, image: np.ndarray) -> Scene:
         """The scene an image shows. Blobs that match no template get kind "unknown"."""
         size = self.world.image_size
-        if not isinstance(image, np.ndarray) or image.shape != (size, size, 3) or image.dtype != np.uint8:
-            got = f"{image.dtype} array of shape {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
-            raise ValueError(f"expected a ({size}, {size}, 3) uint8 image, got a {got}")
+        if not isinstance(image, np.ndarray):
+            raise ValueError(f"expected a ({size}, {size}, 3) uint8 image, got a {type(image).__name__}")
+        if image.shape != (size, size, 3) or image.dtype != np.uint8:
+            raise ValueError(f"expected a ({size}, {size}, 3) uint8 image, got {image.dtype} {image.shape}")
         # Colour index per pixel: 0 is background, 1..6 the nearest palette colour.
         pixels = image.reshape(-1, 3).astype(np.float32)
         peak = pixels.max(1)
@@ -58,15 +59,7 @@ class ShapesJudge:
 
     def score(self, image: np.ndarray, target: Scene) -> dict:
         """exact/count booleans and per-attribute fractions of the target's shapes got right."""
-        parsed = self.parse(image)
-        result = {"exact": parsed == target, "count": len(parsed.shapes) == len(target.shapes)}
-        totals = dict.fromkeys(ATTRIBUTES, 0)
-        for t, p in _match(target.shapes, parsed.shapes):
-            for name, ok in zip(ATTRIBUTES, _agreement(t, p)):
-                totals[name] += ok
-        n = max(len(target.shapes), 1)
-        result.update({name: totals[name] / n for name in ATTRIBUTES})
-        return result
+        return compare_scenes(target, self.parse(image))
 
     def _size(self, box: tuple[int, int]) -> str:
         small, large = (self.world.size_px[s] for s in SIZES)
@@ -123,6 +116,18 @@ def _centred_iou(a: np.ndarray, b: np.ndarray) -> float:
         canvases.append(c)
     union = (canvases[0] | canvases[1]).sum()
     return float((canvases[0] & canvases[1]).sum() / union) if union else 0.0
+
+
+def compare_scenes(target: Scene, predicted: Scene) -> dict:
+    """Score a predicted scene (parsed from an image or a caption) against the target scene."""
+    result = {"exact": predicted == target, "count": len(predicted.shapes) == len(target.shapes)}
+    totals = dict.fromkeys(ATTRIBUTES, 0)
+    for t, p in _match(target.shapes, predicted.shapes):
+        for name, ok in zip(ATTRIBUTES, _agreement(t, p)):
+            totals[name] += ok
+    n = max(len(target.shapes), 1)
+    result.update({name: totals[name] / n for name in ATTRIBUTES})
+    return result
 
 
 def _agreement(t: Shape, p: Shape) -> tuple[bool, bool, bool, bool]:
