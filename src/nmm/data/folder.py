@@ -38,7 +38,7 @@ class ImageFolderSource:
         entries = _read_captions(self.root / CAPTIONS_FILE)
         self.image_paths = [self.root / image for image, _ in entries]
         self._captions = [caption for _, caption in entries]
-        self._images = np.stack([_load_image(path, image_size) for path in self.image_paths])
+        self._images = np.stack([load_image(path, image_size) for path in self.image_paths])
 
     def __len__(self) -> int:
         return len(self._captions)
@@ -114,7 +114,8 @@ def _read_captions(path: Path) -> list[tuple[str, str]]:
     return entries
 
 
-def _load_image(path: Path, size: int) -> np.ndarray:
+def load_image(path: Path, size: int) -> np.ndarray:
+    """Read any Pillow-readable image as (size, size, 3) uint8; InputError naming the file if it can't."""
     if not path.is_file():
         raise InputError(f"image file not found: {path}")
     try:
@@ -124,7 +125,10 @@ def _load_image(path: Path, size: int) -> np.ndarray:
             if image.size != (size, size):
                 # A plain resize rather than a crop: cropping could cut away what the caption
                 # describes ("a circle at the left"), squashing only distorts it a little.
-                image = image.resize((size, size), Image.Resampling.LANCZOS)
+                # An exact multiple (e.g. a 256 px PNG nmm wrote from a 32 px image) averages whole
+                # blocks, which gives the original pixels back; anything else gets Lanczos.
+                exact = image.size[0] % size == 0 and image.size[1] % size == 0
+                image = image.resize((size, size), Image.Resampling.BOX if exact else Image.Resampling.LANCZOS)
             return np.asarray(image, dtype=np.uint8)
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise InputError(f"cannot read image {path}: {e}") from e

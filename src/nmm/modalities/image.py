@@ -36,6 +36,7 @@ from nmm.errors import CheckpointError, ConfigError
 
 WEIGHTS_FILE = "image_tokenizer.safetensors"
 CONFIG_FILE = "image_tokenizer.json"
+LIT_THRESHOLD = 0.25  # a pixel whose brightest channel exceeds this is part of a shape
 
 
 @dataclass
@@ -119,8 +120,9 @@ class ImageTokenizer(nn.Module):
         p = c.downsample
         self.grid = c.image_size // p
         if c.factorised:
-            # Shape: lit map (B,1,H,W) -> alpha logits (B,1,H,W), 3x3 convs so edges get neighbour context.
-            self.shape = _Branch(1, 1, c.shape_levels, c.channels, p, 3, p)
+            # Shape: lit mask (B,1,H,W) -> per pixel 1 alpha logit + 9 logits choosing which of the 3x3
+            # neighbouring positions' colour the pixel takes (a 4x4 patch can straddle two shapes).
+            self.shape = _Branch(1, 1 + 9, c.shape_levels, c.channels, p, 3, p)
             # Colour: RGB patch -> one colour per position (B,3,h,w); 1x1 convs keep it blind to shape.
             self.colour = _Branch(3, 3, c.colour_levels, c.channels // 2, p, 1, 1)
         else:
@@ -159,54 +161,61 @@ class ImageTokenizer(nn.Module):
         if x.ndim != 4 or tuple(x.shape[1:]) != want:
             raise ValueError(f"expected images of shape (B, {', '.join(map(str, want))}), got {tuple(x.shape)}")
 
+    def _lit(self, x: torch.Tensor) -> torch.Tensor:  # (B,3,H,W) -> (B,1,H,W) in {0, 1}
+        # Thresholding the brightest channel makes the shape branch blind to colour *and* brightness.
+        return (x.amax(1, keepdim=True) > LIT_THRESHOLD).float()
+
     def _encode(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """x (B,3,H,W) in [0,1] -> per-branch FSQ values and joint codes (B, h, w)."""
+        """x (B,3,H,W) in [0,1] -> per-branch FSQ values [(B,D,h,w), ...] and joint codes (B, h, w)."""
         if not self.config.factorised:
             values, codes = self.rgb.encode(x)
             return [values], codes
-        shape_values, shape_codes = self.shape.encode(x.amax(1, keepdim=True))  # colour-invariant input
+        shape_values, shape_codes = self.shape.encode(self._lit(x))
         colour_values, colour_codes = self.colour.encode(x)
         return [shape_values, colour_values], self.join_codes(shape_codes, colour_codes)
 
-    def _decode_logits(self, values: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        """FSQ values -> logits: (rgb (B,3,H,W),) or (alpha (B,1,H,W), colour (B,3,h,w))."""
+    def _decode(self, values: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """FSQ values -> (recon (B,3,H,W) in [0,1],) for the plain model; factorised adds the parts
+        the loss needs: alpha logits (B,1,H,W), picked colour (B,3,H,W), colour logits (B,3,h,w)."""
         if not self.config.factorised:
-            return (self.rgb.decoder(values[0]),)
-        return self.shape.decoder(values[0]), self.colour.decoder(values[1])
-
-    def _recon(self, logits: tuple[torch.Tensor, ...]) -> torch.Tensor:  # -> (B, 3, H, W) in [0, 1]
-        if not self.config.factorised:
-            return torch.sigmoid(logits[0])
-        alpha, colour = logits
-        colour = F.interpolate(torch.sigmoid(colour), scale_factor=self.config.downsample, mode="nearest")
-        return torch.sigmoid(alpha) * colour
+            return (torch.sigmoid(self.rgb.decoder(values[0])),)
+        shape_out = self.shape.decoder(values[0])  # (B, 1+9, H, W)
+        alpha, select = shape_out[:, :1], shape_out[:, 1:].softmax(1)  # (B,1,H,W), (B,9,H,W)
+        colour_logits = self.colour.decoder(values[1])  # (B, 3, h, w)
+        B, _, h, w = colour_logits.shape
+        # Colours of the 3x3 neighbourhood of every position (zero padding = black), painted over each
+        # 4x4 patch; each pixel then takes a (soft) pick among them, chosen by the shape branch.
+        neighbours = F.unfold(torch.sigmoid(colour_logits), 3, padding=1).view(B, 3 * 9, h, w)
+        neighbours = F.interpolate(neighbours, scale_factor=self.config.downsample, mode="nearest")
+        colour = (neighbours.view(B, 3, 9, h * self.config.downsample, -1) * select.unsqueeze(1)).sum(2)
+        return torch.sigmoid(alpha) * colour, alpha, colour, colour_logits
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B,3,H,W) float in [0,1] -> (recon (B,3,H,W) in [0,1], codes (B, N))."""
         self._check_images(x, "chw")
         values, codes = self._encode(x)
-        return self._recon(self._decode_logits(values)), codes.flatten(1)
+        return self._decode(values)[0], codes.flatten(1)
 
     def loss(self, x: torch.Tensor) -> torch.Tensor:
-        """Training loss for x (B,3,H,W) in [0,1]: BCE with lit pixels up-weighted."""
+        """Training loss for x (B,3,H,W) in [0,1]: BCE with lit pixels up-weighted, because shapes
+        are sparse and plain MSE settles on an all-black image."""
         values, _ = self._encode(x)
-        logits = self._decode_logits(values)
-        lit = x.amax(1, keepdim=True)  # (B,1,H,W): 1 on shapes, 0 on the black background
+        recon, *parts = self._decode(values)
+        lit = self._lit(x)  # (B,1,H,W)
         weight = 1 + (self.config.lit_weight - 1) * lit
         if not self.config.factorised:
-            return F.binary_cross_entropy_with_logits(logits[0], x, weight=weight.expand_as(x))
-        alpha, colour = logits
+            return F.binary_cross_entropy(recon, x, weight=weight.expand_as(x))
+        alpha, colour, colour_logits = parts
         shape_loss = F.binary_cross_entropy_with_logits(alpha, lit, weight=weight)
-        # Colour is only defined where something is lit; empty patches are pinned to black so that
-        # blank space always gets the same colour code (an easier target for the language model).
-        p = self.config.downsample
-        empty = (F.max_pool2d(lit, p) == 0).float()  # (B,1,h,w)
-        colour_up = F.interpolate(colour, scale_factor=p, mode="nearest")  # (B,3,H,W) logits
-        target = x * (1 - F.interpolate(empty, scale_factor=p))
-        w = lit + F.interpolate(empty, scale_factor=p) / (p * p)  # each empty patch counts like 1 pixel
-        colour_loss = (F.binary_cross_entropy_with_logits(colour_up, target, reduction="none") * w).sum() \
-            / (3 * w.sum()).clamp(min=1)
-        return shape_loss + colour_loss
+        # Colour only matters where something is lit (alpha handles the rest).
+        colour_loss = (F.binary_cross_entropy(colour.clamp(0, 1), x, reduction="none") * lit).sum() \
+            / (3 * lit.sum()).clamp(min=1)
+        # Empty patches are pinned to black so blank space always gets the same colour code
+        # (a deterministic target for the language model instead of an arbitrary one).
+        empty = F.max_pool2d(lit, self.config.downsample) == 0  # (B,1,h,w)
+        black = F.binary_cross_entropy_with_logits(colour_logits, torch.zeros_like(colour_logits), reduction="none")
+        black_loss = (black * empty).sum() / (3 * empty.sum()).clamp(min=1)
+        return shape_loss + colour_loss + 0.1 * black_loss
 
     # ---- public uint8 API ---------------------------------------------------------------------
     @torch.inference_mode()
@@ -230,7 +239,7 @@ class ImageTokenizer(nn.Module):
         grid = codes.view(-1, self.grid, self.grid)
         branches = [self.shape, self.colour] if self.config.factorised else [self.rgb]
         values = [b.fsq.values(f) for b, f in zip(branches, self.split_codes(grid))]
-        recon = self._recon(self._decode_logits(values))
+        recon = self._decode(values)[0]
         return (recon * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
     def _device(self) -> torch.device:

@@ -105,8 +105,8 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, show_progre
     t_data = time.time()
     mixture = prepare_mixture(cfg, codecs)
     batches = PackedBatches(mixture, cfg.train.batch_size, cfg.train.seq_len, cfg.train.seed, info.rank)
-    say(f"data: {len(mixture.pool)} images pre-tokenised, roles {dict(zip(mixture.roles, mixture.weights.round(2)))} "
-        f"({time.time() - t_data:.1f}s)")
+    roles = ", ".join(f"{r} {w:.2f}" for r, w in zip(mixture.roles, mixture.weights))
+    say(f"data: {len(mixture.pool)} images pre-tokenised; roles {roles} ({time.time() - t_data:.1f}s)")
 
     cfg.model.max_seq_len = max(cfg.model.max_seq_len, cfg.train.seq_len)
     model = NativeMultimodalModel(cfg.model, codecs.vocab).to(info.device)
