@@ -10,17 +10,13 @@ from nmm.config import load_config
 torch.set_num_threads(2)
 
 
-def tiny_config(*overrides: str):
-    return load_config("shapes-tiny", list(overrides))
-
-
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """A run directory trained with the shapes-tiny preset (shared, treat as read-only)."""
     from nmm.train.trainer import train
 
     run_dir = tmp_path_factory.mktemp("tiny_run")
-    train(tiny_config(), run_dir, show_progress=False, log=lambda *a: None)
+    train(load_config("shapes-tiny"), run_dir, show_progress=False, log=lambda *a: None)
     return run_dir
 
 

@@ -1,0 +1,108 @@
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from nmm.config import load_config
+from nmm.errors import CheckpointError
+from nmm.train.checkpoint import latest_checkpoint, load_weights
+from nmm.train.trainer import train
+
+
+def tiny_config(*overrides):
+    return load_config("shapes-tiny", list(overrides))
+
+
+QUIET = {"show_progress": False, "log": lambda *a: None}
+
+
+def losses(run_dir):
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_tiny_run_writes_everything(tiny_run):
+    for name in ("config.yaml", "model.safetensors", "model.json", "vocab.json", "text_tokenizer.json",
+                 "image_tokenizer.safetensors", "metrics.jsonl", "train_summary.json"):
+        assert (tiny_run / name).exists(), name
+    rec = json.loads((tiny_run / "metrics.jsonl").read_text().splitlines()[0])
+    assert {"step", "loss", "loss_text", "loss_image", "tokens_per_s"} <= set(rec)
+    assert latest_checkpoint(tiny_run) is not None
+
+
+def test_resume_reproduces_straight_run(tiny_run, tmp_path):
+    """N steps, stop, resume, N more == 2N straight steps (same losses)."""
+    import shutil
+
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    for d in (straight, split):  # reuse the trained codecs; only the LM trains here
+        d.mkdir()
+        for f in tiny_run.iterdir():
+            if f.suffix in (".json", ".safetensors") and f.name not in ("model.json", "model.safetensors",
+                                                                        "train_summary.json"):
+                shutil.copy(f, d / f.name)
+    train(tiny_config("train.max_steps=6"), straight, **QUIET)
+    train(tiny_config("train.max_steps=6", "train.ckpt_every=3"), split, **QUIET)
+    # Simulate a stop after step 3: drop the final checkpoint and the log past it, then resume.
+    for ck in sorted((split / "checkpoints").glob("step_*")):
+        if ck.name != "step_0000003":
+            shutil.rmtree(ck)
+    (split / "checkpoints" / "latest.json").write_text(json.dumps({"step": 3, "path": "step_0000003"}))
+    train(tiny_config("train.max_steps=6", "train.ckpt_every=3"), split, resume=True, **QUIET)
+    assert len(losses(split)) == 6
+    np.testing.assert_allclose(losses(split), losses(straight), rtol=1e-5)
+    a, b = load_weights(straight / "model.safetensors"), load_weights(split / "model.safetensors")
+    for k in a:
+        np.testing.assert_allclose(a[k].numpy(), b[k].numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        train(tiny_config(), tmp_path / "empty", resume=True, **QUIET)
+
+
+def test_corrupt_weights_are_reported(tmp_path):
+    bad = tmp_path / "model.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        load_weights(bad)
+
+
+def test_trains_on_an_image_folder(tmp_path):
+    from nmm.data.folder import write_example_folder
+    from nmm.data.shapes import ShapesWorld
+
+    world = ShapesWorld()
+    scenes = world.scenes(24, 5, "train")
+    folder = write_example_folder(tmp_path / "pics", [world.render(s) for s in scenes],
+                                  [world.caption(s) for s in scenes])
+    run = tmp_path / "run"
+    summary = train(tiny_config("data.source=folder", f"data.folder={folder}", "train.max_steps=3"), run, **QUIET)
+    assert summary["steps"] == 3 and (run / "model.safetensors").exists()
+    import nmm
+
+    caps = nmm.load(run).caption(np.stack([world.render(scenes[0])]), max_new_tokens=8)
+    assert isinstance(caps[0], str)
+
+
+@pytest.mark.slow
+def test_two_process_ddp_keeps_ranks_identical(tiny_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "ddp"
+    run.mkdir()
+    for f in tiny_run.iterdir():
+        if f.name in ("vocab.json", "text_tokenizer.json", "image_tokenizer.json", "image_tokenizer.safetensors",
+                      "tokenizer_stats.json"):
+            shutil.copy(f, run / f.name)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+           "-m", "nmm.cli", "train", "shapes-tiny", "--out", str(run), "train.max_steps=3", "train.threads=1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sums = [json.loads((run / f"rank{r}_checksum.json").read_text()) for r in (0, 1)]
+    assert sums[0]["step"] == sums[1]["step"] == 3
+    assert sums[0]["checksum"] == sums[1]["checksum"]
+    assert json.loads((run / "train_summary.json").read_text())["world_size"] == 2
