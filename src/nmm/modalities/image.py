@@ -36,6 +36,7 @@ from nmm.errors import CheckpointError, ConfigError
 
 WEIGHTS_FILE = "image_tokenizer.safetensors"
 CONFIG_FILE = "image_tokenizer.json"
+CENTRE_PRIOR = 4.0  # logit bonus for a pixel picking its own position's colour
 LIT_THRESHOLD = 0.25  # a pixel whose brightest channel exceeds this is part of a shape
 
 
@@ -93,22 +94,32 @@ class FSQ(nn.Module):
 
 class _Branch(nn.Module):
     """Patch encoder -> FSQ -> decoder. All convs run at code-grid resolution (h = H / patch):
-    pixel-unshuffle in, pixel-shuffle out is far cheaper on CPU than strided convs at 32x32."""
+    pixel-unshuffle in, pixel-shuffle out is far cheaper on CPU than strided convs at 32x32.
+    `spatial` branches use 3x3 convs (context from neighbouring patches) and position embeddings;
+    the others see one patch only. The decoder emits out_ch values per pixel of an out_patch block."""
 
-    def __init__(self, in_ch: int, out_ch: int, levels: list[int], width: int, patch: int,
-                 kernel: int, out_patch: int):
+    def __init__(self, in_ch: int, out_ch: int, levels: list[int], width: int, patch: int, grid: int,
+                 spatial: bool, out_patch: int):
         super().__init__()
-        pad, d = kernel // 2, len(levels)
-        self.encoder = nn.Sequential(
-            nn.PixelUnshuffle(patch), nn.Conv2d(in_ch * patch * patch, width, kernel, padding=pad), nn.GELU(),
-            nn.Conv2d(width, width, kernel, padding=pad), nn.GELU(), nn.Conv2d(width, d, 1))
+        k, d = (3 if spatial else 1), len(levels)
+        conv = lambda i, o, k=k: nn.Conv2d(i, o, k, padding=k // 2)  # noqa: E731
+        self.unshuffle = nn.PixelUnshuffle(patch)
+        self.enc_in, self.dec_in = conv(in_ch * patch * patch, width), conv(d, width)
+        self.encoder = nn.Sequential(nn.GELU(), conv(width, width), nn.GELU(), conv(width, d, 1))
         self.fsq = FSQ(levels)
-        self.decoder = nn.Sequential(
-            nn.Conv2d(d, width, kernel, padding=pad), nn.GELU(), nn.Conv2d(width, width, kernel, padding=pad),
-            nn.GELU(), nn.Conv2d(width, out_ch * out_patch * out_patch, 1), nn.PixelShuffle(out_patch))
+        self.decoder = nn.Sequential(nn.GELU(), conv(width, width), nn.GELU(),
+                                     conv(width, out_ch * out_patch * out_patch, 1), nn.PixelShuffle(out_patch))
+        # Shapes sit on a fixed grid, so where a patch is limits which edges it can hold: knowing the
+        # position lets 200 codes cover the ~700 distinct 4x4 lit patterns of the shapes world.
+        shape = (1, width, grid, grid) if spatial else (1, width, 1, 1)
+        self.enc_pos, self.dec_pos = nn.Parameter(torch.zeros(shape)), nn.Parameter(torch.zeros(shape))
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.fsq(self.encoder(x))  # values (B, D, h, w), codes (B, h, w)
+        """x (B, in_ch, H, W) -> FSQ values (B, D, h, w), codes (B, h, w)."""
+        return self.fsq(self.encoder(self.enc_in(self.unshuffle(x)) + self.enc_pos))
+
+    def decode(self, values: torch.Tensor) -> torch.Tensor:  # (B, D, h, w) -> (B, out_ch, h*out_patch, ...)
+        return self.decoder(self.dec_in(values) + self.dec_pos)
 
 
 class ImageTokenizer(nn.Module):
@@ -122,11 +133,12 @@ class ImageTokenizer(nn.Module):
         if c.factorised:
             # Shape: lit mask (B,1,H,W) -> per pixel 1 alpha logit + 9 logits choosing which of the 3x3
             # neighbouring positions' colour the pixel takes (a 4x4 patch can straddle two shapes).
-            self.shape = _Branch(1, 1 + 9, c.shape_levels, c.channels, p, 3, p)
-            # Colour: RGB patch -> one colour per position (B,3,h,w); 1x1 convs keep it blind to shape.
-            self.colour = _Branch(3, 3, c.colour_levels, c.channels // 2, p, 1, 1)
+            self.shape = _Branch(1, 1 + 9, c.shape_levels, c.channels, p, self.grid, True, p)
+            # Colour: per-patch colour statistics (B,6,h,w) -> one colour per position (B,3,h,w). The
+            # statistics are pooled over the patch, so the colour code cannot see the shape at all.
+            self.colour = _Branch(6, 3, c.colour_levels, c.channels // 2, 1, self.grid, False, 1)
         else:
-            self.rgb = _Branch(3, 3, c.levels, c.channels, p, 3, p)
+            self.rgb = _Branch(3, 3, c.levels, c.channels, p, self.grid, True, p)
 
     # ---- code bookkeeping -------------------------------------------------------------------
     @property
@@ -165,23 +177,35 @@ class ImageTokenizer(nn.Module):
         # Thresholding the brightest channel makes the shape branch blind to colour *and* brightness.
         return (x.amax(1, keepdim=True) > LIT_THRESHOLD).float()
 
+    def _patch_colour(self, x: torch.Tensor) -> torch.Tensor:  # (B,3,H,W) -> (B,6,h,w)
+        """Brightest value per channel and mean colour of the lit pixels of each patch. Both equal the
+        shape's colour for a one-shape patch whatever its outline, which is what lets colour codes
+        carry over to (colour, kind) pairs never seen in training; the mean follows the majority
+        where a patch straddles two shapes."""
+        p, lit = self.config.downsample, self._lit(x)
+        mean = F.avg_pool2d(x * lit, p) / F.avg_pool2d(lit, p).clamp(min=1 / (p * p))
+        return torch.cat([F.max_pool2d(x, p), mean], 1)
+
     def _encode(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """x (B,3,H,W) in [0,1] -> per-branch FSQ values [(B,D,h,w), ...] and joint codes (B, h, w)."""
         if not self.config.factorised:
             values, codes = self.rgb.encode(x)
             return [values], codes
         shape_values, shape_codes = self.shape.encode(self._lit(x))
-        colour_values, colour_codes = self.colour.encode(x)
+        colour_values, colour_codes = self.colour.encode(self._patch_colour(x))
         return [shape_values, colour_values], self.join_codes(shape_codes, colour_codes)
 
     def _decode(self, values: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """FSQ values -> (recon (B,3,H,W) in [0,1],) for the plain model; factorised adds the parts
         the loss needs: alpha logits (B,1,H,W), picked colour (B,3,H,W), colour logits (B,3,h,w)."""
         if not self.config.factorised:
-            return (torch.sigmoid(self.rgb.decoder(values[0])),)
-        shape_out = self.shape.decoder(values[0])  # (B, 1+9, H, W)
-        alpha, select = shape_out[:, :1], shape_out[:, 1:].softmax(1)  # (B,1,H,W), (B,9,H,W)
-        colour_logits = self.colour.decoder(values[1])  # (B, 3, h, w)
+            return (torch.sigmoid(self.rgb.decode(values[0])),)
+        shape_out = self.shape.decode(values[0])  # (B, 1+9, H, W)
+        # Most pixels take their own position's colour, so start the pick there (index 4 = centre).
+        select = shape_out[:, 1:].clone()
+        select[:, 4] += CENTRE_PRIOR
+        alpha, select = shape_out[:, :1], select.softmax(1)  # (B,1,H,W), (B,9,H,W)
+        colour_logits = self.colour.decode(values[1])  # (B, 3, h, w)
         B, _, h, w = colour_logits.shape
         # Colours of the 3x3 neighbourhood of every position (zero padding = black), painted over each
         # 4x4 patch; each pixel then takes a (soft) pick among them, chosen by the shape branch.

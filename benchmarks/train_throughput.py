@@ -1,0 +1,406 @@
+"""Training throughput: nmm's model vs a Hugging Face `LlamaForCausalLM` of identical dimensions.
+
+    python benchmarks/train_throughput.py                       # the nmm demo model (shapes-demo)
+    python benchmarks/train_throughput.py --steps 20 --json-out bench.json
+    python benchmarks/train_throughput.py --d-model 32 --layers 2 --heads 4 --kv-heads 2 --ffn 64 --batch 2 --seq 32
+
+Both models get the same dimensions (d_model, layers, heads, kv heads, SwiGLU hidden =
+intermediate_size, vocabulary, RoPE theta, RMSNorm eps, no bias, untied embeddings; nmm's QK-norm
+is off so the architectures match exactly), the same batch, the same optimizer (AdamW,
+fused=False as in `nmm.train.trainer`) and the same process settings (2 torch threads, flush
+denormals). A training step is forward + loss + backward + AdamW step. Rows:
+
+  nmm loss()          `NativeMultimodalModel.loss`: nmm's real training path (packed-document mask,
+                      per-modality heads, factorised image head: what `nmm train` runs)
+  nmm forward+CE      plain `forward` (causal, full-vocabulary logits) + cross-entropy, same model
+  nmm forward+CE, unfactorised head
+                      as above with `factorised_image_head=False`: exactly HF Llama's computation
+  HF Llama forward+CE `LlamaForCausalLM(input_ids).logits` (sdpa) + cross-entropy
+
+Variants are stepped in turn (A, B, C, D, D, C, B, A, ...) so machine noise is shared fairly.
+tokens/s and the nmm/HF ratio come from the median step time; the JSON also has the mean, the
+best (fastest) step, a per-round paired ratio and every step time: on a shared CPU the spread is
+large, so look at all of them (docs/performance.md). Before timing, `parity_check` copies an nmm
+model into HF Llama with `nmm_to_hf_llama` and asserts the logits agree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from nmm.config import ModelConfig
+from nmm.model.model import NativeMultimodalModel
+from nmm.modalities.vocab import Vocabulary
+
+# The nmm demo model's vocabulary: 768 text ids + 5 specials + 1600 image codes (200 shapes x 8 colours).
+DEMO_VOCAB = Vocabulary(n_text=768, image_codes=1600, image_factors=(200, 8), tokens_per_image=64)
+
+
+# ---- conversion -----------------------------------------------------------------------------------
+@torch.no_grad()
+def _image_table(model: NativeMultimodalModel) -> torch.Tensor:
+    """(image_codes, D) embedding of every image code (sum of its factor embeddings)."""
+    from nmm.model.heads import split_codes
+
+    emb = model.image_embed
+    codes = torch.arange(model.vocab.image_codes, device=emb.tables[0].weight.device)
+    return sum(t.weight[part] for t, part in zip(emb.tables, split_codes(codes, emb.factors)))
+
+
+@torch.no_grad()
+def _image_head_matrix(model: NativeMultimodalModel) -> torch.Tensor:
+    """(image_codes, D) weight whose rows give the logits of `model.image_head` (a sum of per-factor
+    logits is linear in h, so a factorised head is an ordinary linear head with W[c] = sum_i W_i[c_i])."""
+    from nmm.model.heads import split_codes
+
+    head = model.image_head
+    codes = torch.arange(model.vocab.image_codes, device=head.proj[0].weight.device)
+    return sum(p.weight[part] for p, part in zip(head.proj, split_codes(codes, head.factors)))
+
+
+def hf_llama_config(model_cfg: ModelConfig, vocab_size: int):
+    from transformers import LlamaConfig
+
+    hd = model_cfg.d_model // model_cfg.n_heads
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=model_cfg.d_model,
+        intermediate_size=model_cfg.ffn_hidden,
+        num_hidden_layers=model_cfg.n_layers,
+        num_attention_heads=model_cfg.n_heads,
+        num_key_value_heads=model_cfg.n_kv_heads,
+        head_dim=hd,
+        hidden_act="silu",
+        max_position_embeddings=model_cfg.max_seq_len,
+        rms_norm_eps=model_cfg.norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": float(model_cfg.rope_theta)},
+        attention_bias=False,
+        mlp_bias=False,
+        tie_word_embeddings=False,
+        initializer_range=model_cfg.init_std,
+        use_cache=False,
+        pad_token_id=None,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+    cfg._attn_implementation = "sdpa"
+    return cfg
+
+
+def make_hf_llama(model_cfg: ModelConfig, vocab_size: int):
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM(hf_llama_config(model_cfg, vocab_size))
+    model.config._attn_implementation = "sdpa"
+    return model
+
+
+@torch.no_grad()
+def nmm_to_hf_llama(model: NativeMultimodalModel):
+    """nmm model -> `LlamaForCausalLM` computing the same logits (vocabulary order: text, specials,
+    image codes). Needs `qk_norm=False` (Llama has no QK-norm). A factorised image embedding/head
+    is materialised into ordinary (image_codes, D) tables, which is exact."""
+    cfg = model.cfg
+    if cfg.qk_norm:
+        raise ValueError("nmm_to_hf_llama: Llama has no QK-norm; build the nmm model with qk_norm=False")
+    hf = make_hf_llama(cfg, model.vocab.size)
+    hd = cfg.d_model // cfg.n_heads
+    nq, nkv = cfg.n_heads * hd, cfg.n_kv_heads * hd
+    sd = {
+        "model.embed_tokens.weight": torch.cat([model.text_embed.weight, _image_table(model)], 0),
+        "model.norm.weight": model.backbone.norm.weight,
+        "lm_head.weight": torch.cat([model.text_head.proj.weight, _image_head_matrix(model)], 0),
+    }
+    for i, blk in enumerate(model.backbone.blocks):
+        p = f"model.layers.{i}."
+        wq, wk, wv = blk.attn.wqkv.weight.split([nq, nkv, nkv], 0)  # wqkv rows: [q | k | v]
+        gate, up = blk.ffn.w_gate_up.weight.chunk(2, 0)  # w_gate_up rows: [gate | up]
+        sd.update({
+            p + "input_layernorm.weight": blk.attn_norm.weight,
+            p + "self_attn.q_proj.weight": wq,
+            p + "self_attn.k_proj.weight": wk,
+            p + "self_attn.v_proj.weight": wv,
+            p + "self_attn.o_proj.weight": blk.attn.wo.weight,
+            p + "post_attention_layernorm.weight": blk.ffn_norm.weight,
+            p + "mlp.gate_proj.weight": gate,
+            p + "mlp.up_proj.weight": up,
+            p + "mlp.down_proj.weight": blk.ffn.w_down.weight,
+        })
+    missing, unexpected = hf.load_state_dict({k: v.detach().clone() for k, v in sd.items()}, strict=False)
+    missing = [k for k in missing if "rotary_emb" not in k]
+    if missing or unexpected:
+        raise RuntimeError(f"nmm_to_hf_llama: missing {missing}, unexpected {unexpected}")
+    return hf.to(model.text_embed.weight.device)
+
+
+# ---- parity ---------------------------------------------------------------------------------------
+def model_config(d_model=192, layers=4, heads=6, kv_heads=2, ffn=512, seq=256, factorised=True) -> ModelConfig:
+    return ModelConfig(
+        d_model=d_model, n_layers=layers, n_heads=heads, n_kv_heads=kv_heads, ffn_hidden=ffn,
+        max_seq_len=seq, qk_norm=False, factorised_image_head=factorised,
+    )
+
+
+@torch.no_grad()
+def parity_check(model_cfg: ModelConfig, vocab: Vocabulary = DEMO_VOCAB, batch: int = 2, seq: int | None = None,
+                 seed: int = 0, atol: float = 1e-4, weight_std: float = 0.1) -> dict:
+    """nmm (unfactorised image head, and factorised) vs its `nmm_to_hf_llama` copy: max |logit diff|
+    on random ids, asserted < atol."""
+    seq = seq or min(model_cfg.max_seq_len, 64)
+    out = {}
+    for factorised in (False, True):
+        cfg = ModelConfig(**{**model_cfg.__dict__, "factorised_image_head": factorised, "qk_norm": False})
+        torch.manual_seed(seed)
+        nmm_model = NativeMultimodalModel(cfg, vocab).eval()
+        for p in nmm_model.parameters():  # larger, non-trivial weights (norm gains != 1): a wrong
+            if p.dim() >= 2:              # mapping then shows as an O(1) logit difference
+                p.normal_(0.0, weight_std)
+            else:
+                p.uniform_(0.5, 1.5)
+        hf = nmm_to_hf_llama(nmm_model).eval()
+        ids = torch.randint(0, vocab.size, (batch, seq), generator=torch.Generator().manual_seed(seed + 1))
+        a = nmm_model(ids)
+        b = hf(input_ids=ids, use_cache=False).logits
+        diff = (a - b).abs().max().item()
+        out["unfactorised" if not factorised else "factorised"] = diff
+        if not diff < atol:
+            raise AssertionError(f"parity ({'factorised' if factorised else 'unfactorised'} head): "
+                                 f"max |nmm - HF| logit diff {diff:.3g} >= {atol}")
+    out["max_abs_diff"] = max(out.values())
+    out["atol"] = atol
+    out["logit_scale"] = a.abs().max().item()
+    return out
+
+
+# ---- benchmark data -------------------------------------------------------------------------------
+def make_batch(vocab: Vocabulary, batch: int, seq: int, seed: int = 0):
+    """Random documents shaped like nmm's training data: text spans and <boi> image codes <eoi>
+    blocks, one document per row (doc_ids all 0, positions 0..T-1); targets are the next ids, so
+    they mix text and image ids (every position has a loss)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(batch):
+        row = [vocab.bos]
+        while len(row) < seq + 1:
+            n_text = int(torch.randint(8, 41, (1,), generator=g))
+            row += torch.randint(0, vocab.n_text, (n_text,), generator=g).tolist()
+            row += [vocab.boi, *(vocab.image_start + torch.randint(0, vocab.image_codes, (vocab.tokens_per_image,),
+                                                                   generator=g)).tolist(), vocab.eoi]
+        rows.append(row[: seq + 1])
+    full = torch.tensor(rows, dtype=torch.long)
+    ids, targets = full[:, :-1].contiguous(), full[:, 1:].contiguous()
+    positions = torch.arange(seq).expand(batch, -1).contiguous()
+    doc_ids = torch.zeros(batch, seq, dtype=torch.long)
+    return ids, targets, positions, doc_ids
+
+
+# ---- steps ----------------------------------------------------------------------------------------
+class NmmLoss(torch.nn.Module):
+    """nmm's training computation, as `nmm.train.trainer.LossModule` (z_loss = 0)."""
+
+    def __init__(self, model: NativeMultimodalModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids, targets, positions, doc_ids):
+        loss, _ = self.model.loss(ids, targets, positions, doc_ids, {"text": 1.0, "image": 1.0}, 0.0)
+        return loss
+
+
+class ForwardCE(torch.nn.Module):
+    """Plain forward over the full vocabulary + mean cross-entropy (nmm or HF model)."""
+
+    def __init__(self, model, hf: bool):
+        super().__init__()
+        self.model, self.hf = model, hf
+
+    def forward(self, ids, targets, positions, doc_ids):
+        if self.hf:
+            logits = self.model(input_ids=ids, use_cache=False).logits
+        else:
+            logits = self.model(ids)  # causal, positions 0..T-1
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+class Variant:
+    def __init__(self, name: str, net: torch.nn.Module, params, compile: bool, autocast):
+        self.name, self.params = name, list(params)
+        self.net = torch.compile(net) if compile else net
+        self.opt = torch.optim.AdamW(self.params, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1, fused=False)
+        self.autocast, self.times, self.losses = autocast, [], []
+
+    def step(self, batch) -> float:
+        t0 = time.perf_counter()
+        with self.autocast():
+            loss = self.net(*batch)
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        dt = time.perf_counter() - t0
+        self.losses.append(loss.item())
+        return dt
+
+
+def build_variants(args, vocab: Vocabulary) -> list[Variant]:
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if args.dtype == "bf16" else contextlib.nullcontext
+    cfg = model_config(args.d_model, args.layers, args.heads, args.kv_heads, args.ffn, args.seq, factorised=True)
+    cfg_unf = model_config(args.d_model, args.layers, args.heads, args.kv_heads, args.ffn, args.seq, factorised=False)
+    variants = []
+    torch.manual_seed(args.seed)
+    m = NativeMultimodalModel(cfg, vocab).train()
+    variants.append(Variant("nmm loss()", NmmLoss(m), m.parameters(), args.compile, autocast))
+    torch.manual_seed(args.seed)
+    m = NativeMultimodalModel(cfg, vocab).train()
+    variants.append(Variant("nmm forward+CE", ForwardCE(m, hf=False), m.parameters(), args.compile, autocast))
+    if not args.skip_unfactorised:
+        torch.manual_seed(args.seed)
+        m = NativeMultimodalModel(cfg_unf, vocab).train()
+        variants.append(Variant("nmm forward+CE (unfactorised head)", ForwardCE(m, hf=False), m.parameters(),
+                                args.compile, autocast))
+    torch.manual_seed(args.seed)
+    m = NativeMultimodalModel(cfg_unf, vocab)
+    hf = nmm_to_hf_llama(m).train()  # same initial weights as the unfactorised nmm model
+    variants.append(Variant("HF Llama forward+CE", ForwardCE(hf, hf=True), hf.parameters(), args.compile, autocast))
+    return variants
+
+
+# ---- main -----------------------------------------------------------------------------------------
+def run(args) -> dict:
+    torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)
+    vocab = DEMO_VOCAB if args.vocab is None else Vocabulary(
+        n_text=args.vocab[0], image_codes=args.vocab[1] * args.vocab[2],
+        image_factors=(args.vocab[1], args.vocab[2]), tokens_per_image=args.vocab[3])
+    cfg = model_config(args.d_model, args.layers, args.heads, args.kv_heads, args.ffn, args.seq)
+
+    t0 = time.perf_counter()
+    parity = parity_check(cfg, vocab, batch=2, seq=min(args.seq, 64), seed=args.seed)
+    parity_s = time.perf_counter() - t0
+
+    batch = make_batch(vocab, args.batch, args.seq, seed=args.seed)
+    image_frac = float((batch[1] >= vocab.image_start).float().mean())
+    variants = build_variants(args, vocab)
+    for _ in range(args.warmup):
+        for v in variants:
+            v.step(batch)
+    for v in variants:
+        v.times.clear()
+        v.losses.clear()
+    for i in range(args.steps):
+        order = variants if i % 2 == 0 else variants[::-1]  # alternate, and alternate who goes first
+        for v in order:
+            v.times.append(v.step(batch))
+
+    tokens = args.batch * args.seq
+    hf = variants[-1]
+    hf_med, hf_mean = statistics.median(hf.times), sum(hf.times) / len(hf.times)
+    rows = []
+    for v in variants:
+        med, mean = statistics.median(v.times), sum(v.times) / len(v.times)
+        rows.append({
+            "name": v.name,
+            "tokens_per_s": round(tokens / med, 1),  # from the median step: robust to a busy machine
+            "tokens_per_s_mean": round(tokens / mean, 1),
+            "tokens_per_s_best": round(tokens / min(v.times), 1),
+            "ratio_vs_hf": round(hf_med / med, 3),
+            "ratio_vs_hf_mean": round(hf_mean / mean, 3),
+            "ratio_vs_hf_best": round(min(hf.times) / min(v.times), 3),
+            # per round (all variants stepped within seconds of each other), then the median round
+            "ratio_vs_hf_paired": round(statistics.median(h / t for h, t in zip(hf.times, v.times)), 3),
+            "step_s_median": round(med, 4),
+            "step_s_mean": round(mean, 4),
+            "step_s": [round(t, 4) for t in v.times],
+            "final_loss": round(v.losses[-1], 4),
+            "params": sum(p.numel() for p in v.params),
+        })
+    import transformers
+
+    return {
+        "config": {
+            "d_model": args.d_model, "layers": args.layers, "heads": args.heads, "kv_heads": args.kv_heads,
+            "ffn": args.ffn, "vocab_size": vocab.size, "image_factors": list(vocab.image_factors),
+            "batch": args.batch, "seq": args.seq, "steps": args.steps, "warmup": args.warmup,
+            "dtype": args.dtype, "compile": args.compile, "threads": args.threads,
+            "target_image_fraction": round(image_frac, 3),
+        },
+        "parity": {**parity, "seconds": round(parity_s, 2)},
+        "rows": rows,
+        "nmm_tokens_per_s": rows[0]["tokens_per_s"],
+        "nmm_forward_ce_tokens_per_s": rows[1]["tokens_per_s"],
+        "hf_tokens_per_s": rows[-1]["tokens_per_s"],
+        "ratio_nmm_over_hf": rows[0]["ratio_vs_hf"],
+        "ratio_nmm_forward_ce_over_hf": rows[1]["ratio_vs_hf"],
+        "ratio_nmm_over_hf_best": rows[0]["ratio_vs_hf_best"],
+        "ratio_nmm_over_hf_paired": rows[0]["ratio_vs_hf_paired"],
+        "env": {
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "machine": platform.machine(),
+            "processor": platform.processor(), "cpu_count": os.cpu_count(),
+        },
+    }
+
+
+def format_table(result: dict) -> str:
+    head = f"{'variant':<36} {'tokens/s':>9} {'best':>7} {'mean':>7}  {'nmm/HF':>6} {'best':>6} {'mean':>6}"
+    lines = [head, "-" * len(head)]
+    for r in result["rows"]:
+        lines.append(
+            f"{r['name']:<36} {r['tokens_per_s']:>9.0f} {r['tokens_per_s_best']:>7.0f} {r['tokens_per_s_mean']:>7.0f}  "
+            f"{r['ratio_vs_hf']:>5.2f}x {r['ratio_vs_hf_best']:>5.2f}x {r['ratio_vs_hf_mean']:>5.2f}x"
+        )
+    lines.append("tokens/s and nmm/HF from the median step time; best = fastest step, mean = mean step time")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--d-model", type=int, default=192)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=6)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--ffn", type=int, default=512)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--steps", type=int, default=10, help="timed steps per variant")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--compile", action="store_true", help="torch.compile every variant")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vocab", type=int, nargs=4, metavar=("N_TEXT", "F0", "F1", "TOKENS_PER_IMAGE"), default=None,
+                   help="vocabulary (default: the demo's 768 text ids, 200x8 image codes, 64 per image)")
+    p.add_argument("--skip-unfactorised", action="store_true", help="drop the unfactorised-head nmm row")
+    p.add_argument("--json-out", type=Path, default=None)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    result = run(args)
+    par = result["parity"]
+    print(f"parity nmm -> HF Llama: max |logit diff| {par['max_abs_diff']:.2e} (< {par['atol']:g}) OK")
+    c = result["config"]
+    print(f"d_model {c['d_model']}, {c['layers']} layers, {c['heads']} heads / {c['kv_heads']} kv, ffn {c['ffn']}, "
+          f"vocab {c['vocab_size']}; batch {c['batch']}x{c['seq']}, {c['dtype']}, compile={c['compile']}, "
+          f"threads {c['threads']}; {c['steps']} timed steps each after {c['warmup']} warm-up")
+    print(format_table(result))
+    if args.json_out:
+        args.json_out.parent.mkdir(parents=True, exist_ok=True)
+        args.json_out.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
