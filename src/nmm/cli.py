@@ -162,6 +162,31 @@ def inspect(
                 out_console.print(f"{k}: {v}")
 
 
+@app.command()
+def serve(
+    target: Annotated[str, typer.Argument(help="A trained run directory, or a preset name to serve random weights "
+                                               "(for trying the API without training).")],
+    host: Annotated[str, typer.Option(help="Address to bind. 0.0.0.0 makes the server reachable from other machines.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    api_key: Annotated[Optional[str], typer.Option(envvar="NMM_API_KEY", show_envvar=True,
+                                                   help="Require 'Authorization: Bearer KEY' on the /v1 routes.")] = None,
+):
+    """Serve a model over HTTP: an OpenAI-compatible API (/v1), /metrics, and a web playground at /."""
+    try:
+        import uvicorn
+
+        from nmm.serve import create_app, load_pipeline
+    except ImportError as e:
+        raise NmmError(f"nmm serve needs the server extras ({e.name} is missing): pip install 'nmm-toolkit[serve]'") from None
+
+    pipe, name = load_pipeline(target)
+    if name.endswith("-random"):
+        out_console.print(f"[yellow]{target}: random weights (untrained), for trying the API[/yellow]")
+    auth = "API key required" if api_key else "no API key"
+    out_console.print(f"serving {name} at http://{host}:{port} (playground at /, OpenAI API at /v1, {auth})")
+    uvicorn.run(create_app(pipe, name, api_key=api_key), host=host, port=port, log_level="info")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: user errors become one line on stderr and exit code 2, not a traceback."""
     try:

@@ -46,12 +46,14 @@ class ImageTokenizerConfig:
     downsample: int = 4  # 32 / 4 -> 8x8 = 64 codes per image
     factorised: bool = True
     shape_levels: list[int] = field(default_factory=lambda: [8, 5, 5])  # 200 shape codes
-    colour_levels: list[int] = field(default_factory=lambda: [2, 2, 2])  # 8 colours: one bit per RGB channel
+    # 16 colour codes for black + 6 colours: with only 8 (e.g. [2,2,2]) two colours can get stuck
+    # sharing a code, because every free corner of the cube is a neighbour of a taken one.
+    colour_levels: list[int] = field(default_factory=lambda: [4, 4])
     levels: list[int] = field(default_factory=lambda: [8, 5, 5, 5])  # non-factorised: 1000 codes
     channels: int = 64  # conv width of the shape / RGB branch (the colour branch uses half)
     steps: int = 1500
     batch_size: int = 64
-    lr: float = 2e-3
+    lr: float = 4e-3
     warmup_steps: int = 50
     lit_weight: float = 4.0  # shapes are sparse: up-weight lit pixels so the model does not settle on black
     pool_size: int = 20_000  # training images rendered once, then re-shuffled every epoch
@@ -76,12 +78,17 @@ class FSQ(nn.Module):
         self.register_buffer("levels", torch.tensor(levels).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("basis", torch.tensor(basis).view(1, -1, 1, 1), persistent=False)
         self.n_codes = int(np.prod(levels))
+        self.noise = False
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         L = self.levels
         u = (torch.tanh(z) + 1) / 2 * L - 0.5  # (-0.5, L-0.5): every level gets an equal-width bin
-        q = u + (u.round().clamp(min=0).minimum(L - 1) - u).detach()  # straight-through rounding
-        codes = (q.detach().long() * self.basis).sum(1)  # (B, h, w)
+        rounded = u.round().clamp(min=0).minimum(L - 1)
+        codes = (rounded.detach().long() * self.basis).sum(1)  # (B, h, w)
+        if self.training and self.noise:
+            q = u + torch.rand_like(u) - 0.5
+        else:
+            q = u + (rounded - u).detach()  # straight-through rounding
         return self._normalise(q), codes
 
     def values(self, codes: torch.Tensor) -> torch.Tensor:  # (B, h, w) -> (B, D, h, w)
@@ -137,6 +144,7 @@ class ImageTokenizer(nn.Module):
             # Colour: per-patch colour statistics (B,6,h,w) -> one colour per position (B,3,h,w). The
             # statistics are pooled over the patch, so the colour code cannot see the shape at all.
             self.colour = _Branch(6, 3, c.colour_levels, c.channels // 2, 1, self.grid, False, 1)
+            self.colour.fsq.noise = True
         else:
             self.rgb = _Branch(3, 3, c.levels, c.channels, p, self.grid, True, p)
 

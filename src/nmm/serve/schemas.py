@@ -1,0 +1,199 @@
+"""What the HTTP server accepts and how a request becomes a prompt: request bodies in OpenAI's shapes,
+the limits, the error type, image data URLs, and the chat -> nmm document rules.
+
+Every way a request can be wrong ends as an `ApiError`, which the app turns into a 4xx in OpenAI's
+error shape: ``{"error": {"message", "type", "param", "code"}}``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Literal
+
+import numpy as np
+from PIL import Image, ImageOps
+from pydantic import BaseModel, ConfigDict, Field
+
+IMAGE_TRIGGERS = ("generate an image", "draw", "show me")  # a last user text starting so asks for a picture
+DESCRIBE = ("", "describe", "caption")  # with an image, these texts mean "caption it" (as `nmm generate`)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """How much one request may ask for. Anything beyond is a clear 4xx, never a 5xx."""
+
+    max_body_bytes: int = 8 * 2**20  # whole request body -> 413
+    max_tokens: int = 256  # largest max_tokens a request may ask for -> 400
+    default_max_tokens: int = 64  # used when a request gives none (capped by the context)
+    max_images: int = 4  # input images per request -> 400
+    max_image_bytes: int = 4 * 2**20  # one decoded image file -> 400
+    max_image_pixels: int = 4096 * 4096  # width * height of one input image -> 400
+    max_n: int = 4  # choices (chat) or images (images API) per request -> 400
+    max_queue: int = 16  # requests waiting behind the running one; one more -> 429
+
+
+class ApiError(Exception):
+    """A request the server refuses, with OpenAI's error fields."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+# ---- request bodies ------------------------------------------------------------------------------
+class _Body(BaseModel):
+    # Unknown fields (user, stop, logprobs, ...) are accepted and ignored, as OpenAI clients send many.
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str = Field(max_length=100_000)
+
+
+class ImageURL(_Body):
+    url: str
+    detail: str | None = None
+
+
+class ImagePart(_Body):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+Part = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+Content = Annotated[str, Field(max_length=100_000)] | Annotated[list[Part], Field(max_length=64)] | None
+
+
+class Message(_Body):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Content = None
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class Sampling(_Body):
+    """Sampling fields shared by both generation routes; top_k and cfg_scale are nmm extensions."""
+
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=1, le=1_000_000)
+    cfg_scale: float | None = Field(None, ge=0, le=20)  # classifier-free guidance for image tokens
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    n: int = Field(1, ge=1)
+
+
+class ChatRequest(Sampling):
+    model: str | None = None
+    messages: list[Message] = Field(min_length=1, max_length=256)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    repetition_penalty: float | None = Field(None, ge=0.1, le=10)
+    modalities: list[str] | None = Field(None, max_length=8)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+
+class ImageRequest(Sampling):
+    prompt: str = Field(max_length=4000)
+    model: str | None = None
+    response_format: str | None = None
+    size: str | None = None
+
+
+# ---- images in requests --------------------------------------------------------------------------
+def decode_image_url(url: str, limits: Limits, size: int, param: str) -> np.ndarray:
+    """A ``data:image/...;base64,...`` URL -> (size, size, 3) uint8, resized the way training data is."""
+    header, comma, payload = url.partition(",")
+    if not header.lower().startswith("data:"):
+        raise ApiError(400, "image_url must be a data URL (data:image/png;base64,...); remote URLs are not "
+                       "fetched", param=param, code="invalid_image_url")
+    if not comma or not header[5:].lower().startswith("image/") or ";base64" not in header.lower():
+        raise ApiError(400, "image_url must be a base64 image data URL like data:image/png;base64,...",
+                       param=param, code="invalid_image_url")
+    too_big = ApiError(400, f"image is larger than {limits.max_image_bytes} bytes", param=param,
+                       code="image_too_large")
+    if len(payload) > limits.max_image_bytes * 4 // 3 + 4:  # refuse before decoding
+        raise too_big
+    try:
+        raw = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, "image_url: the data is not valid base64", param=param,
+                       code="invalid_image_url") from None
+    if len(raw) > limits.max_image_bytes:
+        raise too_big
+    try:
+        with Image.open(io.BytesIO(raw)) as image:
+            if image.width * image.height > limits.max_image_pixels:
+                raise ApiError(400, f"image has {image.width}x{image.height} pixels, more than "
+                               f"{limits.max_image_pixels}", param=param, code="image_too_large")
+            image = ImageOps.exif_transpose(image).convert("RGB")
+            if image.size != (size, size):  # as nmm.data.folder.load_image: squash, never crop
+                exact = image.size[0] % size == 0 and image.size[1] % size == 0
+                image = image.resize((size, size), Image.Resampling.BOX if exact else Image.Resampling.LANCZOS)
+            return np.asarray(image, dtype=np.uint8)
+    except ApiError:
+        raise
+    except Exception:  # Pillow raises many exception types on hostile bytes; all mean "not an image"
+        raise ApiError(400, "image_url: the data is not a readable image", param=param,
+                       code="invalid_image") from None
+
+
+# ---- requests -> prompts ------------------------------------------------------------------------
+def prompt_segments(messages: list[Message], encode_text: Callable[[str], list[int]], limits: Limits,
+                    size: int):
+    """Messages -> prompt segments [("text", ids) | ("image", (H, W, 3) uint8)] and the last user text.
+
+    System and developer messages are skipped (the model has no instructions); in every other turn,
+    images come first as `<boi> codes <eoi>`, then the text, as in nmm's training documents."""
+    n_images = sum(p.type == "image_url" for m in messages if isinstance(m.content, list) for p in m.content)
+    if n_images > limits.max_images:
+        raise ApiError(400, f"the request has {n_images} images; at most {limits.max_images}", param="messages",
+                       code="too_many_images")
+    segments, last_user = [], ""
+    for i, m in enumerate(messages):
+        if m.role in ("system", "developer") or m.content is None:
+            continue
+        parts = m.content if isinstance(m.content, list) else []
+        texts = [m.content] if isinstance(m.content, str) else [p.text for p in parts if p.type == "text"]
+        images = [decode_image_url(p.image_url.url, limits, size, f"messages[{i}].content[{j}].image_url.url")
+                  for j, p in enumerate(parts) if p.type == "image_url"]
+        text = " ".join(t.strip() for t in texts if t.strip())
+        segments += [("image", image) for image in images]
+        if text and not (images and text.lower() in DESCRIBE):
+            segments.append(("text", encode_text(text)))
+        if m.role == "user":
+            last_user = text
+    return segments, last_user
+
+
+def picture_caption(last_user: str, modalities: list[str] | None) -> str | None:
+    """What to draw if the request asks for a picture, else None."""
+    lowered = last_user.lower()
+    for trigger in IMAGE_TRIGGERS:
+        if lowered.startswith(trigger):
+            return re.sub(r"^\s*[:,]?\s*(of |me )?", "", last_user[len(trigger):], flags=re.I).strip()
+    return last_user if modalities and "image" in modalities else None
+
+
+def token_budget(req: ChatRequest, prompt_tokens: int, context: int, limits: Limits) -> int:
+    asked = req.max_tokens if req.max_completion_tokens is None else req.max_completion_tokens
+    if asked is not None and asked > limits.max_tokens:
+        raise ApiError(400, f"max_tokens is {asked}; this server allows at most {limits.max_tokens}",
+                       param="max_tokens", code="invalid_value")
+    room = context - prompt_tokens
+    if room < 1 or (asked is not None and asked > room):
+        raise ApiError(400, f"the prompt is {prompt_tokens} tokens and the model's context is {context}, so at "
+                       f"most {max(room, 0)} new tokens fit", param="max_tokens", code="context_length_exceeded")
+    return asked if asked is not None else min(limits.default_max_tokens, room)
