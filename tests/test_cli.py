@@ -24,7 +24,7 @@ def assert_one_line_error(proc, *needles):
         assert needle in lines[0]
 
 
-@pytest.mark.parametrize("cmd", ["demo", "train", "generate", "eval", "inspect", "serve"])
+@pytest.mark.parametrize("cmd", ["demo", "train", "generate", "eval", "inspect", "serve", "compare"])
 def test_help(cmd):
     proc = nmm(cmd, "--help")
     assert proc.returncode == 0 and "Usage" in proc.stdout
@@ -72,7 +72,7 @@ def test_bad_image_and_long_prompt(tiny_run, tmp_path):
 def test_eval_writes_results(tiny_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
-    proc = nmm("eval", run, "--samples", "4")
+    proc = nmm("eval", run, "--samples", "4", "--tasks", "shapes_captioning,shapes_qa,shapes_t2i,text_perplexity")
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads((run / "eval" / "results.json").read_text())["metrics"]
     for key in ("m2t_exact_match", "m2g_judged_accuracy", "heldout_combo_m2t_exact_match", "text_perplexity"):

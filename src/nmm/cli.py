@@ -4,7 +4,8 @@
     nmm train shapes-tiny --out runs/x train.max_steps=200
     nmm generate runs/x --prompt "a small red circle at the top left"
     nmm generate runs/x --image picture.png --prompt describe
-    nmm eval runs/x
+    nmm eval runs/x --tasks shapes_t2i,shapes_fid
+    nmm compare runs/a runs/b
     nmm inspect shapes-demo
 """
 
@@ -118,15 +119,33 @@ def generate(
 
 @app.command("eval")
 def eval_cmd(
-    run_dir: Annotated[Path, typer.Argument(help="A trained run directory.")],
-    samples: Annotated[Optional[int], typer.Option(help="Samples per task and split.")] = None,
+    run_dir: Annotated[Optional[Path], typer.Argument(help="A trained run directory.", show_default=False)] = None,
+    tasks: Annotated[Optional[str], typer.Option(help="Comma-separated tasks to run (default: every task the "
+                                                      "model's modalities allow). See --list.")] = None,
+    list_tasks: Annotated[bool, typer.Option("--list", help="List the evaluation tasks and exit.")] = False,
+    force: Annotated[bool, typer.Option(help="Re-run tasks already finished in RUN_DIR/eval/results.json.")] = False,
+    samples: Annotated[Optional[int], typer.Option(help="Samples per task and split (eval.n_samples).")] = None,
     overrides: Overrides = None,
 ):
-    """Evaluate a run: M2T captioning and QA, M2G judged generation, on held-out scenes and held-out
-    attribute combinations, plus text perplexity. Writes RUN_DIR/eval/results.json."""
+    """Evaluate a run: captioning, QA, GenEval-style text-to-image, editing, interleaved generation,
+    Fréchet distance, text perplexity; each on held-out scenes and held-out attribute combinations,
+    with 95% bootstrap intervals. Resumable: finished tasks are kept unless --force.
+    Writes RUN_DIR/eval/results.json and RUN_DIR/eval/report.html.
+
+    `nmm eval compare RUN_DIR...` compares evaluated runs (the same as `nmm compare`)."""
+    if list_tasks:
+        from nmm.eval.console import tasks_table
+
+        out_console.print(tasks_table())
+        return
+    if run_dir is None:
+        raise NmmError("nmm eval needs a run directory (or --list to see the tasks)")
+    if run_dir == Path("compare") and not run_dir.is_dir():  # `nmm eval compare A B ...`
+        return compare(list(map(Path, overrides or [])))
     import nmm
     from nmm.config import load_config
-    from nmm.eval.runner import evaluate
+    from nmm.eval import evaluate_tasks
+    from nmm.eval.console import results_table
 
     if not (run_dir / "config.yaml").exists():
         raise NmmError(f"{run_dir}: not a run directory (no config.yaml)")
@@ -134,8 +153,25 @@ def eval_cmd(
     if samples:
         cfg.eval.n_samples = samples
     pipe = nmm.load(run_dir)
-    metrics, _ = evaluate(pipe, cfg, run_dir / "eval")
-    out_console.print(_metrics_table(metrics, f"nmm eval {run_dir}"))
+    outcome = evaluate_tasks(pipe, cfg, run_dir / "eval", tasks=tasks, force=force, log=out_console.print)
+    out_console.print(results_table(outcome.data, f"nmm eval {run_dir}"))
+    out_console.print(f"results: {outcome.path}\nreport:  {outcome.report}")
+    if outcome.failed:
+        failed = "; ".join(f"{name}: {error}" for name, error in outcome.failed.items())
+        raise NmmError(f"{len(outcome.failed)} eval task(s) failed ({failed}); the others are in {outcome.path}")
+
+
+@app.command()
+def compare(
+    runs: Annotated[list[Path], typer.Argument(help="Evaluated run directories (first = baseline).")],
+    plot: Annotated[Path, typer.Option(help="Where to write the comparison plot (PNG).")] = Path("compare.png"),
+    all_metrics: Annotated[bool, typer.Option("--all", help="Every metric, not only each task's headline.")] = False,
+):
+    """Compare evaluated runs: a markdown table (value [95% CI], best in bold, * = interval clear of the
+    first run's) on stdout, and a bar plot with intervals."""
+    from nmm.eval import compare_runs
+
+    print(compare_runs(runs, metrics="all" if all_metrics else "headline", plot=plot))
 
 
 @app.command()

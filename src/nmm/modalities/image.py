@@ -5,14 +5,15 @@ with tanh onto L levels and rounded with a straight-through gradient, so there i
 collapse and code ids are just mixed-radix numbers.
 
 The default model is *factorised*: every position's code is a pair (shape_code, colour_code).
-  - the shape branch sees only a colour-invariant input (per-pixel max over RGB) and decodes a
-    per-pixel alpha map;
-  - the colour branch sees the RGB patch and decodes one colour per position, painted (nearest
-    upsampling) over the 4x4 patch.
-Reconstruction = alpha * colour. Because shape never sees colour and colour never sees more than its
-own patch, a language model can compose a shape and a colour it never saw together (a yellow
-triangle) and the decoder still draws it. `factorised=False` gives a plain single-branch FSQ
-autoencoder over RGB for comparison.
+  - the shape branch sees only the "lit" mask (brightest channel above a threshold), so it is blind
+    to colour, and decodes a per-pixel alpha map;
+  - the colour branch sees only pooled colour statistics of its own 4x4 patch, so it is blind to
+    shape, and decodes one colour per position.
+A pixel's colour is its own position's colour, or a neighbour's where a patch straddles two shapes
+(the shape branch picks which). Reconstruction = alpha * colour. Because neither code sees the other
+attribute, a language model can compose a shape and a colour never seen together (a yellow triangle)
+and the decoder still draws it. `factorised=False` gives a plain single-branch FSQ autoencoder over
+RGB for comparison.
 """
 
 from __future__ import annotations
@@ -22,15 +23,15 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from nmm.errors import CheckpointError, ConfigError
 
@@ -60,7 +61,7 @@ class ImageTokenizerConfig:
     eval_images: int = 1000  # per split, for the judge / PSNR / usage stats
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ImageTokenizerConfig":
+    def from_dict(cls, d: dict) -> ImageTokenizerConfig:
         unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
             raise ConfigError(f"unknown image tokenizer config keys: {sorted(unknown)}")
@@ -70,7 +71,7 @@ class ImageTokenizerConfig:
 class FSQ(nn.Module):
     """Finite scalar quantiser over channel dim 1: (B, D, h, w) -> values in [-1, 1] and ids (B, h, w)."""
 
-    def __init__(self, levels: list[int]):
+    def __init__(self, levels: list[int], noise: bool = False):
         super().__init__()
         if not levels or min(levels) < 2:
             raise ConfigError(f"FSQ levels must be integers >= 2, got {levels}")
@@ -78,7 +79,9 @@ class FSQ(nn.Module):
         self.register_buffer("levels", torch.tensor(levels).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("basis", torch.tensor(basis).view(1, -1, 1, 1), persistent=False)
         self.n_codes = int(np.prod(levels))
-        self.noise = False
+        # Training with uniform noise instead of rounding (as in learned compression) gives true
+        # gradients through the bins; it keeps small codes (colour) from parking two inputs in one bin.
+        self.noise = noise
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         L = self.levels
@@ -106,19 +109,19 @@ class _Branch(nn.Module):
     the others see one patch only. The decoder emits out_ch values per pixel of an out_patch block."""
 
     def __init__(self, in_ch: int, out_ch: int, levels: list[int], width: int, patch: int, grid: int,
-                 spatial: bool, out_patch: int):
+                 spatial: bool, out_patch: int, noise: bool = False):
         super().__init__()
         k, d = (3 if spatial else 1), len(levels)
-        conv = lambda i, o, k=k: nn.Conv2d(i, o, k, padding=k // 2)  # noqa: E731
+        conv = lambda i, o, k=k: nn.Conv2d(i, o, k, padding=k // 2)
         self.unshuffle = nn.PixelUnshuffle(patch)
         self.enc_in, self.dec_in = conv(in_ch * patch * patch, width), conv(d, width)
         self.encoder = nn.Sequential(nn.GELU(), conv(width, width), nn.GELU(), conv(width, d, 1))
-        self.fsq = FSQ(levels)
+        self.fsq = FSQ(levels, noise)
         self.decoder = nn.Sequential(nn.GELU(), conv(width, width), nn.GELU(),
                                      conv(width, out_ch * out_patch * out_patch, 1), nn.PixelShuffle(out_patch))
         # Shapes sit on a fixed grid, so where a patch is limits which edges it can hold: knowing the
         # position lets 200 codes cover the ~700 distinct 4x4 lit patterns of the shapes world.
-        shape = (1, width, grid, grid) if spatial else (1, width, 1, 1)
+        shape = (1, width, grid, grid) if spatial else (1, width, 1, 1)  # just a bias when not spatial
         self.enc_pos, self.dec_pos = nn.Parameter(torch.zeros(shape)), nn.Parameter(torch.zeros(shape))
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,6 +133,8 @@ class _Branch(nn.Module):
 
 
 class ImageTokenizer(nn.Module):
+    """32x32 RGB image <-> 64 discrete codes (8x8, row-major). See the module docstring."""
+
     def __init__(self, config: ImageTokenizerConfig | None = None):
         super().__init__()
         self.config = c = config or ImageTokenizerConfig()
@@ -143,8 +148,7 @@ class ImageTokenizer(nn.Module):
             self.shape = _Branch(1, 1 + 9, c.shape_levels, c.channels, p, self.grid, True, p)
             # Colour: per-patch colour statistics (B,6,h,w) -> one colour per position (B,3,h,w). The
             # statistics are pooled over the patch, so the colour code cannot see the shape at all.
-            self.colour = _Branch(6, 3, c.colour_levels, c.channels // 2, 1, self.grid, False, 1)
-            self.colour.fsq.noise = True
+            self.colour = _Branch(6, 3, c.colour_levels, c.channels // 2, 1, self.grid, False, 1, noise=True)
         else:
             self.rgb = _Branch(3, 3, c.levels, c.channels, p, self.grid, True, p)
 
@@ -215,11 +219,12 @@ class ImageTokenizer(nn.Module):
         alpha, select = shape_out[:, :1], select.softmax(1)  # (B,1,H,W), (B,9,H,W)
         colour_logits = self.colour.decode(values[1])  # (B, 3, h, w)
         B, _, h, w = colour_logits.shape
-        # Colours of the 3x3 neighbourhood of every position (zero padding = black), painted over each
-        # 4x4 patch; each pixel then takes a (soft) pick among them, chosen by the shape branch.
-        neighbours = F.unfold(torch.sigmoid(colour_logits), 3, padding=1).view(B, 3 * 9, h, w)
-        neighbours = F.interpolate(neighbours, scale_factor=self.config.downsample, mode="nearest")
-        colour = (neighbours.view(B, 3, 9, h * self.config.downsample, -1) * select.unsqueeze(1)).sum(2)
+        p = self.config.downsample
+        # Colours of the 3x3 neighbourhood of every position (zero padding = black); each pixel of a
+        # 4x4 patch takes a (soft) pick among them, chosen by the shape branch.
+        neighbours = F.unfold(torch.sigmoid(colour_logits), 3, padding=1).view(B, 3, 9, h, 1, w, 1)
+        select = select.view(B, 1, 9, h, p, w, p)  # broadcasting beats upsampling 27 channels first
+        colour = (neighbours * select).sum(2).reshape(B, 3, h * p, w * p)
         return torch.sigmoid(alpha) * colour, alpha, colour, colour_logits
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -253,8 +258,8 @@ class ImageTokenizer(nn.Module):
     @torch.inference_mode()
     def encode(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
         """uint8 images (B,H,W,3) -> LongTensor codes (B, N), row-major over the code grid."""
+        images = images if torch.is_tensor(images) else torch.from_numpy(np.asarray(images))
         self._check_images(images, "hwc")
-        images = torch.as_tensor(np.asarray(images) if not torch.is_tensor(images) else images)
         if images.dtype != torch.uint8:
             raise ValueError(f"expected uint8 images, got {images.dtype}")
         x = images.permute(0, 3, 1, 2).float().div(255).to(self._device())
@@ -287,7 +292,7 @@ class ImageTokenizer(nn.Module):
         _atomic_write(path / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text))
 
     @classmethod
-    def load(cls, path_dir: str | os.PathLike) -> "ImageTokenizer":
+    def load(cls, path_dir: str | os.PathLike) -> ImageTokenizer:
         path = Path(path_dir)
         for name in (CONFIG_FILE, WEIGHTS_FILE):
             if not (path / name).is_file():
@@ -333,13 +338,14 @@ def train_image_tokenizer(world, config: ImageTokenizerConfig | None = None, see
     model = ImageTokenizer(config)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.99), weight_decay=0.0)
 
-    def lr_scale(step: int) -> float:  # linear warmup, then cosine down to 5% of the peak
+    def lr_at(step: int) -> float:  # linear warmup, then cosine down to 5% of the peak
         if step < config.warmup_steps:
-            return (step + 1) / config.warmup_steps
+            return config.lr * (step + 1) / config.warmup_steps
         t = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+        if time_budget_s:  # under a time budget, decay on whichever runs out first
+            t = max(t, (time.perf_counter() - start) / time_budget_s)
+        return config.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
 
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_scale)
     gen = torch.Generator().manual_seed(seed)
     order, cursor, losses = torch.randperm(len(pool), generator=gen), 0, []
     model.train()
@@ -351,11 +357,12 @@ def train_image_tokenizer(world, config: ImageTokenizerConfig | None = None, see
         batch = pool[order[cursor:cursor + config.batch_size]]
         cursor += config.batch_size
         x = batch.permute(0, 3, 1, 2).float().div(255)  # (B, 3, H, W)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
         loss = model.loss(x)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        sched.step()
         losses.append(loss.item())
         if progress is not None:
             progress(step + 1, config.steps, losses[-1])
