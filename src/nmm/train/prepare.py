@@ -73,7 +73,7 @@ def prepare_codecs(cfg: RunConfig, run_dir: Path, progress=None, log=print) -> t
     text_tok = TextTokenizer.train(texts, vocab_size=cfg.text.vocab_size)
     log(f"text tokenizer: {text_tok.vocab_size} BPE tokens ({time.time() - t0:.1f}s)")
 
-    image_tok, stats = train_image_tokenizer(world, cfg.image, seed=cfg.data.seed, progress=progress)
+    image_tok, stats = train_image_tokenizer(world, cfg.image, seed=cfg.data.seed, progress=progress, images=images)
     stats = {"text_vocab_size": text_tok.vocab_size, **stats}
     codecs = Codecs(text_tok, image_tok)
     codecs.save(run_dir)
