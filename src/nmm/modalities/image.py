@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
@@ -30,10 +29,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from nmm.errors import CheckpointError, ConfigError
+from nmm.utils import atomic_write_text, save_safetensors
 
 WEIGHTS_FILE = "image_tokenizer.safetensors"
 CONFIG_FILE = "image_tokenizer.json"
@@ -291,10 +291,9 @@ class ImageTokenizer(nn.Module):
     def save(self, path_dir: str | os.PathLike) -> None:
         path = Path(path_dir)
         path.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        _atomic_write(path / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp))
+        save_safetensors(self.state_dict(), path / WEIGHTS_FILE)
         text = json.dumps(asdict(self.config), indent=2)
-        _atomic_write(path / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text))
+        atomic_write_text(path / CONFIG_FILE, text)
 
     @classmethod
     def load(cls, path_dir: str | os.PathLike) -> ImageTokenizer:
@@ -312,18 +311,6 @@ class ImageTokenizer(nn.Module):
         except Exception as e:  # safetensors raises its own error type for truncated/garbled files
             raise CheckpointError(f"corrupt image tokenizer weights {path / WEIGHTS_FILE}: {e}") from e
         return model.eval()
-
-
-def _atomic_write(target: Path, write: Callable[[str], object]) -> None:
-    """Write via a temp file in the same directory + os.replace, so readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ---- training -----------------------------------------------------------------------------------

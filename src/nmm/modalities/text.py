@@ -19,7 +19,6 @@ import functools
 import hashlib
 import importlib
 import inspect
-import os
 import re
 import warnings
 from collections.abc import Iterable
@@ -28,6 +27,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from nmm.errors import CheckpointError
+from nmm.utils import atomic_write_text
 
 # A byte-level BPE always contains the 256 single-byte tokens, so smaller vocabularies cannot exist.
 _BYTE_ALPHABET_SIZE = 256
@@ -92,11 +92,7 @@ class TextTokenizer:
 
     def save(self, path: str | Path) -> None:
         """Write the tokenizer as one JSON file, atomically so a crash never leaves half a file."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(self._tokenizer.to_str(), encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write_text(path, self._tokenizer.to_str())
 
     @classmethod
     def load(cls, path: str | Path) -> TextTokenizer:

@@ -25,7 +25,7 @@ from nmm.model.model import NativeMultimodalModel
 from nmm.train import distributed as dist
 from nmm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from nmm.train.prepare import prepare_codecs, prepare_mixture
-from nmm.utils import atomic_write_json, atomic_write_text, seed_everything
+from nmm.utils import atomic_write_json, atomic_write_text, save_safetensors, seed_everything
 from nmm.errors import CheckpointError
 
 
@@ -209,9 +209,5 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, show_progre
 
 def export_model(model: NativeMultimodalModel, run_dir: Path) -> None:
     """The final weights, beside the codecs: what `nmm.load(run_dir)` reads."""
-    from safetensors.torch import save_file
-
-    tmp = run_dir / ".model.safetensors.tmp"
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp)
-    tmp.replace(run_dir / "model.safetensors")
+    save_safetensors(model.state_dict(), run_dir / "model.safetensors")
     atomic_write_json(run_dir / "model.json", to_dict(model.cfg))
