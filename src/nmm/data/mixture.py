@@ -121,6 +121,7 @@ class PackedBatches:
         self.mixture, self.batch_size, self.seq_len = mixture, batch_size, seq_len
         self.seed, self.rank = seed, rank
         self.pad = mixture.codecs.vocab.pad
+        self.max_misses = 8
 
     def batch(self, index: int) -> Batch:
         rng = np.random.default_rng([self.seed, self.rank, index])
@@ -130,21 +131,18 @@ class PackedBatches:
         positions = np.zeros((B, T), dtype=np.int64)
         doc_ids = np.full((B, T), -1, dtype=np.int64)
         for row in range(B):
-            fill, doc_index = 0, 0
-            while True:
+            fill, doc_index, misses = 0, 0, 0
+            while misses < self.max_misses and T - fill >= 8:
                 tokens, is_target = self.mixture.codecs.encode_document(self.mixture.sample(rng))
                 tokens, is_target = tokens[:T], is_target[:T]  # an over-long document is cut, not dropped
                 n = len(tokens)
-                if fill + n > T:
-                    if fill == 0:
-                        continue
-                    break
+                if fill + n > T:  # doesn't fit: try a few more draws (short ones fill the tail)
+                    misses += 1
+                    continue
                 ids[row, fill : fill + n] = tokens
                 nxt = np.array(tokens[1:], dtype=np.int64)
                 targets[row, fill : fill + n - 1] = np.where(np.array(is_target[1:]), nxt, -100)
                 positions[row, fill : fill + n] = np.arange(n)
                 doc_ids[row, fill : fill + n] = doc_index
                 fill, doc_index = fill + n, doc_index + 1
-                if T - fill < 8:
-                    break
         return Batch(*(torch.from_numpy(a) for a in (ids, targets, positions, doc_ids)))

@@ -8,6 +8,7 @@ and evaluation agree on the sequence format:
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -34,7 +35,11 @@ class Codecs:
 
     # ---- text -----------------------------------------------------------------------------------
     def encode_text(self, text: str) -> list[int]:
-        return self.text.encode(text)
+        return list(self._encode_cached(text))
+
+    @functools.lru_cache(maxsize=100_000)  # captions, questions and instructions recur across batches
+    def _encode_cached(self, text: str) -> tuple[int, ...]:
+        return tuple(self.text.encode(text))
 
     def decode_text(self, ids) -> str:
         """Decode the text ids in `ids`, dropping specials and image codes."""

@@ -160,9 +160,11 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, show_progre
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-        if cfg.train.time_budget_min and step == start_step + 10 and ckpt is None:
+        if step == start_step + 10:
+            t_steady = time.time()  # the first steps are slow (allocation, caches): time from here
+        if cfg.train.time_budget_min and step == start_step + 40 and ckpt is None:
             # Fix the schedule length from the measured speed: the run then fits the budget.
-            per_step = (time.time() - t_window) / 11
+            per_step = (time.time() - t_steady) / 30
             budget_steps = int(cfg.train.time_budget_min * 60 / per_step)
             max_steps = dist.broadcast_int(info, max(step + 2, min(cfg.train.max_steps, budget_steps)))
             bar.set_total(max_steps)
