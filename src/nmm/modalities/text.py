@@ -179,7 +179,12 @@ def _stdlib_docstrings() -> Iterable[str]:
                     if inspect.isroutine(member) or isinstance(
                         member, (property, classmethod, staticmethod)
                     ):
-                        yield _docstring(member)
+                        # Libraries patch methods onto stdlib classes (transformers adds
+                        # Logger.warning_once); keep only methods defined by the module itself.
+                        func = getattr(member, "__func__", None) or getattr(member, "fget", None) or member
+                        home = getattr(func, "__module__", None)
+                        if home is None or home == module_name:
+                            yield _docstring(member)
 
 
 def _public_members(namespace) -> list:
