@@ -68,14 +68,11 @@ def train_cmd(
     from nmm.config import load_config
     from nmm.train.trainer import train
 
-    cfg = load_config(preset, overrides)
-    if resume:
-        from nmm.config import read_yaml
-
+    cfg = load_config(preset, overrides)  # validates the preset even when resuming
+    if resume:  # a resumed run continues with the config it was started with
         if not (out / "config.yaml").exists():
             raise NmmError(f"{out}: --resume given but there is no config.yaml in it")
-        saved = load_config(out / "config.yaml", overrides)
-        cfg = saved
+        cfg = load_config(out / "config.yaml", overrides)
     summary = train(cfg, out, resume=resume)
     out_console.print(f"trained {summary['steps']} steps in {summary['train_minutes']:.2f} min -> {out}")
 

@@ -82,7 +82,7 @@ def prepare_codecs(cfg: RunConfig, run_dir: Path, progress=None, log=print) -> t
 
 
 def prepare_mixture(cfg: RunConfig, codecs: Codecs) -> DocumentMixture:
-    english = [p for p in english_paragraphs(cfg)]
+    english = english_paragraphs(cfg)
     if cfg.data.source == "shapes":
         world = make_world(cfg)
         n = cfg.data.pool_size
