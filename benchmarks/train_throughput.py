@@ -43,7 +43,7 @@ from nmm.model.model import NativeMultimodalModel
 from nmm.modalities.vocab import Vocabulary
 
 # The nmm demo model's vocabulary: 768 text ids + 5 specials + 1600 image codes (200 shapes x 8 colours).
-DEMO_VOCAB = Vocabulary(n_text=768, image_codes=1600, image_factors=(200, 8), tokens_per_image=64)
+DEMO_VOCAB = Vocabulary(n_text=768, image_codes=3200, image_factors=(200, 16), tokens_per_image=64)
 
 
 # ---- conversion -----------------------------------------------------------------------------------
@@ -380,7 +380,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vocab", type=int, nargs=4, metavar=("N_TEXT", "F0", "F1", "TOKENS_PER_IMAGE"), default=None,
-                   help="vocabulary (default: the demo's 768 text ids, 200x8 image codes, 64 per image)")
+                   help="vocabulary (default: the demo's 768 text ids, 200x16 image codes, 64 per image)")
     p.add_argument("--skip-unfactorised", action="store_true", help="drop the unfactorised-head nmm row")
     p.add_argument("--json-out", type=Path, default=None)
     return p.parse_args(argv)
