@@ -20,7 +20,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from nmm.errors import InputError, NmmError
+from nmm.errors import NmmError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="nmm: native multimodal models. One transformer over interleaved text and image tokens.")
@@ -90,8 +90,6 @@ def generate(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
 ):
     """Text -> image (writes a PNG), or image -> text (prints a caption or an answer)."""
-    import numpy as np
-
     import nmm
     from nmm.data.folder import load_image
 

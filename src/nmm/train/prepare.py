@@ -17,7 +17,7 @@ from nmm.data.mixture import DocumentMixture, build_folder_pool, build_shapes_po
 from nmm.data.shapes import ShapesWorld
 from nmm.errors import ConfigError
 from nmm.modalities.codecs import Codecs
-from nmm.modalities.image import ImageTokenizer, train_image_tokenizer
+from nmm.modalities.image import train_image_tokenizer
 from nmm.modalities.text import TextTokenizer, english_corpus
 from nmm.utils import atomic_write_json
 
