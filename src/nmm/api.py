@@ -58,10 +58,23 @@ class Pipeline:
             chunk = [self.image_prompt(p) for p in prompts[i : i + batch_size]]
             for p in chunk:
                 self._check_length(p, n_img + 1)
-            res = self.engine.generate(chunk, n_img + 1, sampling, uncond_prompts=[[v.bos, v.boi]] * len(chunk),
-                                       stop_after_image=True)
-            out.append(np.stack([t[:n_img] for t in res.tokens]))
+            out.append(self._image_codes(chunk, sampling, uncond=[v.bos, v.boi]))
         return self.codecs.decode_images(np.concatenate(out))
+
+    def _image_codes(self, prompts: list[list[int]], sampling: SamplingConfig, uncond: list[int] | None) -> np.ndarray:
+        """Prompts ending in `<boi>` -> (B, N) image ids: sampled code by code by the engine, or by the
+        variant's own sampler (a flow for continuous images)."""
+        images, n_img = self.model.images, self.vocab.tokens_per_image
+        if "M2G" not in images.capabilities:
+            raise InputError(f"this model ({self.model.cfg.variant} fusion) reads images but cannot generate them")
+        if not images.emits_codes:
+            codes = images.sample(self.model, prompts, cfg_scale=sampling.cfg_scale, seed=sampling.seed,
+                                  uncond_prompt=uncond)
+            return codes.cpu().numpy() + self.vocab.image_start
+        guided = uncond is not None and sampling.cfg_scale != 1.0
+        res = self.engine.generate(prompts, n_img + 1, sampling, uncond_prompts=[uncond] * len(prompts) if guided else None,
+                                   stop_after_image=True)
+        return np.stack([t[:n_img] for t in res.tokens])
 
     def complete_text(self, prompts: list[list[int]], max_new_tokens: int = 48, temperature: float = 0.0,
                       seed: int | None = 0, batch_size: int = 64, **kw) -> list[str]:
@@ -90,12 +103,11 @@ class Pipeline:
 
     def edit(self, images: np.ndarray, instructions: list[str], cfg_scale: float = 1.0, temperature: float = 0.3,
              seed: int | None = 0) -> np.ndarray:
-        v, n_img = self.vocab, self.vocab.tokens_per_image
+        v = self.vocab
         prompts = [[v.bos, v.boi, *map(int, c), v.eoi, *self.codecs.encode_text(t), v.boi]
                    for c, t in zip(self._image_ids(images), instructions)]
-        res = self.engine.generate(prompts, n_img + 1, SamplingConfig(temperature=temperature, seed=seed),
-                                   stop_after_image=True)
-        return self.codecs.decode_images(np.stack([t[:n_img] for t in res.tokens]))
+        sampling = SamplingConfig(temperature=temperature, seed=seed, cfg_scale=cfg_scale)
+        return self.codecs.decode_images(self._image_codes(prompts, sampling, uncond=None))
 
     @torch.no_grad()
     def perplexity(self, texts: list[str]) -> float:

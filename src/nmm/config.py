@@ -20,9 +20,58 @@ import yaml
 from nmm.errors import ConfigError
 from nmm.modalities.image import ImageTokenizerConfig
 
+FUSIONS = ("early", "mid", "late")
+IMAGE_REPRS = ("discrete", "continuous", "decoupled")
+ROUTINGS = ("dense", "moe", "moe-aware", "mot")
+
+
+@dataclass
+class MoEConfig:
+    """Mixture of experts in every block's feed-forward (routing: moe | moe-aware)."""
+
+    n_experts: int = 4
+    top_k: int = 1
+    expert_hidden: int | None = None  # None = ffn_hidden: top-1 routing then matches the dense model's active params
+    balance_weight: float = 0.01  # Switch-style load-balancing loss
+    router_z_weight: float = 0.001  # ST-MoE router z-loss: keeps router logits small
+    # moe-aware: which experts each modality may use (text first, then image); empty = split evenly
+    modality_experts: list[list[int]] = field(default_factory=list)
+
+
+@dataclass
+class FlowConfig:
+    """Continuous images (Transfusion): flow matching on the image tokenizer's latents."""
+
+    loss_weight: float = 1.0  # lambda in loss = LM + lambda * flow
+    head_hidden: int = 256
+    sample_steps: int = 24  # Euler steps at generation
+    time_shift: float = 1.0  # >1 spends more sampling steps at high noise (SD3's shift)
+
+
+@dataclass
+class VisionEncoderConfig:
+    """The understanding encoder of late / mid fusion and of the decoupled variant, trained separately
+    (supervised on shapes scenes) before the language model, then frozen unless `trainable`."""
+
+    width: int = 96
+    layers: int = 3
+    pretrain_steps: int = 400
+    pretrain_batch: int = 64
+    lr: float = 2e-3
+    trainable: bool = False
+
 
 @dataclass
 class ModelConfig:
+    # ---- the design-space axes (seed 001, sections 2-3) ----------------------------------------
+    fusion: str = "early"  # early (image tokens in the sequence) | mid (cross-attention) | late (encoder+projector)
+    image_repr: str = "discrete"  # discrete codes | continuous latents + flow head | decoupled (encoder in, codes out)
+    routing: str = "dense"  # dense | moe (learned, modality-agnostic) | moe-aware | mot (mixture of transformers)
+    cross_attn_every: int = 2  # mid fusion: a gated cross-attention layer after every k blocks
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    encoder: VisionEncoderConfig = field(default_factory=VisionEncoderConfig)
+    # ---- the backbone -------------------------------------------------------------------------
     d_model: int = 192
     n_layers: int = 4
     n_heads: int = 6
@@ -34,6 +83,26 @@ class ModelConfig:
     norm_eps: float = 1e-5
     factorised_image_head: bool = True  # image logits = sum of per-factor logits (shape, colour)
     init_std: float = 0.02
+
+    def __post_init__(self):
+        for key, value, allowed in (("fusion", self.fusion, FUSIONS), ("image_repr", self.image_repr, IMAGE_REPRS),
+                                    ("routing", self.routing, ROUTINGS)):
+            if value not in allowed:
+                raise ConfigError(f"config key 'model.{key}': '{value}' is not one of {', '.join(allowed)}")
+        if self.fusion in ("late", "mid") and self.image_repr != "continuous":
+            raise ConfigError(f"model.fusion={self.fusion} feeds continuous encoder features: "
+                              f"set model.image_repr=continuous (got {self.image_repr})")
+        if self.fusion == "mid" and self.cross_attn_every < 1:
+            raise ConfigError("config key 'model.cross_attn_every': must be >= 1")
+        if self.routing in ("moe", "moe-aware") and not 1 <= self.moe.top_k <= self.moe.n_experts:
+            raise ConfigError(f"config key 'model.moe.top_k': must be between 1 and n_experts={self.moe.n_experts}")
+        if self.routing == "moe-aware" and self.moe.n_experts < 2 and not self.moe.modality_experts:
+            raise ConfigError("model.routing=moe-aware needs model.moe.n_experts >= 2 (experts are split by modality)")
+
+    @property
+    def variant(self) -> str:
+        """The image interface's registry key, e.g. 'early-discrete', 'late', 'mid'."""
+        return self.fusion if self.fusion != "early" else f"early-{self.image_repr}"
 
 
 @dataclass

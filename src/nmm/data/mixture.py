@@ -29,9 +29,10 @@ class Batch:
     targets: torch.Tensor  # (B, T), -100 = no loss
     positions: torch.Tensor  # (B, T), restarting at 0 in each packed document
     doc_ids: torch.Tensor  # (B, T), -1 = padding
+    generated: torch.Tensor  # (B, T) bool: image-code positions of images the model learns to produce
 
-    def to(self, device) -> "Batch":
-        return Batch(*(t.to(device) for t in (self.ids, self.targets, self.positions, self.doc_ids)))
+    def to(self, device) -> Batch:
+        return Batch(*(t.to(device) for t in (self.ids, self.targets, self.positions, self.doc_ids, self.generated)))
 
 
 class ImagePool:
@@ -130,6 +131,8 @@ class PackedBatches:
         targets = np.full((B, T), -100, dtype=np.int64)
         positions = np.zeros((B, T), dtype=np.int64)
         doc_ids = np.full((B, T), -1, dtype=np.int64)
+        generated = np.zeros((B, T), dtype=bool)
+        image_start = self.mixture.codecs.vocab.image_start
         for row in range(B):
             fill, doc_index, misses = 0, 0, 0
             while misses < self.max_misses and T - fill >= 8:
@@ -144,5 +147,6 @@ class PackedBatches:
                 targets[row, fill : fill + n - 1] = np.where(np.array(is_target[1:]), nxt, -100)
                 positions[row, fill : fill + n] = np.arange(n)
                 doc_ids[row, fill : fill + n] = doc_index
+                generated[row, fill : fill + n] = (np.array(tokens) >= image_start) & np.array(is_target)
                 fill, doc_index = fill + n, doc_index + 1
-        return Batch(*(torch.from_numpy(a) for a in (ids, targets, positions, doc_ids)))
+        return Batch(*(torch.from_numpy(a) for a in (ids, targets, positions, doc_ids, generated)))

@@ -6,6 +6,10 @@ answer that interleaves text and images is always well formed. Prompts of differ
 left-padded; padded slots are masked out of attention and positions start at each prompt's
 first real token. Classifier-free guidance runs the unconditional prompts as extra rows of the
 same batch and mixes logits only at image positions.
+
+Two speed options: `dtype=torch.bfloat16` casts the weights (and so the KV cache) to bf16, and
+`compile=True` runs the one-token decode step through `torch.compile`. The continuous-batching
+`Scheduler` (nmm.infer.scheduler) shares an Engine's model, masks and compiled step.
 """
 
 from __future__ import annotations
@@ -18,6 +22,16 @@ from nmm.infer.sampling import SamplingConfig, apply_repetition_penalty, sample
 from nmm.model.model import NativeMultimodalModel
 
 NEG_INF = float("-inf")
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype '{dtype}'; one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
 
 
 @dataclass
@@ -27,16 +41,33 @@ class GenerationResult:
 
 
 class Engine:
-    def __init__(self, model: NativeMultimodalModel, device: torch.device | str = "cpu"):
+    """Generation over one model. `dtype` casts the model's weights in place (the model is shared, e.g. with
+    a Pipeline, so everything using it then runs in that dtype); `compile` wraps the decode step in
+    `torch.compile` (dynamic shapes, so a growing cache and changing batch sizes do not recompile)."""
+
+    def __init__(self, model: NativeMultimodalModel, device: torch.device | str = "cpu",
+                 dtype: torch.dtype | str | None = None, compile: bool = False):
+        dtype = resolve_dtype(dtype)
+        if dtype is not None:
+            model.to(dtype)
         self.model = model.eval()
         self.vocab = model.vocab
         self.device = torch.device(device)
+        self.dtype = next(model.parameters()).dtype
+        self.compiled = compile
         V, v = self.vocab.size, self.vocab
         self.text_allowed = torch.zeros(V, dtype=torch.bool, device=self.device)
         self.text_allowed[: v.n_text] = True
         self.text_allowed[[v.eos, v.boi]] = True
         self.image_allowed = torch.zeros(V, dtype=torch.bool, device=self.device)
         self.image_allowed[v.image_start :] = True
+        # Prefill stays eager: it runs once per request, with ever different shapes.
+        self.decode_step = torch.compile(self._decode_step, dynamic=True) if compile else self._decode_step
+
+    def _decode_step(self, ids, positions, mask, caches, start: int) -> torch.Tensor:
+        """One token per row (B, 1) against the KV cache -> hidden states (B, 1, D)."""
+        # Keywords: model.hidden() may gain optional arguments.
+        return self.model.hidden(ids, positions=positions, mask=mask, caches=caches, start=start)
 
     def _allowed(self, in_image: torch.Tensor, remaining: torch.Tensor, allow_images: bool, allow_eos: bool):
         """(B,) state -> (B, V) bool mask of ids each sequence may emit next."""
@@ -82,8 +113,8 @@ class Engine:
         # Prefill: causal within the prompt, padded keys hidden (each row still sees itself).
         causal = torch.ones(P, P, dtype=torch.bool, device=self.device).tril()
         mask = (causal & valid[:, None, :P]) | torch.eye(P, dtype=torch.bool, device=self.device)
-        caches = model.backbone.make_caches(B, total, next(model.parameters()).dtype, self.device)
-        h = model.hidden(ids, positions, mask.unsqueeze(1), caches, start=0)[:, -1]  # (B, D)
+        caches = model.backbone.make_caches(B, total, self.dtype, self.device)
+        h = model.hidden(ids, positions=positions, mask=mask.unsqueeze(1), caches=caches, start=0)[:, -1]  # (B, D)
 
         # Modality state of each (conditional) row, from the last prompt token.
         last = ids[:n, -1]
@@ -127,7 +158,7 @@ class Engine:
             slot = P + t
             valid[:, slot] = True
             mask = valid[:, : slot + 1].unsqueeze(1).unsqueeze(1)  # (B, 1, 1, slot+1)
-            h = model.hidden(step_ids.unsqueeze(1), next_pos.unsqueeze(1), mask, caches, start=slot)[:, -1]
+            h = self.decode_step(step_ids.unsqueeze(1), next_pos.unsqueeze(1), mask, caches, slot)[:, -1]
             next_pos = next_pos + 1
 
         tokens, finished = [], []

@@ -42,3 +42,32 @@ def sample(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator
         logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
     probs = logits.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                uniform: torch.Tensor) -> torch.Tensor:
+    """Batched sampling where every row has its own settings and its own random number.
+
+    logits (B, V) with disallowed ids at -inf; temperature (B,) (0 = greedy); top_k (B,) long (0 = off);
+    top_p (B,) (1 = off); uniform (B,) in [0, 1), drawn from each request's own generator, so a request's
+    draws never depend on which other requests share the batch. Row by row this is the distribution of
+    `sample` (same temperature, top-k and top-p rules), drawn by inverse CDF instead of torch.multinomial,
+    so the same seed gives other tokens than `sample` does. Returns (B,) ids.
+    """
+    greedy = logits.argmax(-1)
+    sampled_rows = temperature > 0
+    if not bool(sampled_rows.any()):
+        return greedy
+    V = logits.shape[-1]
+    scaled = logits.float() / torch.where(sampled_rows, temperature, 1.0).unsqueeze(1)
+    sorted_logits, order = torch.sort(scaled, descending=True, dim=-1)
+    k = torch.where(top_k > 0, top_k.clamp(max=V), V)
+    kth = sorted_logits.gather(1, (k - 1).unsqueeze(1))  # ties with the k-th are kept, as in `sample`
+    sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
+    probs = sorted_logits.softmax(-1)
+    drop = probs.cumsum(-1) - probs > top_p.unsqueeze(1)  # keep the smallest prefix reaching top_p
+    cum = probs.masked_fill(drop, 0.0).cumsum(-1)
+    # The first sorted position whose cumulative mass exceeds u * total: never a zero-probability one.
+    index = torch.searchsorted(cum, uniform.unsqueeze(1).to(cum.dtype) * cum[:, -1:], right=True)
+    picked = order.gather(1, index.clamp(max=V - 1)).squeeze(1)
+    return torch.where(sampled_rows, picked, greedy)

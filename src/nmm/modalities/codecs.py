@@ -31,6 +31,7 @@ class Codecs:
             image_codes=image.codebook_size,
             image_factors=tuple(image.code_factors),
             tokens_per_image=image.tokens_per_image,
+            image_levels=image.code_levels,
         )
 
     # ---- text -----------------------------------------------------------------------------------

@@ -165,6 +165,12 @@ class ImageTokenizer(nn.Module):
         return (self.rgb.fsq.n_codes,)
 
     @property
+    def code_levels(self) -> tuple[tuple[int, ...], ...]:
+        c = self.config
+        levels = (c.shape_levels, c.colour_levels) if c.factorised else (c.levels,)
+        return tuple(tuple(lv) for lv in levels)
+
+    @property
     def codebook_size(self) -> int:
         return math.prod(self.code_factors)
 

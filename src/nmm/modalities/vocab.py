@@ -13,6 +13,7 @@ factor sizes so the model can embed and predict each factor separately.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -29,6 +30,9 @@ class Vocabulary:
     image_codes: int
     image_factors: tuple[int, ...]
     tokens_per_image: int
+    # FSQ levels of each code factor, e.g. ((8, 5, 5), (4, 4)): enough to turn a code back into the
+    # tokenizer's continuous latent vector (`code_latents`), which continuous-input variants embed.
+    image_levels: tuple[tuple[int, ...], ...] = ()
 
     def __post_init__(self):
         prod = 1
@@ -36,6 +40,9 @@ class Vocabulary:
             prod *= f
         if prod != self.image_codes:
             raise ValueError(f"image factors {self.image_factors} multiply to {prod}, not {self.image_codes}")
+        for f, levels in zip(self.image_factors, self.image_levels):
+            if math.prod(levels) != f:
+                raise ValueError(f"FSQ levels {levels} do not give {f} codes")
 
     # Special ids
     def special(self, name: str) -> int:
@@ -79,6 +86,23 @@ class Vocabulary:
         """Modality id per token: IMAGE for image codes, TEXT for everything else."""
         return (ids >= self.image_start).long()
 
+    @property
+    def image_latent_dim(self) -> int:
+        return sum(len(levels) for levels in self.image_levels)
+
+    def code_latents(self) -> torch.Tensor:
+        """(image_codes, image_latent_dim) float table: the tokenizer's quantised latent of every code,
+        each channel in [-1, 1]. Mirrors `FSQ.values`: mixed radix, first channel least significant."""
+        if not self.image_levels:
+            raise ValueError("this vocabulary does not record the image tokenizer's FSQ levels")
+        codes = torch.arange(self.image_codes)
+        parts = []
+        for factor_codes, levels in zip(_split(codes, self.image_factors), self.image_levels):
+            for level in levels:
+                parts.append((factor_codes % level).float() * 2 / (level - 1) - 1)
+                factor_codes = factor_codes // level
+        return torch.stack(parts, dim=1)
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -89,4 +113,14 @@ class Vocabulary:
             image_codes=int(d["image_codes"]),
             image_factors=tuple(int(x) for x in d["image_factors"]),
             tokens_per_image=int(d["tokens_per_image"]),
+            image_levels=tuple(tuple(int(x) for x in lv) for lv in d.get("image_levels", ())),
         )
+
+
+def _split(codes: torch.Tensor, factors: tuple[int, ...]) -> list[torch.Tensor]:
+    """Joint code -> factor codes, most significant first (code = f0 * n1 + f1 for two factors)."""
+    parts = []
+    for f in reversed(factors):
+        parts.append(codes % f)
+        codes = codes // f
+    return parts[::-1]

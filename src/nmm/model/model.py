@@ -1,9 +1,12 @@
-"""`NativeMultimodalModel`: embeddings + one transformer + per-modality heads.
+"""`NativeMultimodalModel`: text embedding + one transformer + text head + an image variant.
 
-Early fusion: image codes are tokens in the same sequence as text, embedded into the same
-space, processed by the same blocks. Each modality has its own head and its own softmax (a
-text position is scored over text ids and specials, an image position over image codes), which
-matches modality-constrained decoding at inference.
+The default is early fusion with discrete codes: image codes are tokens in the same sequence as
+text, embedded into the same space, processed by the same blocks. Each modality has its own head
+and its own softmax (a text position is scored over text ids and specials, an image position over
+image codes), which matches modality-constrained decoding at inference.
+
+Every other point of the design space swaps one part: `model.images` (how images enter and leave:
+`nmm.model.fusion`) and the blocks (`routing`: dense, MoE, MoT; `nmm.model.transformer.BLOCKS`).
 """
 
 from __future__ import annotations
@@ -12,49 +15,82 @@ import torch
 from torch import nn
 
 from nmm.config import ModelConfig
-from nmm.model.heads import FactorisedEmbedding, ImageHead, TextHead, init_weights
-from nmm.model.transformer import KVCache, Transformer
 from nmm.modalities.vocab import Vocabulary
+from nmm.model.fusion import VARIANTS, ImageInterface, LossTerm
+from nmm.model.heads import TextHead, init_weights
+from nmm.model.masks import (
+    ImageLayout,
+    causal_mask,
+    cross_attention_mask,
+    packed_causal_mask,
+    with_bidirectional_images,
+)
+from nmm.model.transformer import KVCache, Transformer
 
-
-def packed_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
-    """(B, T) document index per position (-1 = padding) -> (B, 1, T, T) bool attention mask:
-    causal within each packed document, nothing across documents."""
-    T = doc_ids.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
-    same = doc_ids.unsqueeze(2) == doc_ids.unsqueeze(1)  # (B, T, T)
-    mask = same & causal
-    mask |= torch.eye(T, dtype=torch.bool, device=doc_ids.device)  # padding rows attend to themselves
-    return mask.unsqueeze(1)
+__all__ = ["NativeMultimodalModel", "packed_causal_mask"]
 
 
 class NativeMultimodalModel(nn.Module):
     def __init__(self, cfg: ModelConfig, vocab: Vocabulary):
         super().__init__()
         self.cfg, self.vocab = cfg, vocab
-        factors = vocab.image_factors if cfg.factorised_image_head else (vocab.image_codes,)
         self.text_embed = nn.Embedding(vocab.image_start, cfg.d_model)
-        self.image_embed = FactorisedEmbedding(factors, cfg.d_model)
+        self.images: ImageInterface = VARIANTS[cfg.variant](cfg, vocab)
         self.backbone = Transformer(cfg)
         self.text_head = TextHead(vocab.image_start, cfg.d_model)
-        self.image_head = ImageHead(factors, cfg.d_model)
         init_weights(self, cfg.init_std, cfg.n_layers)
 
+    # Early fusion with discrete codes exposes its code embedding and head under the usual names.
+    @property
+    def image_embed(self):
+        return getattr(self.images, "embed_codes", None)
+
+    @property
+    def image_head(self):
+        return getattr(self.images, "head", None)
+
     # ---- embedding and logits -------------------------------------------------------------
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        is_image = ids >= self.vocab.image_start  # (B, T)
-        h_text = self.text_embed(torch.where(is_image, 0, ids))
-        h_image = self.image_embed(torch.where(is_image, ids - self.vocab.image_start, 0))
-        return torch.where(is_image.unsqueeze(-1), h_image, h_text)  # (B, T, D)
+    def embed(self, ids: torch.Tensor, layout: ImageLayout | None = None, generated=None, image_inputs=None):
+        layout = layout if layout is not None else ImageLayout.of(ids, self.vocab)
+        x = self.text_embed(torch.where(layout.is_code, 0, ids))  # (B, T, D)
+        return self.images.embed(x, ids, layout, generated, image_inputs)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """(…, D) -> (…, vocab.size): text+specials then image codes, in vocabulary order."""
-        return torch.cat([self.text_head(h), self.image_head(h)], dim=-1)
+        """(…, D) -> (…, vocab.size): text+specials then image codes, in vocabulary order. Variants
+        without a code head give -inf image logits, so a sampler can never pick a code."""
+        text = self.text_head(h)
+        image = self.images.logits(h)
+        if image is None:
+            image = text.new_full((*text.shape[:-1], self.vocab.image_codes), float("-inf"))
+        return torch.cat([text, image], dim=-1)
 
-    def hidden(self, ids, positions=None, mask=None, caches: list[KVCache] | None = None, start: int = 0):
+    def hidden(self, ids, positions=None, mask=None, caches: list[KVCache] | None = None, start: int = 0,
+               generated: torch.Tensor | None = None, image_inputs: dict | None = None):
+        """Token ids (B, T) -> final hidden states (B, T, D). `mask` (B, 1, T, start+T) bool, None = causal."""
+        B, T = ids.shape
         if positions is None:
-            positions = torch.arange(start, start + ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
-        return self.backbone(self.embed(ids), positions, mask, caches, start)
+            positions = torch.arange(start, start + T, device=ids.device).expand(B, -1)
+        layout = ImageLayout.of(ids, self.vocab)
+        x = self.embed(ids, layout, generated, image_inputs)
+        images = self.images
+        if (images.bidirectional or images.fusion == "mid") and mask is None:
+            mask = causal_mask(B, T, start, ids.device)
+        if images.bidirectional:
+            mask = with_bidirectional_images(mask, layout, start)
+        memory = memory_mask = None
+        if images.fusion == "mid":
+            memory, slot, valid = self._memory(ids, layout, caches, start)
+            memory_mask = cross_attention_mask(mask, slot, valid)
+        return self.backbone(x, positions, mask, caches, start, layout.is_code.long(), memory, memory_mask)
+
+    def _memory(self, ids, layout, caches, start):
+        """Mid fusion's cross-attention memory: from this chunk's images, or kept from the prefill."""
+        if caches is not None and getattr(caches, "memory", None) is not None and not bool(layout.is_code.any()):
+            return caches.memory, caches.memory_slot, caches.memory_valid
+        memory, slot, valid = self.images.memory(ids, layout, start)
+        if caches is not None and hasattr(caches, "memory"):
+            caches.memory, caches.memory_slot, caches.memory_valid = memory, slot, valid
+        return memory, slot, valid
 
     def forward(self, ids: torch.Tensor, positions=None, mask=None) -> torch.Tensor:
         """Token ids (B, T) -> logits (B, T, V). Causal attention unless a mask is given."""
@@ -69,24 +105,35 @@ class NativeMultimodalModel(nn.Module):
         doc_ids: torch.Tensor,  # (B, T)
         loss_weights: dict[str, float],
         z_loss: float = 0.0,
+        generated: torch.Tensor | None = None,  # (B, T) code positions of images being produced
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        h = self.hidden(ids, positions, packed_causal_mask(doc_ids))
+        layout = ImageLayout.of(ids, self.vocab)
+        if generated is None:
+            generated = torch.zeros_like(layout.is_code)
+        inputs = self.images.training_inputs(ids, layout, generated)
+        h = self.hidden(ids, positions, packed_causal_mask(doc_ids), generated=generated, image_inputs=inputs)
         valid = targets != -100
-        is_image = valid & (targets >= self.vocab.image_start)
-        is_text = valid & ~is_image
+        n = valid.sum().clamp(min=1)
+        # Text head: next tokens that are text or specials. Variants without a code head do not
+        # predict from inside an image (its length is fixed: `<eoi>` is forced).
+        is_text = valid & (targets < self.vocab.image_start)
+        if not self.images.emits_codes:
+            is_text &= ~layout.is_code
         total = torch.zeros((), device=ids.device)
         stats = {}
-        n = valid.sum().clamp(min=1)
-        for name, sel, head, offset in (
-            ("text", is_text, self.text_head, 0),
-            ("image", is_image, self.image_head, self.vocab.image_start),
-        ):
-            if not bool(sel.any()):
-                continue
-            ce, zl = head.loss(h[sel], targets[sel] - offset, z_loss)  # only positions of this modality
-            total = total + loss_weights.get(name, 1.0) * (ce.sum() + zl.sum()) / n
-            stats[f"loss_{name}"] = ce.mean().detach()
-            stats[f"tokens_{name}"] = sel.sum()
+        terms = {}
+        if bool(is_text.any()):
+            ce, zl = self.text_head.loss(h[is_text], targets[is_text], z_loss)
+            terms["text"] = LossTerm(ce.sum() + zl.sum(), ce.mean().detach(), is_text.sum())
+        terms.update(self.images.loss(h, targets, layout, generated, inputs, z_loss))
+        for name, term in terms.items():
+            total = total + loss_weights.get(name, 1.0) * term.total / n
+            stats[f"loss_{name}"] = term.report
+            stats[f"tokens_{name}"] = term.count
+        aux = [m.aux_loss for m in self.backbone.modules() if getattr(m, "aux_loss", None) is not None]
+        if aux:
+            stats["loss_aux"] = torch.stack([a.float() for a in aux]).sum().detach()
+            total = total + torch.stack([a.float() for a in aux]).sum()
         return total, stats
 
     def num_params(self) -> int:

@@ -3,6 +3,12 @@
 Every sequence position carries its own RoPE position and the caller supplies the attention mask,
 so one code path serves packed training (positions restart at each document, block-diagonal
 causal mask), left-padded batched generation, and decoding with a static `KVCache`.
+
+Two design axes live here. `routing` picks the block (`BLOCKS`): dense SwiGLU, a mixture of
+experts (modality-agnostic or modality-aware routing) or a mixture-of-transformers block with
+per-modality weights; every block takes the per-position modality ids. Mid fusion adds a gated
+cross-attention layer (Flamingo) after every `cross_attn_every` blocks, reading image features
+that the model passes in as `memory`.
 """
 
 from __future__ import annotations
@@ -91,22 +97,86 @@ class SwiGLU(nn.Module):
         self.w_gate_up = nn.Linear(dim, 2 * hidden, bias=False)  # one matmul for both branches
         self.w_down = nn.Linear(hidden, dim, bias=False)
 
-    def forward(self, x):
+    def forward(self, x, modality=None):  # modality: unused, the signature every FFN shares
         gate, up = self.w_gate_up(x).chunk(2, dim=-1)
         return self.w_down(F.silu(gate) * up)
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, ffn: nn.Module | None = None):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.ffn = SwiGLU(cfg.d_model, cfg.ffn_hidden)
+        self.ffn = ffn if ffn is not None else SwiGLU(cfg.d_model, cfg.ffn_hidden)
 
-    def forward(self, x, cos, sin, mask, cache=None, start=0):
+    def forward(self, x, cos, sin, mask, cache=None, start=0, modality=None):
         x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, start)
-        return x + self.ffn(self.ffn_norm(x))
+        return x + self.ffn(self.ffn_norm(x), modality)
+
+
+def _moe_block(cfg: ModelConfig, aware: bool) -> Block:
+    from nmm.model.moe import MoEFeedForward
+
+    m = cfg.moe
+    groups = None
+    if aware:  # experts split between the modalities (text first), unless the config lists them
+        half = m.n_experts // 2
+        groups = m.modality_experts or [list(range(half)), list(range(half, m.n_experts))]
+    ffn = MoEFeedForward(cfg.d_model, m.expert_hidden or cfg.ffn_hidden, m.n_experts, m.top_k,
+                         modality_experts=groups, balance_weight=m.balance_weight, router_z_weight=m.router_z_weight)
+    return Block(cfg, ffn)
+
+
+def _mot_block(cfg: ModelConfig) -> nn.Module:
+    from nmm.model.mot import MoTBlock
+
+    return MoTBlock(cfg)
+
+
+# routing -> block factory. A new routing scheme is a module, a line here and a preset.
+BLOCKS = {
+    "dense": lambda cfg: Block(cfg),
+    "moe": lambda cfg: _moe_block(cfg, aware=False),
+    "moe-aware": lambda cfg: _moe_block(cfg, aware=True),
+    "mot": _mot_block,
+}
+
+
+class GatedCrossAttention(nn.Module):
+    """Flamingo's gated xattn-dense layer: text positions read image features through cross-attention
+    and an FFN, each behind a tanh gate initialised at 0, so the layer starts as the identity and the
+    language model is undisturbed until the gates learn to open."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.d_model // cfg.n_heads
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.wq = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.wkv = nn.Linear(cfg.d_model, 2 * cfg.d_model, bias=False)
+        self.wo = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ffn = SwiGLU(cfg.d_model, cfg.ffn_hidden)
+        self.attn_gate = nn.Parameter(torch.zeros(1))
+        self.ffn_gate = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        # x (B, T, D); memory (B, M, D) image features; mask (B, 1, T, M)
+        B, T, D = x.shape
+        q = self.wq(self.norm(x)).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k, v = self.wkv(memory).view(B, -1, 2, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(B, T, D)
+        x = x + torch.tanh(self.attn_gate) * self.wo(y)
+        return x + torch.tanh(self.ffn_gate) * self.ffn(self.ffn_norm(x))
+
+
+class LayerCaches(list):
+    """One `KVCache` per block, plus what mid fusion must keep between decode steps: the image
+    features of the prompt (`memory`, `memory_slot`, `memory_valid`), set at prefill."""
+
+    memory: torch.Tensor | None = None
+    memory_slot: torch.Tensor | None = None
+    memory_valid: torch.Tensor | None = None
 
 
 class Transformer(nn.Module):
@@ -115,7 +185,10 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(BLOCKS[cfg.routing](cfg) for _ in range(cfg.n_layers))
+        k = cfg.cross_attn_every
+        n_xattn = cfg.n_layers // k if cfg.fusion == "mid" else 0
+        self.cross_attn = nn.ModuleList(GatedCrossAttention(cfg) for _ in range(n_xattn))  # after blocks k-1, 2k-1, ...
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         cos, sin = rope_tables(cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -128,17 +201,23 @@ class Transformer(nn.Module):
         mask: torch.Tensor | None = None,  # (B, 1, T, T_keys) bool, True = may attend; None = causal
         caches: list[KVCache] | None = None,
         start: int = 0,  # cache slot of the first of these T tokens
+        modality: torch.Tensor | None = None,  # (B, T) long, 0 = text, 1 = image: read by MoE / MoT blocks
+        memory: torch.Tensor | None = None,  # (B, M, D) image features for the cross-attention layers
+        memory_mask: torch.Tensor | None = None,  # (B, 1, T, M) bool
     ) -> torch.Tensor:
         # Positions must be < max_seq_len; callers check lengths (a check here would break torch.compile graphs).
         cos = self.rope_cos[positions].unsqueeze(1).to(h.dtype)  # (B, 1, T, hd/2)
         sin = self.rope_sin[positions].unsqueeze(1).to(h.dtype)
+        k = self.cfg.cross_attn_every
         for i, block in enumerate(self.blocks):
-            h = block(h, cos, sin, mask, caches[i] if caches is not None else None, start)
+            h = block(h, cos, sin, mask, caches[i] if caches is not None else None, start, modality)
+            if memory is not None and (i + 1) % k == 0 and (i + 1) // k <= len(self.cross_attn):
+                h = self.cross_attn[(i + 1) // k - 1](h, memory, memory_mask)
         return self.norm(h)  # (B, T, D)
 
-    def make_caches(self, batch: int, max_len: int, dtype, device) -> list[KVCache]:
+    def make_caches(self, batch: int, max_len: int, dtype, device) -> LayerCaches:
         cfg = self.cfg
-        return [
+        return LayerCaches(
             KVCache(batch, cfg.n_kv_heads, max_len, cfg.d_model // cfg.n_heads, dtype, device)
             for _ in range(cfg.n_layers)
-        ]
+        )

@@ -21,12 +21,17 @@ from torch.nn.parallel import DistributedDataParallel
 
 from nmm.config import RunConfig, save_config, to_dict
 from nmm.data.mixture import PackedBatches
+from nmm.errors import CheckpointError, ConfigError
 from nmm.model.model import NativeMultimodalModel
 from nmm.train import distributed as dist
 from nmm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from nmm.train.prepare import prepare_codecs, prepare_mixture
-from nmm.utils import atomic_write_json, atomic_write_text, save_safetensors, seed_everything
-from nmm.errors import CheckpointError
+from nmm.utils import (
+    atomic_write_json,
+    atomic_write_text,
+    save_safetensors,
+    seed_everything,
+)
 
 
 def lr_at(step: int, cfg, max_steps: int) -> float:
@@ -37,10 +42,22 @@ def lr_at(step: int, cfg, max_steps: int) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def check_roles(cfg: RunConfig, model: NativeMultimodalModel) -> None:
+    """A model that cannot write images must not be given documents that teach it to."""
+    if "M2G" in model.images.capabilities:
+        return
+    bad = [r for r in ("generation", "edit") if cfg.data.roles.get(r, 0) > 0]
+    if bad:
+        raise ConfigError(f"model.fusion={cfg.model.fusion} reads images but cannot generate them: set "
+                          + " ".join(f"data.roles.{r}=0" for r in bad))
+
+
 def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
-    # No weight decay on norms and other vectors; embeddings and matrices decay.
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    other = [p for p in model.parameters() if p.dim() < 2]
+    # No weight decay on norms and other vectors; embeddings and matrices decay. Frozen parts
+    # (a late-fusion encoder) are left out.
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    other = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=False)
 
@@ -60,8 +77,8 @@ class LossModule(torch.nn.Module):
         super().__init__()
         self.model, self.loss_weights, self.z_loss = model, loss_weights, z_loss
 
-    def forward(self, ids, targets, positions, doc_ids):
-        return self.model.loss(ids, targets, positions, doc_ids, self.loss_weights, self.z_loss)
+    def forward(self, ids, targets, positions, doc_ids, generated=None):
+        return self.model.loss(ids, targets, positions, doc_ids, self.loss_weights, self.z_loss, generated)
 
 
 class MetricsLog:
@@ -110,6 +127,15 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, show_progre
 
     cfg.model.max_seq_len = max(cfg.model.max_seq_len, cfg.train.seq_len)
     model = NativeMultimodalModel(cfg.model, codecs.vocab).to(info.device)
+    check_roles(cfg, model)
+    if ckpt is None:
+        t_pre = time.time()
+        pre = model.images.pretrain(mixture.pool, mixture.world, cfg.train.seed)
+        if pre:
+            say(f"vision encoder pretrained: held-out cell accuracy {pre.get('heldout_cell_accuracy', float('nan')):.3f} "
+                f"({time.time() - t_pre:.1f}s)")
+            if info.is_main:
+                atomic_write_json(run_dir / "vision_encoder.json", pre)
     optimizer = make_optimizer(model, cfg.train)
     start_step, max_steps = 0, cfg.train.max_steps
     if ckpt is not None:
@@ -120,7 +146,9 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, show_progre
         f"({codecs.vocab.n_text} text, {codecs.vocab.image_codes} image codes)")
 
     net = LossModule(model, cfg.train.loss_weights, cfg.train.z_loss)
-    net = DistributedDataParallel(net) if info.enabled else net
+    # Experts, modality-specific weights and frozen encoders may get no gradient in a given step.
+    sparse = cfg.model.routing != "dense" or cfg.model.variant != "early-discrete"
+    net = DistributedDataParallel(net, find_unused_parameters=sparse) if info.enabled else net
     net = torch.compile(net) if cfg.train.compile else net
     autocast = (
         torch.autocast(info.device.type, dtype=torch.bfloat16) if cfg.train.dtype == "bf16" else contextlib.nullcontext()
@@ -144,7 +172,7 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, show_progre
             if info.enabled and micro < cfg.train.grad_accum - 1:
                 sync = net.no_sync()
             with sync, autocast:
-                loss, stats = net(batch.ids, batch.targets, batch.positions, batch.doc_ids)
+                loss, stats = net(batch.ids, batch.targets, batch.positions, batch.doc_ids, batch.generated)
                 (loss / cfg.train.grad_accum).backward()
             stats_sum["loss"] = stats_sum.get("loss", 0.0) + loss.item() / cfg.train.grad_accum
             for k, v in stats.items():

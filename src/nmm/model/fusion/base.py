@@ -1,0 +1,149 @@
+"""The interface every image variant implements: how images enter the backbone and leave it.
+
+`NativeMultimodalModel` owns the text embedding, the backbone and the text head; everything that
+differs between late / mid / early fusion and discrete / continuous / decoupled images lives in
+one `ImageInterface` subclass per variant (this package), picked by `ModelConfig.variant`.
+
+Every variant sees the same token layout (`<boi>`, N image-code ids, `<eoi>`), so the data
+pipeline, packing, the engine's prompts and the evaluation tasks are shared. What the code ids
+*mean* to the model is the variant's business: embedded codes (discrete), the tokenizer's
+continuous latents (continuous), features of a separately trained encoder (late, mid, decoupled).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from nmm.config import ModelConfig
+from nmm.errors import ConfigError
+from nmm.modalities.vocab import Vocabulary
+from nmm.model.masks import ImageLayout
+
+
+@dataclass
+class LossTerm:
+    total: torch.Tensor  # summed over positions: what is optimised (regularisers included)
+    report: torch.Tensor  # mean per position, for the logs (no regularisers)
+    count: torch.Tensor  # positions
+
+
+class ImageInterface(nn.Module):
+    fusion: str = "early"
+    representation: str = "discrete"
+    capabilities: tuple[str, ...] = ("M2T", "M2G", "M2M")
+    emits_codes: bool = False  # has a head over image codes: the engine can sample images token by token
+    bidirectional: bool = False  # the code positions of one image attend to each other both ways
+
+    def __init__(self, cfg: ModelConfig, vocab: Vocabulary):
+        super().__init__()
+        self.cfg, self.vocab = cfg, vocab
+
+    # ---- input side -------------------------------------------------------------------------
+    def embed(self, x: torch.Tensor, ids: torch.Tensor, layout: ImageLayout, generated: torch.Tensor | None,
+              image_inputs: dict | None) -> torch.Tensor:
+        """x (B, T, D) text embeddings (image positions hold garbage) -> embeddings with the image
+        positions filled in. `generated` (B, T) marks code positions of images the model is producing
+        (teacher-forced in training); `image_inputs` carries variant-specific extras (noisy latents)."""
+        raise NotImplementedError
+
+    def memory(self, ids: torch.Tensor, layout: ImageLayout, start: int):
+        """Mid fusion only: (features (B, M, D), last-code slot (B, M), valid (B, M)) or None."""
+        return
+
+    # ---- output side ------------------------------------------------------------------------
+    def logits(self, h: torch.Tensor) -> torch.Tensor | None:
+        """(…, D) -> (…, image_codes) logits, or None when the variant has no code head."""
+        return None
+
+    def training_inputs(self, ids: torch.Tensor, layout: ImageLayout, generated: torch.Tensor) -> dict | None:
+        """Per-batch extras for `embed` and `loss` (e.g. noise and timesteps for flow matching)."""
+        return None
+
+    def loss(self, h: torch.Tensor, targets: torch.Tensor, layout: ImageLayout, generated: torch.Tensor,
+             image_inputs: dict | None, z_loss: float) -> dict[str, LossTerm]:
+        """Loss terms by name ("image", "flow"). Empty when images are inputs only."""
+        return {}
+
+    def pretrain(self, pool, world, seed: int, progress=None) -> dict | None:
+        """One-off training before the language model (a vision encoder). Default: nothing."""
+        return None
+
+
+def image_grids(ids: torch.Tensor, layout: ImageLayout, vocab: Vocabulary, select: torch.Tensor | None = None):
+    """Gather each row's images into code grids, so an encoder can see a whole image at once.
+
+    Returns codes (B, I, N) (missing codes of a cut-off image are 0), present (B, I) bool and
+    last (B, I) long, the chunk index of each image's last code. `select` (B, T) restricts which
+    code positions count (e.g. only images that are inputs, not generated)."""
+    B = ids.shape[0]
+    N = vocab.tokens_per_image
+    use = layout.is_code & (layout.image >= 0) & (layout.slot < N)
+    if select is not None:
+        use = use & select
+    I = max(int(layout.image.max()) + 1, 1)
+    codes = torch.zeros(B, I, N, dtype=torch.long, device=ids.device)
+    b, t = use.nonzero(as_tuple=True)
+    img, slot = layout.image[b, t], layout.slot[b, t]
+    codes[b, img, slot] = ids[b, t] - vocab.image_start
+    present = torch.zeros(B, I, dtype=torch.bool, device=ids.device)
+    present[b, img] = True
+    last = _last_index(B, I, b, img, t)
+    return codes, present, last
+
+
+def _last_index(B: int, I: int, b: torch.Tensor, img: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    last = torch.full((B * I,), -1, dtype=torch.long, device=t.device)
+    return last.scatter_reduce(0, b * I + img, t, "amax").view(B, I)
+
+
+def at_positions(features: torch.Tensor, layout: ImageLayout) -> torch.Tensor:
+    """Per-image features (B, I, N, D) -> (B, T, D), each code position's own feature (garbage
+    elsewhere: callers select with `torch.where`)."""
+    B, _, N, _ = features.shape
+    rows = torch.arange(B, device=features.device).unsqueeze(1)
+    return features[rows, layout.image.clamp(min=0), layout.slot.clamp(0, N - 1)]
+
+
+class EncoderFeatures(nn.Module):
+    """A separately trained vision encoder over the tokenizer's latent grid, plus a projector into
+    the language model's width (LLaVA): shared by late fusion, mid fusion and the decoupled variant.
+    The tokenizer's encoder (pixels -> latents) is the fixed first stage, so the model reads code
+    ids and turns them back into latents with `Vocabulary.code_latents`."""
+
+    def __init__(self, cfg: ModelConfig, vocab: Vocabulary):
+        super().__init__()
+        from nmm.model.vision import ImageProjector, VisionEncoder
+
+        self.vocab = vocab
+        grid = round(vocab.tokens_per_image ** 0.5)
+        self.register_buffer("latents", vocab.code_latents(), persistent=False)  # (codes, latent_dim)
+        self.encoder = VisionEncoder(vocab.image_latent_dim, grid, cfg.encoder)
+        self.projector = ImageProjector(cfg.encoder.width, cfg.d_model)
+        self.encoder_cfg = cfg.encoder
+        self.encoder.requires_grad_(cfg.encoder.trainable)
+
+    def forward(self, ids: torch.Tensor, layout: ImageLayout, select: torch.Tensor | None = None):
+        """-> features (B, I, N, D), present (B, I), last code index (B, I)."""
+        codes, present, last = image_grids(ids, layout, self.vocab, select)
+        B, I, N = codes.shape
+        feats = self.encoder(self.latents[codes].view(B * I, N, -1))  # (B*I, N, width)
+        return self.projector(feats).view(B, I, N, -1), present, last
+
+    def pretrain(self, pool, world, seed: int, progress=None) -> dict:
+        from nmm.model.vision import pretrain_vision_encoder
+
+        cfg = self.encoder_cfg
+        if cfg.pretrain_steps == 0:
+            return None
+        if pool.scenes is None or world is None:
+            raise ConfigError("the vision encoder of late / mid fusion and the decoupled variant is pretrained on "
+                              "the shapes world's scenes: use data.source=shapes, or model.encoder.pretrain_steps=0 "
+                              "with model.encoder.trainable=true to learn it with the language model")
+        self.encoder.requires_grad_(True)
+        stats = pretrain_vision_encoder(self.encoder, self.latents, pool.codes - self.vocab.image_start, pool.scenes,
+                                        world, cfg.pretrain_steps, cfg.pretrain_batch, cfg.lr, seed, progress)
+        self.encoder.requires_grad_(cfg.trainable)
+        return stats
