@@ -21,7 +21,7 @@ Variants are stepped in turn (A, B, C, D, D, C, B, A, ...) so machine noise is s
 tokens/s and the nmm/HF ratio come from the median step time; the JSON also has the mean, the
 best (fastest) step, a per-round paired ratio and every step time: on a shared CPU the spread is
 large, so look at all of them (docs/performance.md). Before timing, `parity_check` copies an nmm
-model into HF Llama with `nmm_to_hf_llama` and asserts the logits agree.
+model into HF Llama with `nmm_to_hf_llama` (from `nmm.bench.hf`) and asserts the logits agree.
 """
 
 from __future__ import annotations
@@ -38,109 +38,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+# The nmm -> HF conversion lives in the package (one copy, shared with `nmm bench`).
+from nmm.bench.hf import hf_llama_config, make_hf_llama, nmm_to_hf_llama  # noqa: F401  (re-exported)
 from nmm.config import ModelConfig
-from nmm.model.model import NativeMultimodalModel
 from nmm.modalities.vocab import Vocabulary
+from nmm.model.model import NativeMultimodalModel
 
-# The nmm demo model's vocabulary: 768 text ids + 5 specials + 1600 image codes (200 shapes x 8 colours).
+# The nmm demo model's vocabulary: 768 text ids + 5 specials + 3200 image codes (200 shapes x 16 colours).
 DEMO_VOCAB = Vocabulary(n_text=768, image_codes=3200, image_factors=(200, 16), tokens_per_image=64)
-
-
-# ---- conversion -----------------------------------------------------------------------------------
-@torch.no_grad()
-def _image_table(model: NativeMultimodalModel) -> torch.Tensor:
-    """(image_codes, D) embedding of every image code (sum of its factor embeddings)."""
-    from nmm.model.heads import split_codes
-
-    emb = model.image_embed
-    codes = torch.arange(model.vocab.image_codes, device=emb.tables[0].weight.device)
-    return sum(t.weight[part] for t, part in zip(emb.tables, split_codes(codes, emb.factors)))
-
-
-@torch.no_grad()
-def _image_head_matrix(model: NativeMultimodalModel) -> torch.Tensor:
-    """(image_codes, D) weight whose rows give the logits of `model.image_head` (a sum of per-factor
-    logits is linear in h, so a factorised head is an ordinary linear head with W[c] = sum_i W_i[c_i])."""
-    from nmm.model.heads import split_codes
-
-    head = model.image_head
-    codes = torch.arange(model.vocab.image_codes, device=head.proj[0].weight.device)
-    return sum(p.weight[part] for p, part in zip(head.proj, split_codes(codes, head.factors)))
-
-
-def hf_llama_config(model_cfg: ModelConfig, vocab_size: int):
-    from transformers import LlamaConfig
-
-    hd = model_cfg.d_model // model_cfg.n_heads
-    cfg = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=model_cfg.d_model,
-        intermediate_size=model_cfg.ffn_hidden,
-        num_hidden_layers=model_cfg.n_layers,
-        num_attention_heads=model_cfg.n_heads,
-        num_key_value_heads=model_cfg.n_kv_heads,
-        head_dim=hd,
-        hidden_act="silu",
-        max_position_embeddings=model_cfg.max_seq_len,
-        rms_norm_eps=model_cfg.norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": float(model_cfg.rope_theta)},
-        attention_bias=False,
-        mlp_bias=False,
-        tie_word_embeddings=False,
-        initializer_range=model_cfg.init_std,
-        use_cache=False,
-        pad_token_id=None,
-        bos_token_id=None,
-        eos_token_id=None,
-    )
-    cfg._attn_implementation = "sdpa"
-    return cfg
-
-
-def make_hf_llama(model_cfg: ModelConfig, vocab_size: int):
-    from transformers import LlamaForCausalLM
-
-    model = LlamaForCausalLM(hf_llama_config(model_cfg, vocab_size))
-    model.config._attn_implementation = "sdpa"
-    return model
-
-
-@torch.no_grad()
-def nmm_to_hf_llama(model: NativeMultimodalModel):
-    """nmm model -> `LlamaForCausalLM` computing the same logits (vocabulary order: text, specials,
-    image codes). Needs `qk_norm=False` (Llama has no QK-norm). A factorised image embedding/head
-    is materialised into ordinary (image_codes, D) tables, which is exact."""
-    cfg = model.cfg
-    if cfg.qk_norm:
-        raise ValueError("nmm_to_hf_llama: Llama has no QK-norm; build the nmm model with qk_norm=False")
-    hf = make_hf_llama(cfg, model.vocab.size)
-    hd = cfg.d_model // cfg.n_heads
-    nq, nkv = cfg.n_heads * hd, cfg.n_kv_heads * hd
-    sd = {
-        "model.embed_tokens.weight": torch.cat([model.text_embed.weight, _image_table(model)], 0),
-        "model.norm.weight": model.backbone.norm.weight,
-        "lm_head.weight": torch.cat([model.text_head.proj.weight, _image_head_matrix(model)], 0),
-    }
-    for i, blk in enumerate(model.backbone.blocks):
-        p = f"model.layers.{i}."
-        wq, wk, wv = blk.attn.wqkv.weight.split([nq, nkv, nkv], 0)  # wqkv rows: [q | k | v]
-        gate, up = blk.ffn.w_gate_up.weight.chunk(2, 0)  # w_gate_up rows: [gate | up]
-        sd.update({
-            p + "input_layernorm.weight": blk.attn_norm.weight,
-            p + "self_attn.q_proj.weight": wq,
-            p + "self_attn.k_proj.weight": wk,
-            p + "self_attn.v_proj.weight": wv,
-            p + "self_attn.o_proj.weight": blk.attn.wo.weight,
-            p + "post_attention_layernorm.weight": blk.ffn_norm.weight,
-            p + "mlp.gate_proj.weight": gate,
-            p + "mlp.up_proj.weight": up,
-            p + "mlp.down_proj.weight": blk.ffn.w_down.weight,
-        })
-    missing, unexpected = hf.load_state_dict({k: v.detach().clone() for k, v in sd.items()}, strict=False)
-    missing = [k for k in missing if "rotary_emb" not in k]
-    if missing or unexpected:
-        raise RuntimeError(f"nmm_to_hf_llama: missing {missing}, unexpected {unexpected}")
-    return hf.to(model.text_embed.weight.device)
 
 
 # ---- parity ---------------------------------------------------------------------------------------

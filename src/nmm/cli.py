@@ -7,6 +7,8 @@
     nmm eval runs/x --tasks shapes_t2i,shapes_fid
     nmm compare runs/a runs/b
     nmm inspect shapes-demo
+    nmm sweep --out runs/sweep                 the design space (fusion x routing x size) at matched compute
+    nmm bench decode --run shapes-demo           nmm vs Hugging Face on the same weights (decode|image|server|all)
 """
 
 from __future__ import annotations
@@ -194,6 +196,32 @@ def inspect(
 
 
 @app.command()
+def sweep(
+    out: Annotated[Path, typer.Option(help="Sweep directory: one run per point, sweep.csv/.md/.json and plots.")] = Path("runs/sweep"),
+    grid: Annotated[str, typer.Option(help="Named grid: default (about an hour on 2 CPU cores) or quick (minutes).")] = "default",
+    quick: Annotated[bool, typer.Option("--quick", help="Same as --grid quick.")] = False,
+    variants: Annotated[Optional[str], typer.Option(help="Comma-separated subset of the grid's variants, e.g. early-discrete,moe.")] = None,
+    sizes: Annotated[Optional[str], typer.Option(help="Comma-separated model sizes: xs, s, m.")] = None,
+    budget: Annotated[Optional[float], typer.Option(help="Training FLOPs per run (default: the grid's).")] = None,
+    overrides: Overrides = None,
+):
+    """Train and evaluate a grid of design-space variants at matched training FLOPs.
+
+    Every point trains on the same shared tokenizers for budget / (3 x measured forward FLOPs per
+    token x tokens per step) steps, then gets a held-out text loss curve, M2T captioning and M2G
+    judged accuracy with bootstrap intervals, and, for MoE, per-modality routing histograms.
+    Finished points are kept when the command is run again."""
+    from nmm.sweep import run_sweep
+
+    split = lambda s: [x.strip() for x in s.split(",") if x.strip()] if s else None  # noqa: E731
+    results = run_sweep(out, "quick" if quick else grid, split(variants), split(sizes), budget, overrides,
+                        log=out_console.print)
+    out_console.print((out / "sweep.md").read_text())
+    out_console.print(f"{len(results['points'])} points in {results['minutes']} min -> {out}/sweep.md, sweep.csv, "
+                      "loss_vs_compute.png, accuracy.png" + (", routing.png" if (out / "routing.png").exists() else ""))
+
+
+@app.command()
 def serve(
     target: Annotated[str, typer.Argument(help="A trained run directory, or a preset name to serve random weights "
                                                "(for trying the API without training).")],
@@ -201,21 +229,46 @@ def serve(
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     api_key: Annotated[Optional[str], typer.Option(envvar="NMM_API_KEY", show_envvar=True,
                                                    help="Require 'Authorization: Bearer KEY' on the /v1 routes.")] = None,
+    dtype: Annotated[str, typer.Option(help="Weights and KV cache dtype: fp32 or bf16 (bf16: half the memory; "
+                                            "fast on GPUs and recent CPUs).")] = "fp32",
+    compile: Annotated[bool, typer.Option("--compile/--no-compile",
+                                          help="Run the decode step through torch.compile (slow start: "
+                                               "the first requests wait for compilation).")] = False,
+    max_batch: Annotated[int, typer.Option(min=1, help="Rows decoded together (a CFG image takes two).")] = 32,
+    max_cache_mb: Annotated[Optional[float], typer.Option(min=0, help="Cap on KV-cache memory; fewer rows if "
+                                                                      "--max-batch rows would not fit.")] = None,
+    max_queue: Annotated[int, typer.Option(min=0, help="Requests waiting for a row before the server answers "
+                                                       "429.")] = 16,
 ):
     """Serve a model over HTTP: an OpenAI-compatible API (/v1), /metrics, and a web playground at /."""
     try:
         import uvicorn
 
-        from nmm.serve import create_app, load_pipeline
+        from nmm.serve import Limits, create_app, load_pipeline
     except ImportError as e:
         raise NmmError(f"nmm serve needs the server extras ({e.name} is missing): pip install 'nmm-toolkit[serve]'") from None
+    if dtype not in ("fp32", "bf16"):
+        raise NmmError(f"--dtype must be fp32 or bf16, not '{dtype}'")
 
-    pipe, name = load_pipeline(target)
+    pipe, name = load_pipeline(target, dtype=None if dtype == "fp32" else dtype, compile=compile)
     if name.endswith("-random"):
         out_console.print(f"[yellow]{target}: random weights (untrained), for trying the API[/yellow]")
+    try:
+        app = create_app(pipe, name, api_key=api_key,
+                         limits=Limits(max_batch=max_batch, max_cache_mb=max_cache_mb, max_queue=max_queue))
+    except ValueError as e:  # e.g. --max-cache-mb too small for one row
+        raise NmmError(str(e)) from None
     auth = "API key required" if api_key else "no API key"
-    out_console.print(f"serving {name} at http://{host}:{port} (playground at /, OpenAI API at /v1, {auth})")
-    uvicorn.run(create_app(pipe, name, api_key=api_key), host=host, port=port, log_level="info")
+    out_console.print(f"serving {name} at http://{host}:{port} (playground at /, OpenAI API at /v1, {auth}; "
+                      f"batch of {app.state.scheduler.rows} rows, {dtype}{', compiled' if compile else ''})")
+    uvicorn.run(app, host=host, port=port, log_level="info")
+
+
+# `nmm bench decode|image|server|all`: the subcommands live in nmm/bench/cli.py (imports nothing heavy).
+from nmm.bench.cli import bench_app  # noqa: E402
+
+app.add_typer(bench_app, name="bench", help="Benchmarks: nmm vs Hugging Face on the same weights, and the server "
+                                            "under load. See `nmm bench COMMAND --help`.")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -297,16 +297,26 @@ def read_yaml(path: Path) -> dict:
 
 def load_config(preset: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Load a preset name (`shapes-tiny`) or a YAML path, then apply dot-list overrides."""
-    values: dict = {}
-    if preset is not None:
-        path = Path(preset)
-        if not path.suffix:
-            path = PRESET_DIR / f"{preset}.yaml"
-        if not path.exists():
-            raise ConfigError(f"unknown preset '{preset}' (available: {', '.join(list_presets())})")
-        values = read_yaml(path)
+    values = _preset_values(preset, ()) if preset is not None else {}
     values = _merge(values, parse_overrides(overrides or []))
     return _build(RunConfig, values)
+
+
+def _preset_values(preset: str | Path, seen: tuple[str, ...]) -> dict:
+    """A preset's values; `base: other-preset` in the file starts from that preset (a variant is a
+    few lines on top of the model it varies)."""
+    path = Path(preset)
+    if not path.suffix:
+        path = PRESET_DIR / f"{preset}.yaml"
+    if not path.exists():
+        raise ConfigError(f"unknown preset '{preset}' (available: {', '.join(list_presets())})")
+    values = read_yaml(path)
+    base = values.pop("base", None)
+    if base is None:
+        return values
+    if str(base) in seen:
+        raise ConfigError(f"{path}: 'base: {base}' makes a cycle ({' -> '.join((*seen, str(base)))})")
+    return _merge(_preset_values(str(base), (*seen, str(base))), values)
 
 
 def save_config(cfg: RunConfig, path: Path) -> None:

@@ -1,47 +1,135 @@
-"""`nmm inspect`: describe a preset or a trained run in the roadmap's terms."""
+"""`nmm inspect`: describe a preset or a trained run in the roadmap's terms.
+
+Fusion level, image representation, capabilities, routing and modalities come from the model's
+own parts (its image variant and its blocks), not from the preset's name. Parameters are counted
+from the built model; FLOPs per token are *measured*: one training forward over a reference
+packed sequence (captioning and generation documents, the layout every variant shares) under
+`torch.utils.flop_counter`, divided by its tokens. So a MoE counts only its top-k experts, mid
+fusion its cross-attention and encoder, and nothing is a formula that can drift from the code.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
+
 from nmm.config import RunConfig, load_config
+from nmm.model.moe import count_active_params
+from nmm.modalities.vocab import Vocabulary
+
+CAPTION_TOKENS = 12  # a typical shapes caption
 
 
-def flops_per_token(cfg: RunConfig, vocab_size: int, seq_len: int) -> int:
-    """Forward FLOPs per token (2 per multiply-add): matmuls plus attention over seq_len keys."""
-    m = cfg.model
-    hd = m.d_model // m.n_heads
-    attn_proj = m.d_model * (m.n_heads + 2 * m.n_kv_heads) * hd + m.n_heads * hd * m.d_model
-    ffn = 3 * m.d_model * m.ffn_hidden
-    attn_scores = 2 * m.n_heads * hd * seq_len  # q.k and p.v
-    return 2 * (m.n_layers * (attn_proj + ffn + attn_scores) + m.d_model * vocab_size)
-
-
-def describe(target: str) -> dict:
-    path = Path(target)
-    cfg = load_config(path / "config.yaml") if path.is_dir() else load_config(target)
+def build_model(cfg: RunConfig):
     from nmm.model.model import NativeMultimodalModel
     from nmm.modalities.image import ImageTokenizer
-    from nmm.modalities.vocab import Vocabulary
 
     image_tok = ImageTokenizer(cfg.image)
     vocab = Vocabulary(cfg.text.vocab_size, image_tok.codebook_size, tuple(image_tok.code_factors),
-                       image_tok.tokens_per_image)
-    model = NativeMultimodalModel(cfg.model, vocab)
-    params = model.num_params()
+                       image_tok.tokens_per_image, image_tok.code_levels)
+    cfg.model.max_seq_len = max(cfg.model.max_seq_len, cfg.train.seq_len)
+    return NativeMultimodalModel(cfg.model, vocab), image_tok
+
+
+def reference_batch(vocab: Vocabulary, seq_len: int, generate: bool, seed: int = 0):
+    """One packed row: alternating captioning (image -> text) and, if the model can generate,
+    generation (text -> image) documents, random ids of the right kinds."""
+    g = torch.Generator().manual_seed(seed)
+
+    def text(n):
+        return torch.randint(0, vocab.n_text, (n,), generator=g).tolist()
+
+    def image():
+        codes = (torch.randint(0, vocab.image_codes, (vocab.tokens_per_image,), generator=g) + vocab.image_start)
+        return [vocab.boi, *codes.tolist(), vocab.eoi]
+
+    ids, targets, doc_ids, generated, positions = [], [], [], [], []
+    doc = 0
+    while True:
+        gen_doc = generate and doc % 2 == 1
+        parts = [(text(CAPTION_TOKENS), False), (image(), True)] if gen_doc else [(image(), False), (text(CAPTION_TOKENS), True)]
+        toks, tgt = [vocab.bos], [False]
+        for part, loss in parts:
+            toks += part
+            tgt += [loss] * len(part)
+        toks.append(vocab.eos)
+        tgt.append(True)
+        if len(ids) + len(toks) > seq_len:
+            break
+        ids += toks
+        targets += [t if flag else -100 for t, flag in zip(toks[1:], tgt[1:])] + [-100]
+        generated += [gen_doc and t >= vocab.image_start for t in toks]
+        positions += list(range(len(toks)))
+        doc_ids += [doc] * len(toks)
+        doc += 1
+    pad = seq_len - len(ids)
+    as_t = lambda xs, fill, dt=torch.long: torch.tensor([xs + [fill] * pad], dtype=dt)  # noqa: E731
+    return (as_t(ids, vocab.pad), as_t(targets, -100), as_t(positions, 0), as_t(doc_ids, -1),
+            as_t(generated, False, torch.bool)), len(ids)
+
+
+def _grouped_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    # (A, in) x (E, in, out) with row groups: each row meets one expert's matrix.
+    return 2 * a_shape[0] * a_shape[1] * b_shape[-1]
+
+
+if hasattr(torch.ops.aten, "_grouped_mm"):  # the MoE's expert matmul; the flop counter has no formula for it
+    try:
+        register_flop_formula(torch.ops.aten._grouped_mm)(_grouped_mm_flops)
+    except RuntimeError:  # already registered (a newer torch, or a re-import)
+        pass
+
+
+def measured_flops_per_token(model, seq_len: int) -> int:
+    """Forward FLOPs per token of a training step (2 per multiply-add), measured on `reference_batch`."""
+    generate = "M2G" in model.images.capabilities
+    (ids, targets, positions, doc_ids, generated), n = reference_batch(model.vocab, seq_len, generate)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model.loss(ids, targets, positions, doc_ids, {}, 0.0, generated)
+    return int(counter.get_total_flops() / n)
+
+
+def _params(module) -> int:
+    return sum(p.numel() for p in module.parameters()) if module is not None else 0
+
+
+def describe(target: str) -> dict:
+    """A preset name, a YAML file or a run directory -> the description."""
+    path = Path(target)
+    return describe_model(load_config(path / "config.yaml") if path.is_dir() else load_config(target))
+
+
+def describe_model(cfg: RunConfig) -> dict:
+    model, image_tok = build_model(cfg)
+    images = model.images
+    total = model.num_params()
+    active = count_active_params(model)  # experts a token does not use and other MoT towers left out
+    # Each modality's own input/output parameters are idle for tokens of the other.
+    text_only = _params(model.text_embed) + _params(model.text_head)
+    per_modality = {"text": active - _params(images), "image": active - text_only}
+    vocab = model.vocab
     return {
         "name": cfg.name,
-        "fusion": "early",
-        "representation": "discrete",
-        "capabilities": ["M2T", "M2G", "M2M"],
-        "routing": "dense",
+        "fusion": images.fusion,
+        "representation": images.representation,
+        "capabilities": list(images.capabilities),
+        "routing": cfg.model.routing,
         "modalities": ["text", "image"],
-        "params_total": params,
-        "params_active": params,
-        "image_tokenizer_params": sum(p.numel() for p in image_tok.parameters()),
+        "params_total": total,
+        "params_active": max(per_modality.values()),
+        "params_active_by_modality": per_modality,
+        "params_image_interface": _params(images),
+        "params_frozen": sum(p.numel() for p in model.parameters() if not p.requires_grad),
+        "image_tokenizer_params": _params(image_tok),
         "positions_per_image": vocab.tokens_per_image + 2,
+        "image_in_sequence": {"early": "tokens", "late": "projected encoder features",
+                              "mid": "placeholders; features via cross-attention"}[images.fusion],
         "image_codes": vocab.image_codes,
         "image_code_factors": list(vocab.image_factors),
         "vocab_size": vocab.size,
-        "flops_per_token": flops_per_token(cfg, vocab.size, cfg.train.seq_len),
+        "seq_len": cfg.train.seq_len,
+        "flops_per_token": measured_flops_per_token(model, cfg.train.seq_len),
     }

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 
@@ -99,3 +101,50 @@ def test_top_k_and_top_p_restrict_support():
     assert draws <= {0, 1}
     draws = {int(sample(logits, SamplingConfig(temperature=1.0, top_p=0.5), g)) for _ in range(200)}
     assert draws == {0}
+
+
+def _well_formed_image(tokens: list[int]) -> bool:
+    return (len(tokens) == VOCAB.tokens_per_image + 1 and tokens[-1] == VOCAB.eoi
+            and all(t >= VOCAB.image_start for t in tokens[:-1]))
+
+
+def test_bf16_weights_run(model):
+    from nmm.infer.scheduler import Request, Scheduler
+
+    m = copy.deepcopy(model)  # Engine(dtype=...) casts the model in place
+    engine = Engine(m, dtype="bf16")
+    assert next(m.parameters()).dtype == torch.bfloat16 and engine.dtype == torch.bfloat16
+    greedy = SamplingConfig(temperature=0)
+    images = engine.generate([[VOCAB.bos, 4, VOCAB.boi]] * 2, VOCAB.tokens_per_image + 1,
+                             SamplingConfig(temperature=1.0, cfg_scale=2.0, seed=0),
+                             uncond_prompts=[[VOCAB.bos, VOCAB.boi]] * 2, stop_after_image=True)
+    assert all(_well_formed_image(t) for t in images.tokens)
+    text = engine.generate([[VOCAB.bos, 3, 7]], 10, greedy, allow_images=False).tokens[0]
+    assert len(text) > 0 and all(t < VOCAB.n_text for t in text)
+    scheduler = Scheduler(engine)  # the batch's KV cache takes the model's dtype too
+    try:
+        assert scheduler.generate([Request([VOCAB.bos, 3, 7], 10, greedy, allow_images=False)])[0].tokens == text
+        assert scheduler.row_bytes == Scheduler(Engine(model)).row_bytes // 2
+    finally:
+        scheduler.close()
+    with pytest.raises(ValueError, match="dtype"):
+        Engine(m, dtype="int3")
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_matches_eager(model):
+    """torch.compile of the decode step (Engine and Scheduler): the same greedy tokens as eager code."""
+    from nmm.infer.scheduler import Request, Scheduler
+
+    greedy = SamplingConfig(temperature=0)
+    prompts = [[VOCAB.bos, 3, 7, 9], [VOCAB.bos, 5], [VOCAB.bos, 1, 2, VOCAB.boi]]
+    eager = Engine(model).generate(prompts, 12, greedy).tokens
+    compiled = Engine(model, compile=True)
+    assert compiled.generate(prompts, 12, greedy).tokens == eager
+    scheduler = Scheduler(compiled, max_batch=4)
+    try:
+        handles = scheduler.generate([Request(p, 12, greedy) for p in prompts])
+        assert [h.tokens for h in handles] == eager
+        assert scheduler.generate([Request(prompts[0], 12, greedy)])[0].tokens == eager[0]  # a batch of one
+    finally:
+        scheduler.close()

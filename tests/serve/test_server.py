@@ -24,6 +24,7 @@ pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from nmm.data.shapes import ShapesWorld  # noqa: E402
+from nmm.infer.scheduler import Request  # noqa: E402
 from nmm.serve import Limits, create_app, load_pipeline  # noqa: E402
 from nmm.serve.schemas import picture_caption  # noqa: E402
 
@@ -243,19 +244,20 @@ def test_malformed_json_and_unknown_routes(client):
 
 
 def test_queue_full_is_429_and_metrics(served):
-    c = make_client(served, limits=Limits(max_queue=1))
-    worker, gate = c.app.state.worker, threading.Event()
-    blockers = [worker.submit(gate.wait) for _ in range(2)]  # one running, one queued: the queue is full
+    c = make_client(served, limits=Limits(max_queue=1, max_batch=1))
+    scheduler, bos = c.app.state.scheduler, served[0].vocab.bos
+    scheduler.pause()  # decoding held: the first request takes the batch's only row, the second waits
+    blockers = scheduler.submit_many([Request([bos], 4), Request([bos], 4)])  # one running, one queued: full
     try:
         deadline = time.monotonic() + 5
-        while worker.running < 1 and time.monotonic() < deadline:
+        while scheduler.running < 1 and time.monotonic() < deadline:
             time.sleep(0.01)
         metrics = c.get("/metrics").text
         assert "nmm_queue_depth 1" in metrics and "nmm_requests_running 1" in metrics
         error = error_of(c.post(CHAT, json={"messages": user("hi"), "max_tokens": 2}), 429, "queue_full")
         assert error["type"] == "rate_limit_error"
     finally:
-        gate.set()
+        scheduler.resume()
         for b in blockers:
             b.result(timeout=5)
     assert c.post(CHAT, json={"messages": user("hi"), "max_tokens": 2}).status_code == 200

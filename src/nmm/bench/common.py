@@ -38,7 +38,9 @@ TEXT_PROMPTS = (
 def load_target(target: str):
     """A run directory -> its trained pipeline; a preset name -> random weights at that config,
     exactly what `nmm serve TARGET` would serve. Returns (Pipeline, name)."""
-    from nmm.serve import load_pipeline  # the same loader as `nmm serve`, so the benchmarks agree
+    from nmm.serve import (
+        load_pipeline,  # the same loader as `nmm serve`, so the benchmarks agree
+    )
 
     return load_pipeline(target)
 
@@ -63,6 +65,7 @@ def env_info() -> dict:
 class Timings:
     wall: list[float] = field(default_factory=list)
     cpu: list[float] = field(default_factory=list)
+    warmup: list[float] = field(default_factory=list)  # untimed runs' wall times (the first includes any compile)
 
     def add(self, wall: float, cpu: float) -> None:
         self.wall.append(wall)
@@ -80,15 +83,22 @@ class Timings:
     def cpu_median(self) -> float:
         return statistics.median(self.cpu)
 
+    @property
+    def first_call(self) -> float | None:
+        """Wall time of the first (warm-up) run: includes one-off costs such as compilation."""
+        return round(self.warmup[0], 4) if self.warmup else None
+
 
 def time_turns(contenders: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, Timings]:
     """Run every contender `warmup` untimed times, then `repeats` timed rounds: each round runs each
     contender once, and the order is reversed every other round."""
     names = list(contenders)
+    times = {name: Timings() for name in names}
     for _ in range(warmup):
         for name in names:
+            w0 = time.perf_counter()
             contenders[name]()
-    times = {name: Timings() for name in names}
+            times[name].warmup.append(time.perf_counter() - w0)
     for r in range(repeats):
         for name in names if r % 2 == 0 else names[::-1]:
             w0, c0 = time.perf_counter(), time.process_time()

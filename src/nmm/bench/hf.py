@@ -49,26 +49,26 @@ def _image_head_matrix(model: NativeMultimodalModel) -> torch.Tensor:
 
 # ---- configs --------------------------------------------------------------------------------------
 def _common_config(model_cfg: ModelConfig, vocab_size: int) -> dict:
-    return dict(
-        vocab_size=vocab_size,
-        hidden_size=model_cfg.d_model,
-        intermediate_size=model_cfg.ffn_hidden,
-        num_hidden_layers=model_cfg.n_layers,
-        num_attention_heads=model_cfg.n_heads,
-        num_key_value_heads=model_cfg.n_kv_heads,
-        head_dim=model_cfg.d_model // model_cfg.n_heads,
-        hidden_act="silu",
-        max_position_embeddings=model_cfg.max_seq_len,
-        rms_norm_eps=model_cfg.norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": float(model_cfg.rope_theta)},
-        attention_bias=False,
-        tie_word_embeddings=False,
-        initializer_range=model_cfg.init_std,
-        use_cache=False,  # training default; generation passes use_cache=True
-        pad_token_id=None,
-        bos_token_id=None,
-        eos_token_id=None,
-    )
+    return {
+        "vocab_size": vocab_size,
+        "hidden_size": model_cfg.d_model,
+        "intermediate_size": model_cfg.ffn_hidden,
+        "num_hidden_layers": model_cfg.n_layers,
+        "num_attention_heads": model_cfg.n_heads,
+        "num_key_value_heads": model_cfg.n_kv_heads,
+        "head_dim": model_cfg.d_model // model_cfg.n_heads,
+        "hidden_act": "silu",
+        "max_position_embeddings": model_cfg.max_seq_len,
+        "rms_norm_eps": model_cfg.norm_eps,
+        "rope_parameters": {"rope_type": "default", "rope_theta": float(model_cfg.rope_theta)},
+        "attention_bias": False,
+        "tie_word_embeddings": False,
+        "initializer_range": model_cfg.init_std,
+        "use_cache": False,  # training default; generation passes use_cache=True
+        "pad_token_id": None,
+        "bos_token_id": None,
+        "eos_token_id": None,
+    }
 
 
 def hf_llama_config(model_cfg: ModelConfig, vocab_size: int):

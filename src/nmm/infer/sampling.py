@@ -55,19 +55,29 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Te
     so the same seed gives other tokens than `sample` does. Returns (B,) ids.
     """
     greedy = logits.argmax(-1)
-    sampled_rows = temperature > 0
-    if not bool(sampled_rows.any()):
+    sampled = temperature > 0
+    if not bool(sampled.any()):
         return greedy
     V = logits.shape[-1]
-    scaled = logits.float() / torch.where(sampled_rows, temperature, 1.0).unsqueeze(1)
-    sorted_logits, order = torch.sort(scaled, descending=True, dim=-1)
-    k = torch.where(top_k > 0, top_k.clamp(max=V), V)
-    kth = sorted_logits.gather(1, (k - 1).unsqueeze(1))  # ties with the k-th are kept, as in `sample`
-    sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
-    probs = sorted_logits.softmax(-1)
-    drop = probs.cumsum(-1) - probs > top_p.unsqueeze(1)  # keep the smallest prefix reaching top_p
-    cum = probs.masked_fill(drop, 0.0).cumsum(-1)
-    # The first sorted position whose cumulative mass exceeds u * total: never a zero-probability one.
+    scaled = logits.float() / torch.where(sampled, temperature, 1.0).unsqueeze(1)
+    picked = _inverse_cdf(scaled.softmax(-1), uniform)
+    # Only rows with top-k or top-p pay for a sort (a full-vocabulary sort costs more than the model step).
+    truncated = sampled & (((top_k > 0) & (top_k < V)) | (top_p < 1))
+    if bool(truncated.any()):
+        rows = truncated.nonzero().squeeze(1)
+        sorted_logits, order = torch.sort(scaled[rows], descending=True, dim=-1)
+        k = torch.where(top_k[rows] > 0, top_k[rows].clamp(max=V), V)
+        kth = sorted_logits.gather(1, (k - 1).unsqueeze(1))  # ties with the k-th are kept, as in `sample`
+        sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p[rows].unsqueeze(1)  # the smallest prefix reaching top_p
+        picked[rows] = order.gather(1, _inverse_cdf(probs.masked_fill(drop, 0.0), uniform[rows]).unsqueeze(1)).squeeze(1)
+    return torch.where(sampled, picked, greedy)
+
+
+def _inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """(B, V) unnormalised probabilities, (B,) uniforms -> (B,) the first index whose cumulative mass
+    exceeds u * total (never a zero-probability index)."""
+    cum = probs.cumsum(-1)
     index = torch.searchsorted(cum, uniform.unsqueeze(1).to(cum.dtype) * cum[:, -1:], right=True)
-    picked = order.gather(1, index.clamp(max=V - 1)).squeeze(1)
-    return torch.where(sampled_rows, picked, greedy)
+    return index.clamp(max=probs.shape[-1] - 1).squeeze(1)

@@ -536,14 +536,17 @@ class Scheduler:
         if n == 0:
             return
         compiled = self.engine.compiled
+        # Compiled: attend over whole rows (static shapes), and feed at least 2 rows, since torch.compile
+        # specialises size-1 dimensions; the extra row is a free one, whose cache nothing reads.
+        fed = 2 if compiled and n == 1 and self.rows > 1 else n
         kv_len = None if compiled else max(s.length for s in self._seqs) + 1
-        length = self.length[:n]
+        length = self.length[:fed]
         cols = torch.arange(self.max_len if compiled else kv_len, device=self.device)
-        mask = (cols.unsqueeze(0) <= length.unsqueeze(1)).view(n, 1, 1, -1)
+        mask = (cols.unsqueeze(0) <= length.unsqueeze(1)).view(fed, 1, 1, -1)
         for cache in self._caches:
             cache.write, cache.kv_len = length, kv_len
-        h = self.engine.decode_step(self.next_token[:n, None], length.unsqueeze(1), mask, self._caches, 0)
-        self.hidden[:n] = h[:, -1]
+        h = self.engine.decode_step(self.next_token[:fed, None], length.unsqueeze(1), mask, self._caches, 0)
+        self.hidden[:n] = h[:n, -1]
         self.length[:n] += 1
         for seq in self._seqs:
             seq.length += 1

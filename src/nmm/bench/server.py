@@ -1,0 +1,213 @@
+"""`nmm bench server`: requests/s and latency of `nmm serve` under 1, 8 and 32 concurrent clients.
+
+The benchmark starts `nmm serve TARGET` as a subprocess on 127.0.0.1 (a free port), waits for
+/health, and drives it over HTTP only, so it measures whatever the server does. Each client is a
+thread with its own keep-alive connection (standard library `http.client`, so the load generator
+adds no dependency) that sends the same request again and again:
+
+    POST /v1/chat/completions {"messages": [{"role": "user", "content": PROMPT}],
+                               "max_tokens": 32, "temperature": 0}
+
+A level sends a fixed number of requests in total, shared by its clients. Latency is from sending
+a request to reading the whole answer. A `429` (queue full) is retried by the same client after a
+short pause, as a real client would, and its wait counts in that request's latency; the JSON
+reports how many there were. requests/s = answered requests / wall time of the level.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from nmm.bench.common import goal
+from nmm.errors import NmmError
+
+GOAL_SCALING_32 = 10.0
+PROMPT = "a small red circle at the top left and a large blue square at the center"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`nmm serve TARGET` in a subprocess, stopped (terminate, then kill) on exit."""
+
+    def __init__(self, target: str, port: int | None = None, startup_timeout: float = 180.0, env: dict | None = None):
+        self.target, self.port = target, port or free_port()
+        self.startup_timeout, self.env = startup_timeout, env
+        self.proc: subprocess.Popen | None = None
+        self.log_path: Path | None = None
+
+    def __enter__(self):
+        import tempfile
+
+        import nmm
+
+        env = {**os.environ, **(self.env or {})}
+        # The child imports the same nmm as this process, installed or not.
+        src = str(Path(nmm.__file__).resolve().parents[1])
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
+        log = tempfile.NamedTemporaryFile("w+b", prefix="nmm-bench-serve-", suffix=".log", delete=False)
+        self.log_path = Path(log.name)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "nmm.cli", "serve", self.target, "--host", "127.0.0.1", "--port", str(self.port)],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+        )
+        log.close()
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise NmmError(f"nmm serve {self.target} exited with code {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                status, _ = request(self.port, "GET", "/health", timeout=2.0)
+                if status == 200:
+                    return self
+            except OSError:
+                pass
+            time.sleep(0.2)
+        self.__exit__(None, None, None)
+        raise NmmError(f"nmm serve {self.target} did not answer /health within {self.startup_timeout:.0f} s:\n"
+                       f"{self.log_tail()}")
+
+    def log_tail(self, chars: int = 3000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:] if self.log_path else ""
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.log_path is not None:
+            self.log_path.unlink(missing_ok=True)
+
+
+def request(port: int, method: str, path: str, body: dict | None = None, timeout: float = 300.0,
+            conn: http.client.HTTPConnection | None = None) -> tuple[int, dict]:
+    own = conn is None
+    conn = conn or http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        data = None if body is None else json.dumps(body).encode()
+        conn.request(method, path, body=data, headers={"Content-Type": "application/json"} if data else {})
+        resp = conn.getresponse()
+        payload = resp.read()
+        return resp.status, (json.loads(payload) if payload[:1] in (b"{", b"[") else {})
+    finally:
+        if own:
+            conn.close()
+
+
+def chat_body(max_tokens: int) -> dict:
+    return {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": max_tokens, "temperature": 0}
+
+
+def run_level(port: int, clients: int, n_requests: int, body: dict, timeout: float = 300.0) -> dict:
+    """`clients` threads send `n_requests` requests in total (each takes the next one while any are left)."""
+    lock = threading.Lock()
+    left = [n_requests]
+    latencies: list[float] = []
+    tokens: list[int] = []
+    finish: dict[str, int] = {}
+    errors: list[str] = []
+    retries = [0]
+
+    def client():
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+        try:
+            while True:
+                with lock:
+                    if left[0] == 0:
+                        return
+                    left[0] -= 1
+                start, pause = time.perf_counter(), 0.05
+                while True:
+                    try:
+                        status, reply = request(port, "POST", "/v1/chat/completions", body, timeout, conn)
+                    except (OSError, http.client.HTTPException) as e:  # a dropped connection: count it, reconnect
+                        conn.close()
+                        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+                        status, reply = -1, {"error": repr(e)}
+                    if status != 429:
+                        break
+                    with lock:
+                        retries[0] += 1
+                    time.sleep(pause)  # the queue is full: back off, then try again
+                    pause = min(pause * 2, 1.0)
+                elapsed = time.perf_counter() - start
+                with lock:
+                    if status == 200:
+                        latencies.append(elapsed)
+                        tokens.append(reply["usage"]["completion_tokens"])
+                        reason = reply["choices"][0]["finish_reason"]
+                        finish[reason] = finish.get(reason, 0) + 1
+                    else:
+                        errors.append(f"{status}: {str(reply)[:200]}")
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    lat = np.array(latencies) if latencies else np.array([float("nan")])
+    return {
+        "clients": clients, "requests": n_requests, "ok": len(latencies), "errors": len(errors),
+        "retried_429": retries[0], "wall_s": round(wall, 3),
+        "requests_per_s": round(len(latencies) / wall, 3),
+        "latency_p50_s": round(float(np.percentile(lat, 50)), 4),
+        "latency_p99_s": round(float(np.percentile(lat, 99)), 4),
+        "latency_mean_s": round(float(lat.mean()), 4),
+        "completion_tokens_mean": round(float(np.mean(tokens)), 2) if tokens else 0.0,
+        "completion_tokens_per_s": round(sum(tokens) / wall, 1),
+        "finish_reasons": finish,
+        "first_errors": errors[:3],
+    }
+
+
+def run_server(target: str, clients=(1, 8, 32), requests_per_level: int = 64, max_tokens: int = 32,
+               warmup_requests: int = 2, log=lambda *a: None) -> dict:
+    body = chat_body(max_tokens)
+    levels = []
+    with ServerProcess(target) as server:
+        log(f"nmm serve {target} on 127.0.0.1:{server.port}")
+        for _ in range(warmup_requests):  # first requests pay one-off costs (allocations, lazy imports)
+            status, reply = request(server.port, "POST", "/v1/chat/completions", body)
+            if status != 200:
+                raise NmmError(f"server bench: warm-up request failed with {status}: {reply}")
+        for c in clients:
+            level = run_level(server.port, c, requests_per_level, body)
+            if level["ok"] == 0:
+                raise NmmError(f"server bench: no request succeeded at {c} clients: {level['first_errors']}")
+            levels.append(level)
+            log(f"{c} clients: {level['requests_per_s']:.2f} req/s, p50 {level['latency_p50_s']:.3f} s, "
+                f"p99 {level['latency_p99_s']:.3f} s, {level['errors']} errors, {level['retried_429']} retried 429s")
+    base = levels[0]["requests_per_s"]
+    top = levels[-1]
+    scaling = round(top["requests_per_s"] / base, 3) if base > 0 else 0.0
+    return {
+        "benchmark": "server",
+        "what": (f"nmm serve {target}: chat completions (max_tokens {max_tokens}, temperature 0), "
+                 f"{requests_per_level} requests per level; requests/s = answered / wall time"),
+        "config": {"target": target, "clients": list(clients), "requests_per_level": requests_per_level,
+                   "max_tokens": max_tokens, "prompt": PROMPT, "warmup_requests": warmup_requests},
+        "levels": levels,
+        "scaling": scaling,
+        "goal": goal(f"requests/s at {top['clients']} clients / at {levels[0]['clients']}", scaling, GOAL_SCALING_32),
+    }

@@ -1,0 +1,122 @@
+"""The playground in a real browser: headless Chromium (Debian's chromium + chromium-driver, driven by
+Selenium) opens `/`, sends a question and a "draw" request as a person would, and must show the
+streamed answer text and a generated <img>. A screenshot is saved as an artifact.
+
+The server runs random weights (shapes-tiny), so the text is gibberish; the test pins the seed in the
+settings panel and checks the page shows exactly what the API answers for the same request.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi")
+uvicorn = pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+webdriver = pytest.importorskip("selenium.webdriver")
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.common.keys import Keys  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+from nmm.serve import create_app, load_pipeline  # noqa: E402
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+DRIVER = shutil.which("chromedriver")
+pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="needs Debian's chromium and chromium-driver "
+                                "(apt-get install chromium chromium-driver; .ci/run installs them)")
+
+# No internet here: without these, Chromium's background services (updates, sync, QUIC probes) hang.
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--disable-dev-shm-usage", "--window-size=1100,800"]
+
+
+@pytest.fixture(scope="module")
+def server_url():
+    pipe, name = load_pipeline("shapes-tiny")  # random weights
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(create_app(pipe, name), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert server.started
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server.should_exit = True
+    thread.join(timeout=10)
+    sock.close()
+
+
+@pytest.fixture()
+def browser(tmp_path):
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in FLAGS + [f"--user-data-dir={tmp_path / 'profile'}"]:  # a fresh profile every time
+        options.add_argument(flag)
+    # The driver path is given, so Selenium Manager (which would try to download one) never runs.
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=DRIVER))
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()
+
+
+def artifact_dir(tmp_path: Path) -> Path:
+    out = Path(os.environ.get("NMM_ARTIFACTS") or tmp_path)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def send(driver, text: str) -> None:
+    box = driver.find_element(By.ID, "prompt")
+    box.clear()
+    box.send_keys(text, Keys.ENTER)
+
+
+def finished_answers(driver) -> list:
+    return driver.find_elements(By.CSS_SELECTOR, "#log .msg.assistant:not(.pending)")
+
+
+def test_playground_chat_and_picture(server_url, browser, tmp_path):
+    wait = WebDriverWait(browser, 60)
+    browser.get(server_url + "/")
+    wait.until(lambda d: "shapes-tiny-random" in d.find_element(By.ID, "model").text)
+    seed = browser.find_element(By.ID, "seed")
+    seed.send_keys("7")
+
+    question = "what colour is the circle?"
+    send(browser, question)
+    wait.until(lambda d: len(finished_answers(d)) == 1)
+    reply = finished_answers(browser)[0]
+    assert "error" not in reply.get_attribute("class"), reply.text
+    # What the page shows is what the API answers for the same request (the panel's defaults, seed 7).
+    api = httpx.post(server_url + "/v1/chat/completions", timeout=60, json={
+        "messages": [{"role": "user", "content": question}], "temperature": 0.3, "top_p": 1, "max_tokens": 48,
+        "cfg_scale": 2, "seed": 7}).json()
+    expected = api["choices"][0]["message"]["content"] or "(empty answer)"
+    shown = reply.find_element(By.TAG_NAME, "p").get_attribute("textContent")  # raw text, not layout text
+    assert shown == expected and shown.strip()
+
+    send(browser, "draw a small red circle at the top left")
+    wait.until(lambda d: len(finished_answers(d)) == 2)
+    picture = finished_answers(browser)[1]
+    images = picture.find_elements(By.TAG_NAME, "img")
+    assert len(images) == 1
+    assert images[0].get_attribute("src").startswith("data:image/png;base64,")
+    assert browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", images[0]) == 32
+    user_bubbles = browser.find_elements(By.CSS_SELECTOR, "#log .msg.user")
+    assert [b.text for b in user_bubbles] == [question, "draw a small red circle at the top left"]
+
+    shot = artifact_dir(tmp_path) / "playground.png"
+    shot.write_bytes(base64.b64decode(browser.get_screenshot_as_base64()))
+    assert shot.stat().st_size > 1000
+    print(f"playground screenshot: {shot}")
