@@ -43,7 +43,8 @@ class GenerationResult:
 class Engine:
     """Generation over one model. `dtype` casts the model's weights in place (the model is shared, e.g. with
     a Pipeline, so everything using it then runs in that dtype); `compile` wraps the decode step in
-    `torch.compile` (dynamic shapes, so a growing cache and changing batch sizes do not recompile)."""
+    `torch.compile` with dynamic shapes: a growing cache and changing batch sizes reuse one graph (batch size
+    1 gets its own: torch.compile specialises size-1 dimensions)."""
 
     def __init__(self, model: NativeMultimodalModel, device: torch.device | str = "cpu",
                  dtype: torch.dtype | str | None = None, compile: bool = False):

@@ -42,6 +42,8 @@ import torch
 from nmm.infer.engine import NEG_INF, Engine
 from nmm.infer.sampling import SamplingConfig, sample_rows
 
+TEXT, TEXT_NO_IMAGES, IMAGE, EOI = range(4)  # what a sequence may emit next (rows of Scheduler._blocked)
+
 
 @dataclass
 class Request:
@@ -147,7 +149,7 @@ class _RowCache:
 
 
 class _Seq:
-    """A running request: its handle and rows, and host-side copies of what the loop needs without a sync."""
+    """A queued or running request: its handle, its rows, and host-side counters (read without a device sync)."""
 
     def __init__(self, handle: Handle):
         self.handle, self.request = handle, handle.request
@@ -234,8 +236,8 @@ class Scheduler:
 
     def submit_many(self, requests: list[Request], on_update: Callable[[], None] | None = None) -> list[Handle]:
         """Queue requests together (all or none): ValueError if one can never run, QueueFull if more than
-        `max_queue` requests would then wait for rows. `on_update` is called (on the scheduler's thread)
-        after a step that gave any of them tokens, and when each ends."""
+        `max_queue` requests would then wait for rows. `on_update` is called on the scheduler's thread
+        after each step that gave one of them a token, and when each ends: keep it short (it delays the batch)."""
         for r in requests:
             self.check(r)
         handles = [Handle(r, on_update, self._wake) for r in requests]
@@ -402,10 +404,14 @@ class Scheduler:
         self._row_tensors = [self.hidden, self.length, self.next_token, self.in_image, self.remaining,
                              self.generated, self.temperature, self.top_k, self.top_p, self.penalty,
                              self.allow_boi, self.uniforms, self.seen]
-        self._eoi_only = torch.zeros(v.size, dtype=torch.bool, device=dev)
-        self._eoi_only[v.eoi] = True
-        self._boi_only = torch.zeros(v.size, dtype=torch.bool, device=dev)
-        self._boi_only[v.boi] = True
+        # Ids each modality state may NOT emit, one row per state (TEXT, TEXT_NO_IMAGES, IMAGE, EOI): a step
+        # gathers one row per sequence instead of composing masks.
+        text = self.engine.text_allowed
+        no_images = text.clone()
+        no_images[v.boi] = False
+        eoi_only = torch.zeros_like(text)
+        eoi_only[v.eoi] = True
+        self._blocked = ~torch.stack([text, no_images, self.engine.image_allowed, eoi_only])
         self._batch_changed = True
         self._state_ready = True
 
@@ -477,11 +483,10 @@ class Scheduler:
             cond, uncond = logits[c], logits[u]
             mixed = uncond + self._cfg_scale.unsqueeze(1) * (cond - uncond)
             logits[c] = torch.where(in_image[c].unsqueeze(1), mixed, cond)
-        text = self.engine.text_allowed.unsqueeze(0) & ~(self._boi_only.unsqueeze(0) & ~self.allow_boi[:n, None])
-        allowed = torch.where(in_image.unsqueeze(1), self.engine.image_allowed.unsqueeze(0), text)
-        eoi_now = in_image & (self.remaining[:n] == 0)
-        allowed = torch.where(eoi_now.unsqueeze(1), self._eoi_only.unsqueeze(0), allowed)
-        logits = logits.masked_fill(~allowed, NEG_INF)
+        eoi_now = in_image & (self.remaining[:n] == 0)  # after N codes only <eoi> may follow
+        state = torch.where(in_image, torch.where(eoi_now, EOI, IMAGE), torch.where(self.allow_boi[:n], TEXT,
+                                                                                     TEXT_NO_IMAGES))
+        logits.masked_fill_(self._blocked[state], NEG_INF)
         if self._any_penalty:  # on text ids generated so far, not inside images (as Engine)
             p = self.penalty[:n, None]
             penalized = torch.where(logits > 0, logits / p, logits * p)

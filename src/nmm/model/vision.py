@@ -70,13 +70,14 @@ class VisionEncoderConfig:
 
 
 class _SepBlock(nn.Module):
-    """Residual depthwise-separable block: x + Linear(GELU(LN(depthwise3x3(x)))).
+    """Residual depthwise-separable block: x + Linear(SiLU(LN(depthwise3x3(x)))).
 
     The depthwise 3x3 conv gathers every channel from the neighbouring positions (widening the view
     by one position on each side); LayerNorm and the Linear act per position and mix channels. At
     width 96 this is ~8x fewer multiply-adds than a full 3x3 conv (2.4x faster end to end on CPU),
     and it reaches the same cell accuracy in pretraining. LayerNorm rather than BatchNorm, so a frozen
-    encoder computes the same thing in the surrounding model's train and eval modes."""
+    encoder computes the same thing in the surrounding model's train and eval modes; SiLU rather
+    than GELU, whose backward costs twice as much on CPU."""
 
     def __init__(self, width: int):
         super().__init__()
@@ -84,9 +85,11 @@ class _SepBlock(nn.Module):
         self.norm = nn.LayerNorm(width)
         self.mix = nn.Linear(width, width)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, width, g, g) -> same
-        y = self.spatial(x).permute(0, 2, 3, 1)  # (N, g, g, width)
-        return x + self.mix(F.gelu(self.norm(y))).permute(0, 3, 1, 2)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, g, g, width) -> same
+        # The conv reads the channels-last tensor as a channels_last NCHW view (no copy, and faster
+        # for depthwise convs on CPU than contiguous NCHW).
+        y = self.spatial(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # (N, g, g, width)
+        return x + self.mix(F.silu(self.norm(y)))
 
 
 class VisionEncoder(nn.Module):
@@ -104,7 +107,7 @@ class VisionEncoder(nn.Module):
         self.stem = nn.Conv2d(latent_dim, cfg.width, 3, padding=1)
         # Shapes sit on a fixed 3x3 grid of cells, so where a feature is matters (which cell, which
         # edge of it); zero padding alone says little about position away from the border.
-        self.pos = nn.Parameter(torch.zeros(1, cfg.width, grid, grid))
+        self.pos = nn.Parameter(torch.zeros(grid, grid, cfg.width))
         self.blocks = nn.Sequential(*[_SepBlock(cfg.width) for _ in range(cfg.layers)])
         self.norm = nn.LayerNorm(cfg.width)
         self.set_trainable(cfg.trainable)
@@ -114,9 +117,9 @@ class VisionEncoder(nn.Module):
         if P != self.grid * self.grid or D != self.latent_dim:
             raise ValueError(f"expected latents of shape (N, {self.grid * self.grid}, {self.latent_dim}), "
                              f"got {tuple(latents.shape)}")
-        x = latents.transpose(1, 2).reshape(N, D, self.grid, self.grid)  # (N, D, g, g)
-        x = self.blocks(self.stem(x) + self.pos)  # (N, width, g, g)
-        return self.norm(x.flatten(2).transpose(1, 2))  # (N, g*g, width)
+        x = latents.reshape(N, self.grid, self.grid, D).permute(0, 3, 1, 2)  # (N, D, g, g) view
+        x = self.stem(x).permute(0, 2, 3, 1) + self.pos  # (N, g, g, width), channels last from here
+        return self.norm(self.blocks(x)).reshape(N, P, self.width)  # (N, g*g, width)
 
     def set_trainable(self, trainable: bool) -> VisionEncoder:
         """Frozen (False) or trained along with the language model (True). Only requires_grad
@@ -247,6 +250,9 @@ def pretrain_vision_encoder(encoder: VisionEncoder, latents_table: torch.Tensor,
     if n_train < 1:
         raise ValueError(f"need at least 2 images to pretrain the vision encoder, got {len(codes)}")
 
+    # As in train_image_tokenizer: denormal floats in small late-training updates slow CPU
+    # training 2-3x here (process-wide setting; flushing them to zero changes nothing we can see).
+    torch.set_flush_denormal(True)
     start = time.perf_counter()
     device = next(encoder.parameters()).device
     latents = latents_table.to(device)[codes.to(device)]  # (N, P, latent_dim): the pool is small

@@ -267,7 +267,8 @@ def create_app(pipe: Pipeline, model_name: str, api_key: str | None = None, limi
                     await updates.wait()
         finally:
             for h in handles:
-                h.cancel()  # a no-op for finished ones; frees the rows of a request whose client left
+                if not h.done:
+                    h.cancel()  # the client left (or a sibling choice failed): free the rows at once
             # Text counts its <eos>; an image's tokens are its codes and <eoi>.
             metrics.add_tokens("image" if picture else "text",
                                sum(len(h.tokens) + (h.finished and not picture) for h in handles))
