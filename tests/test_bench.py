@@ -141,3 +141,11 @@ def test_server_process_reports_a_failed_start():
 
     with pytest.raises(NmmError, match="exited with code"), ServerProcess("no-such-preset", startup_timeout=120):
         pass
+
+
+@pytest.mark.parametrize("cmd", ["decode", "image", "server", "all"])
+def test_bench_help_says_what_is_measured(cmd):
+    text = bench_cli(cmd, "--help")
+    assert "--run" in text and "--out" in text and "--quick" in text
+    if cmd != "all":
+        assert "Goal" in text

@@ -198,7 +198,7 @@ def inspect(
 @app.command()
 def sweep(
     out: Annotated[Path, typer.Option(help="Sweep directory: one run per point, sweep.csv/.md/.json and plots.")] = Path("runs/sweep"),
-    grid: Annotated[str, typer.Option(help="Named grid: default (about an hour on 2 CPU cores) or quick (minutes).")] = "default",
+    grid: Annotated[str, typer.Option(help="Named grid: default (about an hour on 2 CPU cores), small (every variant, tiny models, ~20 min) or quick (minutes).")] = "default",
     quick: Annotated[bool, typer.Option("--quick", help="Same as --grid quick.")] = False,
     variants: Annotated[Optional[str], typer.Option(help="Comma-separated subset of the grid's variants, e.g. early-discrete,moe.")] = None,
     sizes: Annotated[Optional[str], typer.Option(help="Comma-separated model sizes: xs, s, m.")] = None,

@@ -16,15 +16,15 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
 from nmm.config import RunConfig, load_config
-from nmm.model.moe import count_active_params
 from nmm.modalities.vocab import Vocabulary
+from nmm.model.moe import count_active_params
 
 CAPTION_TOKENS = 12  # a typical shapes caption
 
 
 def build_model(cfg: RunConfig):
-    from nmm.model.model import NativeMultimodalModel
     from nmm.modalities.image import ImageTokenizer
+    from nmm.model.model import NativeMultimodalModel
 
     image_tok = ImageTokenizer(cfg.image)
     vocab = Vocabulary(cfg.text.vocab_size, image_tok.codebook_size, tuple(image_tok.code_factors),
@@ -65,7 +65,7 @@ def reference_batch(vocab: Vocabulary, seq_len: int, generate: bool, seed: int =
         doc_ids += [doc] * len(toks)
         doc += 1
     pad = seq_len - len(ids)
-    as_t = lambda xs, fill, dt=torch.long: torch.tensor([xs + [fill] * pad], dtype=dt)  # noqa: E731
+    as_t = lambda xs, fill, dt=torch.long: torch.tensor([xs + [fill] * pad], dtype=dt)
     return (as_t(ids, vocab.pad), as_t(targets, -100), as_t(positions, 0), as_t(doc_ids, -1),
             as_t(generated, False, torch.bool)), len(ids)
 

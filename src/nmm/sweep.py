@@ -64,6 +64,10 @@ GRIDS = {
     # About an hour on 2 CPU cores: 8 variants x 2 sizes at ~2.5 min of training each, plus eval.
     "default": Grid("shapes-demo", list(VARIANTS), ["s", "m"], 8e12, 200,
                     ["model.encoder.pretrain_steps=300", "train.warmup_steps=50"]),
+    # Every variant at the smallest size on the quick preset's data and tokenizer: ~20 min on 2 cores.
+    "small": Grid("shapes-quick", list(VARIANTS), ["xs"], 2e10, 64,
+                  ["train.warmup_steps=10", "model.encoder.pretrain_steps=150", "model.encoder.width=48",
+                   "model.encoder.layers=2", "model.flow.sample_steps=12", "model.max_seq_len=192"]),
     # Minutes, for tests and a first look: tiny models, a few steps.
     "quick": Grid("shapes-tiny", ["early-discrete", "early-continuous", "late", "moe"], ["xs"], 2e9, 8,
                   ["train.warmup_steps=2", "model.encoder.pretrain_steps=20", "model.encoder.width=32",
@@ -269,8 +273,9 @@ def write_tables(out: Path, results: dict) -> None:
         for r in rows:
             w.writerow([r.get(c, {}).get("value") if isinstance(r.get(c), dict) else r.get(c) for c in COLUMNS])
     (out / "sweep.csv.tmp").replace(out / "sweep.csv")
-    lines = [f"Budget: {results['budget_flops']:.2g} training FLOPs per run (grid `{results['grid']}`, base "
-             f"`{results['base']}`). Intervals: bootstrap 95%.", "",
+    header = (f"Budget: {results['budget_flops']:.2g} training FLOPs per run (grid `{results['grid']}`, base "
+              f"`{results['base']}`). Intervals: bootstrap 95%.")
+    lines = [header, "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_cell(r.get(c)) for c in COLUMNS) + " |" for r in rows]
     gaps = []
@@ -286,8 +291,9 @@ def write_tables(out: Path, results: dict) -> None:
                 gaps.append(f"| {moe} − dense | {size} | heldout_text_loss | "
                             f"{other['heldout_text_loss'] - dense['heldout_text_loss']:+.3f} |")
     if gaps:
-        lines += ["", "Sparse vs dense at equal active parameters and equal compute (approximate 95% interval "
-                  "of the difference):", "", "| comparison | size | metric | gap |", "|---|---|---|---|", *gaps]
+        intro = ("Sparse vs dense at equal active parameters and equal compute (approximate 95% interval "
+                 "of the difference):")
+        lines += ["", intro, "", "| comparison | size | metric | gap |", "|---|---|---|---|", *gaps]
     atomic_write_text(out / "sweep.md", "\n".join(lines) + "\n")
 
 

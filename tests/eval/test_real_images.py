@@ -59,6 +59,7 @@ def random_pipe(tiny_pipe):
 def tiny_cfg(n: int):
     cfg = load_config("shapes-tiny")
     cfg.eval.n_samples = n
+    cfg.eval.batch_size = 50  # the preset's 8 makes generation a dozen small batches
     return cfg
 
 
@@ -151,6 +152,7 @@ def test_digits_judge_reads_real_images_and_a_random_model_scores_near_chance(ra
     assert oracle["generation_accuracy"].value == oracle["judge_accuracy_real"].value
     assert oracle["caption_accuracy"].value == oracle["caption_exact"].value == 1.0
     assert oracle["generation_accuracy"].n == 100
+    assert oracle["generation_diversity"].value == 1.0  # the real images are as varied as themselves
     # An untrained transformer: captions name no class, pictures are noise to the judge.
     assert random["caption_accuracy"].value <= 0.2, random["caption_accuracy"]
     assert random["generation_accuracy"].value <= 0.3, random["generation_accuracy"]
@@ -176,6 +178,10 @@ def test_mismatched_outputs_score_low(tiny_pipe, cache_dir):
     metrics = task.score(ctx, "heldout", items, shifted).metrics
     assert metrics["caption_accuracy"].value == 0.0
     assert metrics["generation_accuracy"].value <= 0.15
+    # One picture repeated for every prompt of a class: no variety at all.
+    same = np.stack([right.images[np.flatnonzero([it.label == t.label for it in items])[0]] for t in items])
+    collapsed = task.score(ctx, "heldout", items, type(right)(right.captions, same)).metrics
+    assert collapsed["generation_accuracy"].value >= 0.5 and collapsed["generation_diversity"].value == 0.0
 
 
 # ---- the fine-tune --------------------------------------------------------------------------------
@@ -227,7 +233,7 @@ def test_task_finetunes_scores_with_intervals_and_reuses_the_cache(tiny_pipe, tm
     assert first.data["tasks"]["digits"]["status"] == "done", first.data["tasks"]["digits"]
     records = {r["metric"]: r for r in first.records}
     assert set(records) == {"caption_accuracy", "caption_exact", "caption_parse_rate", "generation_accuracy",
-                            "judge_accuracy_real", "judge_accuracy_roundtrip"}
+                            "judge_accuracy_real", "judge_accuracy_roundtrip", "generation_diversity"}
     for r in records.values():
         assert r["n"] == 20 and r["ci_low"] <= r["value"] <= r["ci_high"], r
     assert any("fine-tuning a copy" in line for line in logs)

@@ -23,6 +23,16 @@ SMALL = VisionEncoderConfig(width=32, layers=2)
 PALETTE = np.array([(0, 0, 0), *COLOURS.values()])
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: a second thread gains nothing, and when the machine's cores are busy
+    (conftest asks for 2 threads) the threads' hand-offs made pretraining 10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tokenizer(factorised: bool = True) -> ImageTokenizer:
     torch.manual_seed(0)
     return ImageTokenizer(ImageTokenizerConfig(factorised=factorised, channels=16)).eval()

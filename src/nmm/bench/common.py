@@ -51,10 +51,14 @@ def set_threads(threads: int) -> None:
 
 
 def env_info() -> dict:
-    import transformers
+    try:
+        import transformers
 
+        hf_version = transformers.__version__
+    except ImportError:  # the server benchmark does not need it
+        hf_version = None
     return {
-        "torch": torch.__version__, "transformers": transformers.__version__,
+        "torch": torch.__version__, "transformers": hf_version,
         "python": platform.python_version(), "machine": platform.machine(), "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nmm.bench.common import goal
+from nmm.bench.common import env_info, goal
 from nmm.errors import NmmError
 
 GOAL_SCALING_32 = 10.0
@@ -210,4 +210,5 @@ def run_server(target: str, clients=(1, 8, 32), requests_per_level: int = 64, ma
         "levels": levels,
         "scaling": scaling,
         "goal": goal(f"requests/s at {top['clients']} clients / at {levels[0]['clients']}", scaling, GOAL_SCALING_32),
+        "env": env_info(),  # of this process: the load generator shares the machine with the server
     }

@@ -72,7 +72,7 @@ class Handle:
     `GenerationResult`); `finished` is True when the request ended at `<eos>` (or at `<eoi>` with
     `stop_after_image`), False when `max_new_tokens` ran out or it was cancelled."""
 
-    def __init__(self, request: Request, on_update: Callable[[], None] | None, wake: Callable[[], None]):
+    def __init__(self, request: Request, on_update: Callable[[Handle], None] | None, wake: Callable[[], None]):
         self.request = request
         self.tokens: list[int] = []
         self.finished = False
@@ -103,7 +103,7 @@ class Handle:
     def _notify(self) -> None:
         if self._on_update is not None:
             try:
-                self._on_update()
+                self._on_update(self)
             except Exception:  # a consumer that went away (e.g. a closed event loop) must not stop the batch
                 pass
 
@@ -231,13 +231,14 @@ class Scheduler:
         if s.temperature < 0 or (s.top_k is not None and s.top_k < 1) or (s.top_p is not None and not 0 < s.top_p <= 1):
             raise ValueError(f"invalid sampling settings {s}")
 
-    def submit(self, request: Request, on_update: Callable[[], None] | None = None) -> Handle:
+    def submit(self, request: Request, on_update: Callable[[Handle], None] | None = None) -> Handle:
         return self.submit_many([request], on_update)[0]
 
-    def submit_many(self, requests: list[Request], on_update: Callable[[], None] | None = None) -> list[Handle]:
+    def submit_many(self, requests: list[Request],
+                    on_update: Callable[[Handle], None] | None = None) -> list[Handle]:
         """Queue requests together (all or none): ValueError if one can never run, QueueFull if more than
-        `max_queue` requests would then wait for rows. `on_update` is called on the scheduler's thread
-        after each step that gave one of them a token, and when each ends: keep it short (it delays the batch)."""
+        `max_queue` requests would then wait for rows. `on_update(handle)` is called on the scheduler's thread
+        after each step that gave that handle a token, and when it ends: keep it short (it delays the batch)."""
         for r in requests:
             self.check(r)
         handles = [Handle(r, on_update, self._wake) for r in requests]

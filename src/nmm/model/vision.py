@@ -23,13 +23,13 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nmm.config import VisionEncoderConfig
 from nmm.data.shapes import COLOURS, KINDS, SIZES
 from nmm.modalities.image import ImageTokenizer
 
@@ -59,14 +59,7 @@ def code_latents(tokenizer: ImageTokenizer) -> torch.Tensor:
 
 
 # ---- stage 2: latents -> per-position features --------------------------------------------------
-@dataclass
-class VisionEncoderConfig:
-    width: int = 96
-    layers: int = 3  # residual blocks; with the 3x3 stem each feature sees 2*layers+3 positions across
-    pretrain_steps: int = 400
-    pretrain_batch: int = 64
-    lr: float = 2e-3
-    trainable: bool = False  # frozen after pretraining by default, like LLaVA's vision tower
+# VisionEncoderConfig lives in nmm.config (it is part of ModelConfig); re-exported here.
 
 
 class _SepBlock(nn.Module):
@@ -250,9 +243,6 @@ def pretrain_vision_encoder(encoder: VisionEncoder, latents_table: torch.Tensor,
     if n_train < 1:
         raise ValueError(f"need at least 2 images to pretrain the vision encoder, got {len(codes)}")
 
-    # As in train_image_tokenizer: denormal floats in small late-training updates slow CPU
-    # training 2-3x here (process-wide setting; flushing them to zero changes nothing we can see).
-    torch.set_flush_denormal(True)
     start = time.perf_counter()
     device = next(encoder.parameters()).device
     latents = latents_table.to(device)[codes.to(device)]  # (N, P, latent_dim): the pool is small

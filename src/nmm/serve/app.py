@@ -48,14 +48,19 @@ NOT_JSON = ApiError(400, "the request body must be a JSON object (Content-Type: 
 
 # ---- scheduler bridge and metrics ---------------------------------------------------------------
 class _Updates:
-    """Wakes an asyncio task when the scheduler, on its own thread, reports progress on its requests."""
+    """Wakes an asyncio task when the scheduler, on its own thread, reports progress on its requests.
 
-    def __init__(self):
+    `every_token` False wakes it only when a request ends: a non-streamed answer needs no wake-up per
+    token, and at 32 concurrent clients those wake-ups would cost the event loop (and the GIL) dearly."""
+
+    def __init__(self, every_token: bool = True):
         self._loop = asyncio.get_running_loop()
         self._event = asyncio.Event()
+        self.every_token = every_token
 
-    def __call__(self) -> None:  # on the scheduler's thread
-        self._loop.call_soon_threadsafe(self._event.set)
+    def __call__(self, handle: Handle) -> None:  # on the scheduler's thread
+        if self.every_token or handle.done:
+            self._loop.call_soon_threadsafe(self._event.set)
 
     async def wait(self) -> None:
         await self._event.wait()
@@ -216,9 +221,9 @@ def create_app(pipe: Pipeline, model_name: str, api_key: str | None = None, limi
         if n > limits.max_n:
             raise ApiError(400, f"n is {n}; at most {limits.max_n}", param="n", code="invalid_value")
 
-    def submit(requests: list[Request]) -> tuple[list[Handle], _Updates]:
+    def submit(requests: list[Request], stream: bool) -> tuple[list[Handle], _Updates]:
         """Queue a request's choices in the scheduler (all or none); a full queue is a 429."""
-        updates = _Updates()
+        updates = _Updates(every_token=stream)
         try:
             return scheduler.submit_many(requests, updates), updates
         except QueueFull as e:
@@ -323,7 +328,7 @@ def create_app(pipe: Pipeline, model_name: str, api_key: str | None = None, limi
             raise ApiError(400, f"size must be '{image_size}x{image_size}' (the model's image size)", param="size",
                            code="invalid_value")
         requests, _ = picture_requests(req.prompt, req.n, req)
-        answers = await collect(*submit(requests), picture=True)
+        answers = await collect(*submit(requests, stream=False), picture=True)
         pngs = [content[0]["image_url"]["url"].split(",", 1)[1] for content, _ in answers]
         return {"created": int(time.time()), "data": [{"b64_json": p, "revised_prompt": req.prompt} for p in pngs],
                 "output_format": "png", "size": f"{image_size}x{image_size}"}
@@ -343,7 +348,7 @@ def create_app(pipe: Pipeline, model_name: str, api_key: str | None = None, limi
             ids = await run_in_threadpool(_prompt_ids, pipe, segments)
             requests = [Request(ids, max_new, _sampling(req, 0.0, i, repetition_penalty=_or(req.repetition_penalty, 1.0)),
                                 allow_images=False) for i in range(req.n)]
-        handles, updates = submit(requests)  # a 429 or 400 here is still a plain JSON answer, never a half-stream
+        handles, updates = submit(requests, req.stream)  # a 429 or 400 here is still a plain JSON answer, never a half-stream
 
         def usage() -> dict:
             completion = sum(len(h.tokens) + h.finished for h in handles) if caption is None else \

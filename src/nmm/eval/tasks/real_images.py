@@ -27,8 +27,9 @@ import numpy as np
 
 from nmm.eval.finetune import FinetuneConfig, load_or_finetune
 from nmm.eval.real_data import (IMAGE_SIZE, RealDataset, balanced_indices, digits_unavailable, fashion_dir,
-                                fashion_unavailable, load_digits_dataset, load_fashion_mnist)
+                                fashion_unavailable, lit_mask, load_digits_dataset, load_fashion_mnist)
 from nmm.eval.real_judge import JudgeConfig, judge_predict, load_or_train_judge
+from nmm.eval.stats import bootstrap
 from nmm.eval.task import EvalContext, SplitResult, Task, register
 
 
@@ -70,6 +71,26 @@ def confusion(truth: np.ndarray, predicted: list[int | None], labels: tuple[str,
     for t, p in zip(truth, predicted):
         matrix[int(t), len(labels) if p is None else int(p)] += 1
     return {"labels": list(labels), "predicted_labels": columns, "matrix": matrix.tolist()}
+
+
+def within_class_spread(images: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per image: the mean fraction of pixels whose lit mask differs from the other images of its
+    class (NaN when it is alone in its class). Low = the pictures of a class are all alike."""
+    masks = lit_mask(images).reshape(len(images), -1).astype(bool)
+    out = np.full(len(images), np.nan)
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        if len(idx) > 1:
+            x = masks[idx]
+            distance = (x[:, None, :] != x[None, :, :]).mean(-1)  # (k, k), zero diagonal
+            out[idx] = distance.sum(1) / (len(idx) - 1)
+    return out
+
+
+def _spread_ratio(generated: np.ndarray, real: np.ndarray) -> float:
+    if np.isnan(real).all():  # a bootstrap resample without two images of one class
+        return float("nan")
+    return float(np.nanmean(generated) / max(np.nanmean(real), 1e-12))
 
 
 class RealImageTask(Task):
@@ -207,6 +228,13 @@ class RealImageTask(Task):
                 # ... and on them after the run's tokenizer round trip: a perfect model's ceiling.
                 "judge_accuracy_roundtrip": m("judge_accuracy_roundtrip", on_roundtrip == truth),
             })
+            # A generator that draws one perfect picture per class would score the judge's best,
+            # so report how varied its pictures are next to the real ones: 1 = as varied, 0 = one
+            # picture per class. Needs two items of a class (n >= 20).
+            spread_gen, spread_real = within_class_spread(outputs.images, truth), within_class_spread(real, truth)
+            if not np.isnan(spread_real).all():
+                metrics["generation_diversity"] = bootstrap(_spread_ratio, [spread_gen, spread_real],
+                                                            ctx.seed(self.name, split, "diversity"), ctx.resamples)
             samples += [{"title": f"drew {data.classes[t]}; judge: {data.classes[d]}", "ok": bool(d == t),
                          "direction": "generation", "label": data.classes[t], "judged": data.classes[d]}
                         for t, d in zip(truth[:k], drawn[:k])]
@@ -233,6 +261,9 @@ class Digits(RealImageTask):
 class FashionMNIST(RealImageTask):
     name = "fashion_mnist"
     title = "Fashion-MNIST after a short fine-tune: image -> class caption, caption -> image (CNN judge)"
+    # 60k training images: more steps pay off (held-out 0.79 at 300, 0.85 at 1000, ~15 CPU s). No
+    # shifts: the garments are centred, in the data and in what a fine-tuned model draws.
+    judge_config = JudgeConfig(steps=1000, max_shift=0)
 
     def data_unavailable(self) -> str | None:
         return fashion_unavailable()
