@@ -274,3 +274,24 @@ def test_missing_scikit_learn_skips_digits_with_the_reason(tiny_pipe, tmp_path, 
                              progress=False, report=False)
     info = outcome.data["tasks"]["digits"]
     assert info["status"] == "skipped" and "scikit-learn" in info["reason"]
+
+
+def test_too_short_a_context_is_skipped_with_the_reason(random_pipe, tmp_path, monkeypatch):
+    monkeypatch.setattr(random_pipe.model.cfg, "max_seq_len", 40)
+    outcome = evaluate_tasks(random_pipe, tiny_cfg(4), tmp_path / "eval", tasks="digits", log=lambda *a: None,
+                             progress=False, report=False)
+    info = outcome.data["tasks"]["digits"]
+    assert info["status"] == "skipped" and "needs a context of" in info["reason"] and "40" in info["reason"]
+
+
+def test_a_model_that_cannot_draw_is_scored_on_captions_only(random_pipe, tmp_path, cache_dir, monkeypatch):
+    """Late and mid fusion read images but cannot write them: fine-tune and score the reading only."""
+    monkeypatch.setattr(random_pipe.model.images, "capabilities", ("M2T",))
+    options = {"digits": {"finetune": FinetuneConfig(steps=2, batch_size=4), "judge": QUICK_JUDGE,
+                          "finetune_images": 100}}
+    outcome = evaluate_tasks(random_pipe, tiny_cfg(20), tmp_path / "eval", tasks="digits", log=lambda *a: None,
+                             progress=False, report=False, cache_dir=tmp_path / "cache", options=options)
+    assert outcome.data["tasks"]["digits"]["status"] == "done", outcome.data["tasks"]["digits"]
+    assert {r["metric"] for r in outcome.records} == {"caption_accuracy", "caption_exact", "caption_parse_rate"}
+    meta = json.loads(next((tmp_path / "cache" / "finetune").glob("digits_*.json")).read_text())
+    assert meta["config"]["roles"] == {"captioning": 1.0}

@@ -34,6 +34,8 @@ FOREGROUND = np.array(COLOURS["yellow"], np.uint8)  # a palette colour: in the c
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 FASHION_CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
                    "ankle boot")
+DIGIT_CAPTIONS = tuple(f"a handwritten digit {w}" for w in DIGIT_WORDS)
+FASHION_CAPTIONS = tuple(f"a photo of {'an' if c[0] in 'aeiou' else 'a'} {c}" for c in FASHION_CLASSES)
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
 FASHION_ENV = "NMM_FASHION_MNIST_DIR"  # overrides FASHION_DIR
 FASHION_FILES = {"train_images": "train-images-idx3-ubyte.gz", "train_labels": "train-labels-idx1-ubyte.gz",
@@ -150,8 +152,7 @@ def load_fashion_mnist() -> RealDataset:
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels) or labels.max() >= 10:
             raise InputError(f"{root}: {part} images {images.shape} and labels {labels.shape} do not match "
                              f"Fashion-MNIST (28x28 images, one label 0-9 each)")
-    captions = tuple(f"a photo of {'an' if c[0] in 'aeiou' else 'a'} {c}" for c in FASHION_CLASSES)
-    return RealDataset("fashion_mnist", FASHION_CLASSES, captions,
+    return RealDataset("fashion_mnist", FASHION_CLASSES, FASHION_CAPTIONS,
                        fashion_to_rgb(arrays["train_images"]), arrays["train_labels"].astype(np.int64),
                        fashion_to_rgb(arrays["test_images"]), arrays["test_labels"].astype(np.int64))
 
@@ -170,8 +171,7 @@ def load_digits_dataset() -> RealDataset:
     for c in range(10):
         idx = rng.permutation(np.flatnonzero(labels == c))
         test[idx[: round(len(idx) * DIGITS_HELDOUT_FRACTION)]] = True
-    captions = tuple(f"a handwritten digit {w}" for w in DIGIT_WORDS)
-    return RealDataset("digits", DIGIT_WORDS, captions, digits_to_rgb(images[~test]), labels[~test],
+    return RealDataset("digits", DIGIT_WORDS, DIGIT_CAPTIONS, digits_to_rgb(images[~test]), labels[~test],
                        digits_to_rgb(images[test]), labels[test])
 
 
