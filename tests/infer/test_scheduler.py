@@ -147,7 +147,8 @@ def test_caps_queue_instead_of_dropping(model, scheduler):
     s = scheduler(max_batch=3)
     rows = on_step(s, lambda k: None)
     guided = SamplingConfig(temperature=0, cfg_scale=2.0)
-    reqs = [Request(p, 12, GREEDY) for p in prompts(7)] + [Request([VOCAB.bos, VOCAB.boi], 6, guided, [VOCAB.bos, VOCAB.boi])]
+    image = Request([VOCAB.bos, VOCAB.boi], 6, guided, [VOCAB.bos, VOCAB.boi])
+    reqs = [Request(p, 12, GREEDY) for p in prompts(7)] + [image]
     handles = s.generate(reqs, timeout=60)
     assert all(h.done and h.error is None for h in handles) and max(rows) <= 3
     # memory cap: rows = bytes // bytes per row

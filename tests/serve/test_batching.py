@@ -187,3 +187,33 @@ def test_bf16_server(served):
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
     r = client.post("/v1/images/generations", json={"prompt": "a red circle", "n": 2})
     assert r.status_code == 200 and len(r.json()["data"]) == 2
+
+
+def test_a_failing_step_fails_its_requests_not_the_server(served):
+    pipe = Pipeline(served[0].model, served[0].codecs)
+    inner, failures = pipe.engine.decode_step, []
+
+    def step(*args):
+        if failures:
+            failures.pop()
+            raise RuntimeError("simulated failure inside the model")
+        return inner(*args)
+
+    pipe.engine.decode_step = step
+    client = TestClient(create_app(pipe, served[1]), raise_server_exceptions=False)
+    body = {"messages": [{"role": "user", "content": "what colour is the circle?"}], "max_tokens": 8}
+    failures.append(1)
+    r = client.post(CHAT, json={**body, "stream": True})
+    assert r.status_code == 200  # the failure came after the stream began: it is reported in-band
+    data = [line[6:] for line in r.text.split("\n\n") if line.startswith("data: ")]
+    assert data[-1] == "[DONE]" and json.loads(data[-2])["error"]["type"] == "server_error"
+    failures.append(1)
+    r = client.post(CHAT, json=body)
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+    assert client.post(CHAT, json=body).status_code == 200  # the scheduler goes on serving
+    assert app_idle(client)
+
+
+def app_idle(client) -> bool:
+    scheduler = client.app.state.scheduler
+    return scheduler.running == 0 and scheduler.rows_in_use == 0 and scheduler.waiting == 0

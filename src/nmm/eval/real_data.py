@@ -30,6 +30,7 @@ from nmm.errors import InputError
 from nmm.modalities.image import LIT_THRESHOLD
 
 IMAGE_SIZE = 32
+FORMAT_VERSION = 1  # bump when the preprocessing changes: cached judges and fine-tunes then retrain
 FOREGROUND = np.array(COLOURS["yellow"], np.uint8)  # a palette colour: in the colour branch's domain
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 FASHION_CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from nmm.eval.real_data import RealDataset, lit_mask
+from nmm.eval.real_data import FORMAT_VERSION, RealDataset, lit_mask
 from nmm.utils import atomic_write_json, save_safetensors
 
 ARCH_VERSION = 1
@@ -109,7 +109,7 @@ def train_judge(data: RealDataset, cfg: JudgeConfig = JudgeConfig()) -> tuple[Ju
 def load_or_train_judge(data: RealDataset, cache_dir: Path, cfg: JudgeConfig = JudgeConfig(),
                         log=print) -> tuple[JudgeNet, dict]:
     """The cached judge for this data set and config, training (and caching) it on first use."""
-    spec = {"data": data.name, "arch": ARCH_VERSION, "train": len(data.train_labels),
+    spec = {"data": data.name, "format": FORMAT_VERSION, "arch": ARCH_VERSION, "train": len(data.train_labels),
             "test": len(data.test_labels), **asdict(cfg)}
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
     weights = Path(cache_dir) / f"{data.name}_judge_{key}.safetensors"

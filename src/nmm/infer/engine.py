@@ -65,6 +65,13 @@ class Engine:
         # Prefill stays eager: it runs once per request, with ever different shapes.
         self.decode_step = torch.compile(self._decode_step, dynamic=True) if compile else self._decode_step
 
+    @staticmethod
+    def static_dims(tensor: torch.Tensor, dims) -> None:
+        """Tell torch.compile these dims never change. Under dynamic=True every dim is symbolic, and two that
+        happen to be equal when first compiled (say a batch of 2 and 2 KV heads) get tied together, so a
+        later batch size would recompile."""
+        torch._dynamo.mark_static(tensor, list(dims))
+
     def _decode_step(self, ids, positions, mask, caches, start: int) -> torch.Tensor:
         """One token per row (B, 1) against the KV cache -> hidden states (B, 1, D)."""
         # Keywords: model.hidden() may gain optional arguments.
@@ -115,6 +122,10 @@ class Engine:
         causal = torch.ones(P, P, dtype=torch.bool, device=self.device).tril()
         mask = (causal & valid[:, None, :P]) | torch.eye(P, dtype=torch.bool, device=self.device)
         caches = model.backbone.make_caches(B, total, self.dtype, self.device)
+        if self.compiled:  # heads and head size never change; batch and length vary from call to call
+            for cache in caches:
+                self.static_dims(cache.k, (1, 3))
+                self.static_dims(cache.v, (1, 3))
         h = model.hidden(ids, positions=positions, mask=mask.unsqueeze(1), caches=caches, start=0)[:, -1]  # (B, D)
 
         # Modality state of each (conditional) row, from the last prompt token.

@@ -71,7 +71,8 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Te
         sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
         probs = sorted_logits.softmax(-1)
         drop = probs.cumsum(-1) - probs > top_p[rows].unsqueeze(1)  # the smallest prefix reaching top_p
-        picked[rows] = order.gather(1, _inverse_cdf(probs.masked_fill(drop, 0.0), uniform[rows]).unsqueeze(1)).squeeze(1)
+        index = _inverse_cdf(probs.masked_fill(drop, 0.0), uniform[rows])  # a position in sorted order
+        picked[rows] = order.gather(1, index.unsqueeze(1)).squeeze(1)
     return torch.where(sampled, picked, greedy)
 
 

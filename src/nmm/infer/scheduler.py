@@ -389,6 +389,10 @@ class Scheduler:
         cfg, v, R, dev = self.model.cfg, self.vocab, self.rows, self.device
         self._caches = [_RowCache(R, cfg.n_kv_heads, self.max_len, cfg.d_model // cfg.n_heads, self.engine.dtype, dev)
                         for _ in range(cfg.n_layers)]
+        if self.engine.compiled:  # the cache never changes shape: only the number of busy rows varies
+            for cache in self._caches:
+                self.engine.static_dims(cache.k, range(4))
+                self.engine.static_dims(cache.v, range(4))
         self.hidden = torch.zeros(R, cfg.d_model, dtype=self.engine.dtype, device=dev)  # last hidden state
         self.length = torch.zeros(R, dtype=torch.long, device=dev)  # filled columns = next RoPE position
         self.next_token = torch.zeros(R, dtype=torch.long, device=dev)
@@ -532,7 +536,7 @@ class Scheduler:
         self.steps += 1
         if ended:
             with self._lock:
-                for seq, finished in ended:
+                for seq, _ in ended:
                     self._release(seq)
             for seq, finished in ended:
                 seq.handle._finish(finished)

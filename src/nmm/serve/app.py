@@ -346,9 +346,10 @@ def create_app(pipe: Pipeline, model_name: str, api_key: str | None = None, limi
             prompt_tokens = 1 + sum(per_image + 2 if kind == "image" else len(x) for kind, x in segments)
             max_new = token_budget(req, prompt_tokens, context, limits)  # before encoding any image
             ids = await run_in_threadpool(_prompt_ids, pipe, segments)
-            requests = [Request(ids, max_new, _sampling(req, 0.0, i, repetition_penalty=_or(req.repetition_penalty, 1.0)),
-                                allow_images=False) for i in range(req.n)]
-        handles, updates = submit(requests, req.stream)  # a 429 or 400 here is still a plain JSON answer, never a half-stream
+            penalty = _or(req.repetition_penalty, 1.0)
+            requests = [Request(ids, max_new, _sampling(req, 0.0, i, repetition_penalty=penalty), allow_images=False)
+                        for i in range(req.n)]
+        handles, updates = submit(requests, req.stream)  # a 429 or 400 is still plain JSON, never a half-stream
 
         def usage() -> dict:
             completion = sum(len(h.tokens) + h.finished for h in handles) if caption is None else \
@@ -447,7 +448,8 @@ async def _sse(base: dict, n: int, progress: AsyncIterator[tuple], usage: Callab
             else:
                 yield event(i, {}, value)
         if usage is not None:
-            yield f"data: {json.dumps({**base, 'object': 'chat.completion.chunk', 'choices': [], 'usage': usage()})}\n\n"
+            last = {**base, "object": "chat.completion.chunk", "choices": [], "usage": usage()}
+            yield f"data: {json.dumps(last)}\n\n"
     except Exception:  # a failure after the 200 was sent: say so in-band (the openai client raises on it)
         error = ApiError(500, "internal server error while generating", type="server_error")
         yield f"data: {json.dumps(error.body())}\n\n"

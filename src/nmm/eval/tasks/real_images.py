@@ -26,9 +26,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from nmm.eval.finetune import FinetuneConfig, load_or_finetune
-from nmm.eval.real_data import (DIGIT_CAPTIONS, FASHION_CAPTIONS, IMAGE_SIZE, RealDataset, balanced_indices,
-                                digits_unavailable, fashion_unavailable, lit_mask, load_digits_dataset,
-                                load_fashion_mnist)
+from nmm.eval.real_data import (DIGIT_CAPTIONS, FASHION_CAPTIONS, FORMAT_VERSION, IMAGE_SIZE, RealDataset,
+                                balanced_indices, digits_unavailable, fashion_unavailable, lit_mask,
+                                load_digits_dataset, load_fashion_mnist)
 from nmm.eval.real_judge import JudgeConfig, judge_predict, load_or_train_judge
 from nmm.eval.stats import bootstrap
 from nmm.eval.task import EvalContext, SplitResult, Task, register
@@ -156,7 +156,7 @@ class RealImageTask(Task):
             # A fixed, class-balanced subset: the same images for every run, so fine-tunes compare.
             idx = balanced_indices(data.train_labels, n, seed=1)
             captions = [data.caption(label) for label in data.train_labels[idx]]
-            data_key = f"{data.name}/{len(data.train_labels)}/{n}"
+            data_key = f"{data.name}/format{FORMAT_VERSION}/{len(data.train_labels)}/{n}"
             pipe, info = load_or_finetune(ctx.pipe, ctx.cfg, self.name, data.train_images[idx], captions, ft,
                                           ctx.cache_dir, data_key=data_key, log=ctx.log)
             ctx.memo[key] = pipe
