@@ -59,14 +59,15 @@ def test_greedy_decode_is_token_identical_to_hf():
     """The decode benchmark's premise: the same weights decode to the same tokens (left padding too)."""
     from transformers import GenerationConfig
 
-    from nmm.bench.decode import FixedLengthEngine
     from nmm.bench.hf import allowed_ids_processor, left_pad
+    from nmm.infer.engine import Engine
     from nmm.infer.sampling import SamplingConfig
 
     model = tiny_model(qk_norm=True)
     hf = nmm_to_hf(model)
     prompts = [[VOCAB.bos, 3, 4, 5, 6], [VOCAB.bos, 7], [VOCAB.bos, 9, 9, 1]]
-    ours = FixedLengthEngine(model).generate(prompts, 10, SamplingConfig(temperature=0), allow_images=False).tokens
+    ours = Engine(model).generate(prompts, 10, SamplingConfig(temperature=0), allow_images=False,
+                                  ignore_eos=True).tokens
     allowed = torch.zeros(VOCAB.size, dtype=torch.bool)
     allowed[: VOCAB.n_text] = True
     ids, mask = left_pad(prompts, VOCAB.pad)

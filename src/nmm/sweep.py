@@ -181,6 +181,8 @@ def run_sweep(out: Path, grid_name: str = "default", variants: list[str] | None 
 
     shared = out / "_codecs"  # tokenizers trained once: every run reads identical codes
     base_cfg = point_config(grid, grid.variants[0], grid.sizes[0])
+    if base_cfg.train.threads:
+        torch.set_num_threads(base_cfg.train.threads)
     prepare_codecs(base_cfg, shared, log=log)
 
     results_path = out / "sweep.json"

@@ -20,8 +20,15 @@ from nmm.errors import InputError
 from nmm.eval import evaluate_tasks, get_task
 from nmm.eval.finetune import FinetuneConfig, finetune
 from nmm.eval.harness import make_context
-from nmm.eval.real_data import (FASHION_ENV, balanced_indices, digits_to_rgb, fashion_to_rgb, fashion_unavailable,
-                                lit_mask, read_idx)
+from nmm.eval.real_data import (
+    FASHION_ENV,
+    balanced_indices,
+    digits_to_rgb,
+    fashion_to_rgb,
+    fashion_unavailable,
+    lit_mask,
+    read_idx,
+)
 from nmm.eval.real_judge import JudgeConfig
 from nmm.eval.tasks.real_images import parse_class
 

@@ -148,3 +148,141 @@ def test_compiled_decode_step_matches_eager(model):
         assert scheduler.generate([Request(prompts[0], 12, greedy)])[0].tokens == eager[0]  # a batch of one
     finally:
         scheduler.close()
+
+
+# ---- heads only where needed, factor-by-factor image codes, fixed-length decoding ---------------------------
+WIDE = Vocabulary(n_text=40, image_codes=96, image_factors=(12, 8), tokens_per_image=6)
+
+
+def wide_model(seed: int) -> NativeMultimodalModel:
+    """Larger factors than VOCAB's, and logits of size ~1, so that the joint grid has close calls."""
+    torch.manual_seed(seed)
+    cfg = ModelConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=64, max_seq_len=64)
+    m = NativeMultimodalModel(cfg, WIDE).eval()
+    with torch.no_grad():
+        for p in m.image_head.proj:
+            p.weight.normal_(0.0, 0.3)
+    return m
+
+
+def joint_engine(model) -> Engine:
+    """An Engine that chooses image codes from the joint grid (its path for top-k / top-p)."""
+    engine = Engine(model)
+    engine.factors = None
+    return engine
+
+
+def test_factored_greedy_equals_the_joint_argmax():
+    """Greedy image codes chosen factor by factor are the joint grid's argmax: on 20,000 random hidden states
+    (with and without CFG), and through whole generations."""
+    model = wide_model(0)
+    engine = Engine(model)
+    assert engine.factors == (12, 8)
+    h = torch.randn(20000, 32) * 3
+    with torch.no_grad():
+        joint = model.images.logits(h).float()
+        assert torch.equal(engine.image_greedy(h, len(h), None), joint.argmax(-1) + WIDE.image_start)
+        n, scale = len(h) // 2, 2.5
+        mixed = joint[n:] + scale * (joint[:n] - joint[n:])
+        assert torch.equal(engine.image_greedy(h, n, torch.tensor(scale)), mixed.argmax(-1) + WIDE.image_start)
+    prompts = [[WIDE.bos, i, WIDE.boi] for i in range(8)]
+    uncond = [[WIDE.bos, WIDE.boi]] * 8
+    for sampling, kw in [(SamplingConfig(temperature=0), {}),
+                         (SamplingConfig(temperature=0, cfg_scale=3.0), {"uncond_prompts": uncond})]:
+        ours = engine.generate(prompts, WIDE.tokens_per_image + 1, sampling, stop_after_image=True, **kw)
+        theirs = joint_engine(model).generate(prompts, WIDE.tokens_per_image + 1, sampling, stop_after_image=True, **kw)
+        assert ours.tokens == theirs.tokens and all(_well_formed_wide(t) for t in ours.tokens)
+
+
+def _well_formed_wide(tokens):
+    return (len(tokens) == WIDE.tokens_per_image + 1 and tokens[-1] == WIDE.eoi
+            and all(t >= WIDE.image_start for t in tokens[:-1]))
+
+
+def test_factored_sampling_has_the_joint_distribution():
+    """With temperature (and CFG), sampling each factor from its own softmax draws codes from the joint softmax:
+    exactly (the product of the factor softmaxes is the joint softmax), and empirically (60,000 draws)."""
+    model = wide_model(1)
+    engine = Engine(model)
+    h = torch.randn(2, 32) * 3  # a conditional and an unconditional row
+    T, scale = 0.7, 2.0
+    with torch.no_grad():
+        joint = model.images.logits(h).float()
+        target = ((joint[1:] + scale * (joint[:1] - joint[1:])) / T).softmax(-1)[0]  # (96,)
+        parts = engine.factor_logits(h, 1, torch.tensor(scale))
+        product = torch.einsum("a,b->ab", *[(p[0] / T).softmax(-1) for p in parts]).flatten()
+        assert torch.allclose(product, target, atol=1e-6)
+        # The engine's sampler, on 60,000 copies of the pair (conditional rows first, then unconditional).
+        N = 60000
+        from nmm.infer.engine import IMAGE, _Call
+
+        call = _Call(n=N, B=2 * N, P=0, guided=True, sampling=SamplingConfig(temperature=T, cfg_scale=scale),
+                     greedy=False, factored=True, penalty=False, valid=None, next_pos=None, caches=None,
+                     bias_eos=None, bias_no_eos=None, min_new_tokens=0,
+                     gen=torch.Generator().manual_seed(0), history=None, scale=torch.tensor(scale))
+        ids = engine._pick(h.repeat_interleave(N, 0), IMAGE, call, 0, [IMAGE] * N)
+    freq = torch.bincount(ids - WIDE.image_start, minlength=96).float() / N
+    assert (freq - target).abs().sum() / 2 < 0.02  # total variation: sampling noise here is about 0.01
+    assert (freq[target < 1e-4] == 0).all() or freq[target < 1e-4].sum() < 1e-3
+
+
+def test_top_k_images_use_the_joint_grid_and_match_the_previous_engine():
+    """top-k / top-p need the joint ranking: the factored path is not taken, and seeded results do not move."""
+    model = wide_model(2)
+    s = SamplingConfig(temperature=1.0, top_k=7, top_p=0.9, cfg_scale=2.0, seed=5)
+    prompts, uncond = [[WIDE.bos, 3, WIDE.boi]] * 3, [[WIDE.bos, WIDE.boi]] * 3
+    a = Engine(model).generate(prompts, WIDE.tokens_per_image + 1, s, uncond_prompts=uncond, stop_after_image=True)
+    b = joint_engine(model).generate(prompts, WIDE.tokens_per_image + 1, s, uncond_prompts=uncond,
+                                     stop_after_image=True)
+    assert a.tokens == b.tokens and all(_well_formed_wide(t) for t in a.tokens)
+
+
+def test_min_new_tokens_and_ignore_eos():
+    torch.manual_seed(0)
+    cfg = ModelConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=64, max_seq_len=64)
+    m = NativeMultimodalModel(cfg, VOCAB).eval()
+    with torch.no_grad():  # <eos> is by far the likeliest token
+        m.text_head.proj.weight[VOCAB.eos] += 5 * m.text_head.proj.weight.std()
+    engine, greedy, prompts = Engine(m), SamplingConfig(temperature=0), [[VOCAB.bos, 3], [VOCAB.bos, 9, 9, 4]]
+    free = engine.generate(prompts, 12, greedy)
+    assert all(free.finished) and max(len(t) for t in free.tokens) < 7  # both end early at <eos>
+    at_least = engine.generate(prompts, 12, greedy, min_new_tokens=7)
+    for short, longer in zip(free.tokens, at_least.tokens):
+        assert len(longer) >= 7 and longer[: len(short)] == short  # the same tokens, then on instead of <eos>
+    fixed = engine.generate(prompts, 12, SamplingConfig(temperature=1.0, seed=0), ignore_eos=True)
+    assert [len(t) for t in fixed.tokens] == [12, 12] and not any(fixed.finished)
+    assert all(VOCAB.eos not in t for t in fixed.tokens)
+
+
+@pytest.mark.parametrize("variant", [{"fusion": "late", "image_repr": "continuous"}, {"image_repr": "continuous"}])
+def test_models_without_a_code_head_never_open_an_image(variant):
+    """Late fusion and continuous images cannot write codes: <boi> is never offered (even when the text head
+    favours it), and a prompt that ends in <boi> is refused."""
+    from nmm.config import VisionEncoderConfig
+    from nmm.infer.engine import CannotGenerateImages
+    from nmm.infer.scheduler import Request, Scheduler
+
+    vocab = Vocabulary(n_text=40, image_codes=12, image_factors=(4, 3), tokens_per_image=4,
+                       image_levels=((4,), (3,)))
+    torch.manual_seed(0)
+    cfg = ModelConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=64, max_seq_len=64,
+                      encoder=VisionEncoderConfig(width=16, layers=1), **variant)
+    m = NativeMultimodalModel(cfg, vocab).eval()
+    assert not m.images.emits_codes
+    with torch.no_grad():
+        m.text_head.proj.weight[vocab.boi] += 5 * m.text_head.proj.weight.std()
+    engine = Engine(m)
+    res = engine.generate([[vocab.bos, 2]] * 3, 20, SamplingConfig(temperature=1.5, seed=0))
+    assert all(t < vocab.n_text for row in res.tokens for t in row if t != vocab.eos)
+    assert all(len(row) > 0 for row in res.tokens)
+    with pytest.raises(CannotGenerateImages, match="cannot generate images"):
+        engine.generate([[vocab.bos, 2, vocab.boi]], 6)
+    scheduler = Scheduler(engine)
+    try:
+        handles = scheduler.generate([Request([vocab.bos, 2], 20, SamplingConfig(temperature=1.5, seed=i))
+                                      for i in range(3)])
+        assert all(t < vocab.n_text for h in handles for t in h.tokens)
+        with pytest.raises(ValueError, match="cannot generate images"):
+            scheduler.submit(Request([vocab.bos, vocab.boi], 6))
+    finally:
+        scheduler.close()

@@ -158,6 +158,44 @@ def test_images_generation(client, served):
         assert image.size == (32, 32) and image.mode == "RGB"
 
 
+@pytest.mark.parametrize("preset", ["shapes-tiny-late", "shapes-tiny-mid"])
+def test_models_that_cannot_draw_say_so(preset):
+    """Late and mid fusion read images and write text: a picture request is a 400 that says so, while chat
+    about an image (mid fusion: through the scheduler's per-row cross-attention memory) works."""
+    pipe, name = load_pipeline(preset)
+    assert "M2G" not in pipe.model.images.capabilities
+    c = TestClient(create_app(pipe, name))
+    error = error_of(c.post(IMAGES, json={"prompt": "a red circle"}), 400, "images_not_supported")
+    assert "cannot generate images" in error["message"]
+    error_of(c.post(CHAT, json={"messages": user("draw a red circle")}), 400, "images_not_supported")
+    error_of(c.post(CHAT, json={"messages": user("a red circle"), "modalities": ["image"], "stream": True}), 400,
+             "images_not_supported")
+    parts = [{"type": "image_url", "image_url": {"url": scene_url()}}, {"type": "text", "text": "what colour?"}]
+    r = c.post(CHAT, json={"messages": user(parts), "max_tokens": 4, "n": 2})
+    assert r.status_code == 200, r.text
+    assert all(isinstance(ch["message"]["content"], str) for ch in r.json()["choices"])
+
+
+def test_continuous_images_come_from_the_flow_sampler():
+    """A continuous-image model has no code head (the scheduler never offers it <boi>): its pictures come from
+    Pipeline's flow sampler, through the same routes and formats."""
+    pipe, name = load_pipeline("shapes-tiny-continuous")
+    assert not pipe.model.images.emits_codes and "M2G" in pipe.model.images.capabilities
+    c = TestClient(create_app(pipe, name))
+    r = c.post(IMAGES, json={"prompt": "a small red circle at the top left", "n": 2, "seed": 0})
+    assert r.status_code == 200, r.text
+    assert [decode_png(item["b64_json"]).size for item in r.json()["data"]] == [(32, 32)] * 2
+    body = c.post(CHAT, json={"messages": user("draw a red circle"), "seed": 1}).json()
+    content = body["choices"][0]["message"]["content"]
+    assert content[0]["type"] == "image_url" and body["usage"]["completion_tokens"] == 64 + 1
+    events = sse_events(c.post(CHAT, json={"messages": user("draw a red circle"), "stream": True}).text)
+    parts = [e["choices"][0]["delta"]["content"] for e in events
+             if e["choices"] and isinstance(e["choices"][0]["delta"].get("content"), list)]
+    assert len(parts) == 1 and parts[0][0]["image_url"]["url"].startswith("data:image/png;base64,")
+    text = c.post(CHAT, json={"messages": user("what colour is the circle?"), "max_tokens": 5}).json()
+    assert isinstance(text["choices"][0]["message"]["content"], str)
+
+
 def sse_events(text: str) -> list:
     lines = [line for line in text.split("\n\n") if line]
     assert all(line.startswith("data: ") for line in lines), text

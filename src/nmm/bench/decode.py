@@ -4,7 +4,8 @@ Both sides decode the same prompts (shapes-world captions and questions, left-pa
 for exactly `new_tokens` new tokens each, greedily, with only text ids allowed: nmm's
 `allow_images=False` state machine, and on the HF side a logits processor with the same mask.
 `<eos>` is disallowed on both sides so that every sequence runs the full length (a benchmark that
-stops early on one side would not compare equal work). Greedy decoding of the same function must
+stops early on one side would not compare equal work): `Engine.generate(..., ignore_eos=True)` and HF's
+`eos_token_id=None`, `min_new_tokens`. Greedy decoding of the same function must
 give the same tokens: `tokens_match` reports it, as a second check after the logits parity.
 
 tokens/s = batch x new_tokens / (wall time of one `generate` call, prefill included).
@@ -41,14 +42,6 @@ from nmm.infer.sampling import SamplingConfig
 GOAL_SPEEDUP_BATCH1 = 3.0
 
 
-class FixedLengthEngine(Engine):
-    """nmm's Engine with `<eos>` disallowed, so text decoding always runs `max_new_tokens` steps.
-    Only the allowed-token mask changes; every other step is the real engine's."""
-
-    def _allowed(self, in_image, remaining, allow_images, allow_eos):
-        return super()._allowed(in_image, remaining, allow_images, False)
-
-
 def parity_ids(vocab, prompts: list[list[int]], length: int = 48, seed: int = 0) -> torch.Tensor:
     """Ids for the logits check: the first prompt, then random ids over the whole vocabulary (text,
     specials and image codes, so both heads and both embeddings are compared)."""
@@ -75,7 +68,7 @@ def run_decode(pipe, batches=(1, 8), new_tokens: int = 64, repeats: int = 5, war
     parity = logits_parity(model, hf, parity_ids(v, prompts).to(device), atol)  # raises ParityError
     log(f"parity nmm -> {parity['hf_arch']}: max |logit diff| {parity['max_abs_diff']:.2e} (< {atol:g})")
 
-    engine = FixedLengthEngine(model, device, compile=True) if compile else FixedLengthEngine(model, device)
+    engine = Engine(model, device, compile=compile)
     warmup = max(warmup, 1) if compile else warmup  # never time the compilation
     rows = [_run_batch(engine, hf, [prompts[i % len(prompts)] for i in range(batch)], new_tokens, repeats, warmup, log)
             for batch in batches]
@@ -110,7 +103,7 @@ def _run_batch(engine, hf, chunk: list[list[int]], new_tokens: int, repeats: int
 
     @torch.no_grad()
     def nmm_run():
-        out["nmm"] = engine.generate(chunk, new_tokens, greedy, allow_images=False).tokens
+        out["nmm"] = engine.generate(chunk, new_tokens, greedy, allow_images=False, ignore_eos=True).tokens
 
     @torch.no_grad()
     def hf_run():

@@ -36,10 +36,12 @@ VERSION = 1  # bump when the procedure changes, so cached fine-tunes are not reu
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    steps: int = 120  # ~1.5 min for the demo model (d192x4) on 2 CPU cores
+    steps: int = 120  # ~120 CPU s of one core for the demo model (d192x4): about a minute on 2 idle cores
     batch_size: int = 16
     seq_len: int = 256  # packed sequence length, capped at the model's context
-    lr: float = 1e-3  # half the demo's peak: the model starts trained, only the task is new
+    # The demo's peak lr. On digits with the demo model, 120 steps at 2e-3 beat 1e-3 in both
+    # directions (captions 0.82 vs 0.77, drawings 0.88 vs 0.77 judged right).
+    lr: float = 2e-3
     warmup_steps: int = 10
     min_lr_ratio: float = 0.1
     # Both directions the tasks measure; caption dropout keeps an unconditional for guidance.
@@ -48,8 +50,7 @@ class FinetuneConfig:
     seed: int = 0
 
 
-def finetune(pipe, cfg, images: np.ndarray, captions: list[str], ft: FinetuneConfig = FinetuneConfig(),
-             log=print):
+def finetune(pipe, cfg, images: np.ndarray, captions: list[str], ft: FinetuneConfig = FinetuneConfig()):
     """Train a copy of `pipe.model` on (images, captions); returns (Pipeline, info).
 
     images: (N, H, W, 3) uint8 in the tokenizer's format; cfg: the run's RunConfig (its loss
@@ -132,7 +133,7 @@ def load_or_finetune(pipe, cfg, name: str, images: np.ndarray, captions: list[st
         except (OSError, ValueError, RuntimeError):
             log(f"  {name}: cached fine-tune {weights} is unreadable; training again")
     log(f"  {name}: fine-tuning a copy of the model for {ft.steps} steps (cached in {weights.parent})")
-    adapted, info = finetune(pipe, cfg, images, captions, ft, log)
+    adapted, info = finetune(pipe, cfg, images, captions, ft)
     save_safetensors(adapted.model.state_dict(), weights)
     atomic_write_json(meta_path, {**info, "key": key, "config": asdict(ft)})
     loss = (f", loss {info['initial_loss']:.3f} -> {info['final_loss']:.3f}" if info["final_loss"] is not None

@@ -16,7 +16,14 @@ time, with different lengths and settings; the `Scheduler` runs them all in one 
   gives the same answer whoever else is in the batch.
 - **State.** Each row keeps its own modality state as in `Engine` (text -> `<boi>` -> exactly
   `tokens_per_image` codes -> `<eoi>` -> text), its own position and its own stop conditions
-  (`<eos>`, `max_new_tokens`, or the end of an image with `stop_after_image`).
+  (`<eos>`, `max_new_tokens`, or the end of an image with `stop_after_image`). As in `Engine`, rows
+  only run the head they need: the text head for rows in text, the image head for rows inside an
+  image (factor by factor for greedy and temperature sampling, the joint grid for top-k / top-p),
+  none for a forced `<eoi>`. Models without a head over image codes are never offered `<boi>`, and a
+  prompt ending in `<boi>` is refused for them.
+- **Mid fusion.** Its text reads the prompt's images through cross-attention to features computed at
+  prefill. `model.hidden` keeps those on the caches object; the scheduler keeps each row's own and
+  hands the running rows' features (padded into one batch) to every decode step.
 - **Leaving.** A finished (or cancelled) request frees its rows at once; the last rows move into the
   hole, so the running rows are always 0..n-1 and a step computes exactly n rows.
 
@@ -38,11 +45,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
-from nmm.infer.engine import NEG_INF, Engine
+from nmm.infer.engine import NEG_INF, CannotGenerateImages, Engine
 from nmm.infer.sampling import SamplingConfig, sample_rows
-
-TEXT, TEXT_NO_IMAGES, IMAGE, EOI = range(4)  # what a sequence may emit next (rows of Scheduler._blocked)
+from nmm.model.transformer import LayerCaches
 
 
 @dataclass
@@ -159,6 +166,10 @@ class _Seq:
         if self.request.guided:
             self.length = max(self.length, len(self.request.uncond_prompt))
         self.generated = 0
+        self.in_image = False  # its modality state (host side: the step reads its tokens anyway)
+        self.remaining = 0  # image codes still to come
+        self.allow_boi = self.request.allow_images
+        self.memory: list | None = None  # mid fusion: (features, slot, valid) of its row and of its companion
 
 
 class Scheduler:
@@ -193,6 +204,10 @@ class Scheduler:
         self._stopped = False
         self._thread: threading.Thread | None = None
         self._state_ready = False
+        self._plan_dirty = self._memory_dirty = True
+        self._memory_fed = -1
+        # Mid fusion keeps each row's image features between steps (cross-attention memory), set at prefill.
+        self._mid = self.model.images.fusion == "mid"
         self.steps = 0  # decode steps run (for metrics)
 
     # ---- public ------------------------------------------------------------------------------
@@ -225,6 +240,9 @@ class Scheduler:
             if len(prompt) + request.max_new_tokens > self.max_len:
                 raise ValueError(f"{name} ({len(prompt)} tokens) + max_new_tokens ({request.max_new_tokens}) "
                                  f"exceeds the context of {self.max_len} tokens")
+        if not self.engine.emits_codes and request.prompt and request.prompt[-1] == v.boi:
+            raise CannotGenerateImages(f"this model ({self.model.cfg.variant}) cannot generate images token by token: "
+                                       "it has no head over image codes")
         if request.rows > self.rows:
             raise ValueError(f"the request needs {request.rows} rows (CFG); this scheduler has {self.rows}")
         s = request.sampling
@@ -325,7 +343,7 @@ class Scheduler:
                     for seq in self._seqs:
                         seq.handle._finish(error=e)
                     self._seqs, self._owner, self._used = [], [None] * self.rows, 0
-                    self._batch_changed = True
+                    self._changed()
         with self._lock:
             for seq in [*self._seqs, *self._queue]:
                 seq.handle._finish(error=RuntimeError("the scheduler was closed"))
@@ -362,7 +380,7 @@ class Scheduler:
     def _release(self, seq: _Seq) -> None:
         """Free a request's rows, moving the last rows into the holes so rows 0..used-1 stay in use."""
         self._seqs.remove(seq)
-        self._batch_changed = True
+        self._changed()
         for row in sorted((r for r in (seq.row, seq.companion) if r >= 0), reverse=True):
             last = self._used - 1
             if row != last:
@@ -381,14 +399,19 @@ class Scheduler:
             owner.row = dst
         else:
             owner.companion = dst
-        self._batch_changed = True
+        self._changed()
 
     # ---- state -------------------------------------------------------------------------------
+    def _changed(self) -> None:
+        """The batch changed (rows joined, left or moved): rebuild what depends on it before the next step."""
+        self._plan_dirty = self._memory_dirty = True
+
     def _init_state(self) -> None:
         """Allocate the cache and the per-row state (on the loop's first work)."""
         cfg, v, R, dev = self.model.cfg, self.vocab, self.rows, self.device
-        self._caches = [_RowCache(R, cfg.n_kv_heads, self.max_len, cfg.d_model // cfg.n_heads, self.engine.dtype, dev)
-                        for _ in range(cfg.n_layers)]
+        # LayerCaches: a list that can also hold mid fusion's image features, as model.hidden expects.
+        self._caches = LayerCaches(_RowCache(R, cfg.n_kv_heads, self.max_len, cfg.d_model // cfg.n_heads,
+                                             self.engine.dtype, dev) for _ in range(cfg.n_layers))
         if self.engine.compiled:  # the cache never changes shape: only the number of busy rows varies
             for cache in self._caches:
                 self.engine.static_dims(cache.k, range(4))
@@ -396,39 +419,85 @@ class Scheduler:
         self.hidden = torch.zeros(R, cfg.d_model, dtype=self.engine.dtype, device=dev)  # last hidden state
         self.length = torch.zeros(R, dtype=torch.long, device=dev)  # filled columns = next RoPE position
         self.next_token = torch.zeros(R, dtype=torch.long, device=dev)
-        self.in_image = torch.zeros(R, dtype=torch.bool, device=dev)
-        self.remaining = torch.zeros(R, dtype=torch.long, device=dev)  # image codes still to come
         self.generated = torch.zeros(R, dtype=torch.long, device=dev)
         self.temperature = torch.zeros(R, device=dev)
         self.top_k = torch.zeros(R, dtype=torch.long, device=dev)
         self.top_p = torch.ones(R, device=dev)
         self.penalty = torch.ones(R, device=dev)
-        self.allow_boi = torch.ones(R, dtype=torch.bool, device=dev)
         self.uniforms = torch.zeros(R, self.max_len, device=dev)  # each request's random numbers, drawn up front
         self.seen = torch.zeros(R, v.size, dtype=torch.bool, device=dev)  # text ids generated (repetition penalty)
-        self._row_tensors = [self.hidden, self.length, self.next_token, self.in_image, self.remaining,
-                             self.generated, self.temperature, self.top_k, self.top_p, self.penalty,
-                             self.allow_boi, self.uniforms, self.seen]
-        # Ids each modality state may NOT emit, one row per state (TEXT, TEXT_NO_IMAGES, IMAGE, EOI): a step
-        # gathers one row per sequence instead of composing masks.
-        text = self.engine.text_allowed
-        no_images = text.clone()
-        no_images[v.boi] = False
-        eoi_only = torch.zeros_like(text)
-        eoi_only[v.eoi] = True
-        self._blocked = ~torch.stack([text, no_images, self.engine.image_allowed, eoi_only])
-        self._batch_changed = True
+        self._row_tensors = [self.hidden, self.length, self.next_token, self.generated, self.temperature, self.top_k,
+                             self.top_p, self.penalty, self.uniforms, self.seen]
+        # Text-state masks (0 / -inf, text head's ids only), with and without <boi>: one row per sequence.
+        S = self.engine.text_size
+        self._text_bias = {allow: self.engine.bias_table(allow, True)[0, :S] for allow in (True, False)}
+        self._changed()
         self._state_ready = True
 
-    def _batch_setup(self) -> None:
-        """Host-side facts about the batch, rebuilt only when requests join, leave or move."""
-        guided = [s for s in self._seqs if s.companion >= 0]
-        self._cond_rows = torch.tensor([s.row for s in guided], dtype=torch.long, device=self.device)
-        self._uncond_rows = torch.tensor([s.companion for s in guided], dtype=torch.long, device=self.device)
-        self._cfg_scale = torch.tensor([s.request.sampling.cfg_scale for s in guided], device=self.device)
-        self._any_sampled = any(s.request.sampling.temperature > 0 for s in self._seqs)
-        self._any_penalty = any(s.request.sampling.repetition_penalty != 1.0 for s in self._seqs)
-        self._batch_changed = False
+    def _plan(self) -> None:
+        """Host-side facts about the batch, rebuilt only when requests join, leave or move, or a row enters or
+        leaves an image: which rows need the text head, which the image head (factor by factor, or the joint
+        grid for top-k / top-p), which are forced to <eoi>, and which are CFG companions."""
+        dev, engine = self.device, self.engine
+        text, factored, joint, eoi, companions = [], [], [], [], []
+        for seq in self._seqs:
+            s = seq.request.sampling
+            if seq.companion >= 0:
+                companions.append((seq.companion, seq.row))
+            if not seq.in_image:
+                text.append(seq)
+            elif seq.remaining == 0:
+                eoi.append(seq.row)
+            elif engine.factors is not None and s.top_k is None and (s.top_p is None or s.top_p >= 1.0):
+                factored.append(seq)
+            else:
+                joint.append(seq)
+        n = self._used
+        rows = lambda xs: torch.tensor(xs, dtype=torch.long, device=dev)  # noqa: E731
+        everyone = len(text) == n and all(seq.row == i for i, seq in enumerate(text))  # rows 0..n-1, in order
+        self._p_text = None
+        if text:
+            index = None if everyone else rows([seq.row for seq in text])
+            bias = torch.stack([self._text_bias[seq.allow_boi] for seq in text])  # (k, S)
+            self._p_text = (index, bias, any(q.request.sampling.temperature > 0 for q in text),
+                            any(q.request.sampling.repetition_penalty != 1.0 for q in text))
+        self._p_images = []
+        for group, is_factored in ((factored, True), (joint, False)):
+            if not group:
+                continue
+            cond = [seq.row for seq in group]
+            uncond = [seq.companion if seq.companion >= 0 else seq.row for seq in group]  # scale 1: cond itself
+            scale = torch.tensor([[seq.request.sampling.cfg_scale if seq.companion >= 0 else 1.0] for seq in group],
+                                 device=dev)
+            self._p_images.append((is_factored, rows(cond), rows(cond + uncond), scale,
+                                   any(q.request.sampling.temperature > 0 for q in group)))
+        self._p_eoi = rows(eoi) if eoi else None
+        self._p_companions = (rows([c for c, _ in companions]), rows([r for _, r in companions])) if companions \
+            else None
+        self._any_sampled = any(seq.request.sampling.temperature > 0 for seq in self._seqs)
+        self._any_penalty = any(seq.request.sampling.repetition_penalty != 1.0 for seq in self._seqs)
+        self._plan_dirty = False
+
+    def _set_memory(self, fed: int) -> None:
+        """Mid fusion: the image features each fed row reads through cross-attention, padded into one batch and
+        put where model.hidden looks for them between chunks without images (on the caches object)."""
+        items = []
+        for r in range(fed):
+            owner = self._owner[r]
+            items.append(None if owner is None else owner.memory[0 if owner.row == r else 1])
+        M = max([item[1].shape[0] for item in items if item is not None] + [0])
+        D, dev = self.model.cfg.d_model, self.device
+        memory = torch.zeros(fed, 1 + M, D, dtype=self.engine.dtype, device=dev)
+        slot = torch.zeros(fed, M, dtype=torch.long, device=dev)
+        valid = torch.zeros(fed, M, dtype=torch.bool, device=dev)
+        for r, item in enumerate(items):
+            if item is not None:
+                feats, s, ok = item
+                memory[r, : feats.shape[0]] = feats
+                slot[r, : s.shape[0]] = s
+                valid[r, : ok.shape[0]] = ok
+        self._caches.memory, self._caches.memory_slot, self._caches.memory_valid = memory, slot, valid
+        self._memory_fed, self._memory_dirty = fed, False
 
     # ---- prefill -----------------------------------------------------------------------------
     def _prefill(self, seqs: list[_Seq]) -> None:
@@ -452,15 +521,14 @@ class Scheduler:
         mask = (cols[None, :] <= cols[:, None])[None] & (cols[None, None, :] < lengths[:, None, None])
         for cache in self._caches:
             cache.rows, cache.write = slice(r0, r0 + k), None
+        self._caches.memory = None  # mid fusion: computed from these prompts' images (and kept per row below)
         h = self.model.hidden(ids, positions=positions, mask=mask.unsqueeze(1), caches=self._caches, start=0)
         rows = slice(r0, r0 + k)
         self.hidden[rows] = h[torch.arange(k, device=self.device), lengths - 1]
         self.length[rows] = lengths
         self.generated[rows] = 0
         self.seen[rows] = False
-        last = ids[torch.arange(k, device=self.device), lengths - 1]
-        self.in_image[rows] = last == v.boi
-        self.remaining[rows] = torch.where(last == v.boi, v.tokens_per_image, 0)
+        j = 0
         for seq in seqs:
             s = seq.request.sampling
             seq_rows = slice(seq.row, seq.row + seq.request.rows)
@@ -468,66 +536,111 @@ class Scheduler:
             self.top_k[seq_rows] = s.top_k or 0
             self.top_p[seq_rows] = 1.0 if s.top_p is None else s.top_p
             self.penalty[seq_rows] = s.repetition_penalty
-            self.allow_boi[seq_rows] = seq.request.allow_images
+            seq.in_image = seq.request.prompt[-1] == v.boi
+            seq.remaining = v.tokens_per_image if seq.in_image else 0
+            if self._caches.memory is not None:  # this request's rows' image features (mid fusion)
+                c = self._caches
+                seq.memory = [(c.memory[i], c.memory_slot[i], c.memory_valid[i]) for i in range(j, j + seq.request.rows)]
+            j += seq.request.rows
             if s.temperature > 0:  # the request's own random stream, independent of the batch
                 gen = torch.Generator()
                 gen.manual_seed(s.seed) if s.seed is not None else gen.seed()
                 self.uniforms[seq.row, : seq.request.max_new_tokens] = torch.rand(
                     seq.request.max_new_tokens, generator=gen).to(self.device)
-        self._batch_changed = True
+        self._changed()
 
     # ---- one decode step -----------------------------------------------------------------------
+    def _next_tokens(self, n: int) -> torch.Tensor:
+        """The next id of every running row (n,), from its last hidden state: each group of rows through the
+        head it needs (see `_plan`). The same ids (greedy) and distributions (sampling) as all logits, one
+        mask per state and `sample_rows`; sampled image codes factor by factor are drawn by inverse CDF with
+        the row's one uniform: the first factor by its marginal, the next ones by where the uniform fell
+        inside the chosen slice, which is the joint inverse CDF (codes are ordered factor by factor)."""
+        v, engine = self.vocab, self.engine
+        S, V = engine.text_size, v.size
+        u = self.uniforms[:n].gather(1, self.generated[:n, None]).squeeze(1) if self._any_sampled else None
+        nxt = None
+        if self._p_text is not None:
+            index, bias, sampled, penalized = self._p_text
+            sel = slice(0, n) if index is None else index
+            logits = self.model.text_head(self.hidden[sel]).float() + bias
+            if penalized:  # on text ids generated so far (CTRL), as Engine
+                p = self.penalty[sel].unsqueeze(1)
+                logits = torch.where(self.seen[sel, :S], torch.where(logits > 0, logits / p, logits * p), logits)
+            if sampled:  # over the whole vocabulary (codes at -inf), exactly what sample_rows saw with all logits
+                tok = sample_rows(F.pad(logits, (0, V - S), value=NEG_INF), self.temperature[sel], self.top_k[sel],
+                                  self.top_p[sel], u[sel])
+            else:
+                tok = logits.argmax(-1)
+            if index is None:
+                nxt = tok
+            else:
+                nxt = torch.empty(n, dtype=torch.long, device=self.device)
+                nxt[index] = tok
+        if nxt is None:
+            nxt = torch.empty(n, dtype=torch.long, device=self.device)
+        for is_factored, cond, both, scale, sampled in self._p_images:
+            k = len(cond)
+            h = self.hidden[both]
+            if is_factored:
+                parts = engine.factor_logits(h, k, scale)
+                if not sampled:
+                    tok = engine.combine_factors([x.argmax(-1) for x in parts])
+                else:
+                    temperature = self.temperature[cond]
+                    hot = temperature > 0
+                    r, picks = u[cond], []
+                    for x in parts:
+                        i, r = _inverse_cdf_residual((x / torch.where(hot, temperature, 1.0).unsqueeze(1)).softmax(-1), r)
+                        picks.append(torch.where(hot, i, x.argmax(-1)))
+                    tok = engine.combine_factors(picks)
+            else:
+                logits = self.model.images.logits(h).float()
+                logits = logits[k:] + scale * (logits[:k] - logits[k:])
+                tok = sample_rows(F.pad(logits, (V - logits.shape[1], 0), value=NEG_INF), self.temperature[cond],
+                                  self.top_k[cond], self.top_p[cond], u[cond] if sampled else torch.zeros(k, device=self.device))
+            nxt[cond] = tok
+        if self._p_eoi is not None:
+            nxt[self._p_eoi] = v.eoi  # after N codes only <eoi> may follow
+        if self._p_companions is not None:
+            companion, cond = self._p_companions
+            nxt[companion] = nxt[cond]  # the unconditional row is fed the request's token
+        return nxt
+
     def _step(self) -> None:
         v, n = self.vocab, self._used
-        if self._batch_changed:
-            self._batch_setup()
-        logits = self.model.logits(self.hidden[:n]).float()  # (n, V)
-        in_image = self.in_image[:n]
-        if len(self._cond_rows):  # CFG at image positions, as Engine: mix first, then mask
-            c, u = self._cond_rows, self._uncond_rows
-            cond, uncond = logits[c], logits[u]
-            mixed = uncond + self._cfg_scale.unsqueeze(1) * (cond - uncond)
-            logits[c] = torch.where(in_image[c].unsqueeze(1), mixed, cond)
-        eoi_now = in_image & (self.remaining[:n] == 0)  # after N codes only <eoi> may follow
-        state = torch.where(in_image, torch.where(eoi_now, EOI, IMAGE), torch.where(self.allow_boi[:n], TEXT,
-                                                                                     TEXT_NO_IMAGES))
-        logits.masked_fill_(self._blocked[state], NEG_INF)
-        if self._any_penalty:  # on text ids generated so far, not inside images (as Engine)
-            p = self.penalty[:n, None]
-            penalized = torch.where(logits > 0, logits / p, logits * p)
-            logits = torch.where(self.seen[:n] & ~in_image.unsqueeze(1), penalized, logits)
-        if self._any_sampled:
-            u = self.uniforms[:n].gather(1, self.generated[:n, None]).squeeze(1)
-            nxt = sample_rows(logits, self.temperature[:n], self.top_k[:n], self.top_p[:n], u)
-        else:
-            nxt = logits.argmax(-1)
-        if len(self._cond_rows):
-            nxt[self._uncond_rows] = nxt[self._cond_rows]  # the unconditional row is fed the request's token
-
-        # Advance every row's state machine (as Engine.generate).
-        closing = eoi_now  # this token is <eoi>
-        remaining = torch.where(in_image & ~closing, self.remaining[:n] - 1, self.remaining[:n])
-        opening = ~in_image & (nxt == v.boi)
-        self.in_image[:n] = (in_image & ~closing) | opening
-        self.remaining[:n] = torch.where(opening, v.tokens_per_image, remaining)
+        if self._plan_dirty:
+            self._plan()
+        nxt = self._next_tokens(n)
         if self._any_penalty:
             is_text = (nxt < v.n_text).unsqueeze(1)
             seen = self.seen[:n]
             seen.scatter_(1, nxt.unsqueeze(1), seen.gather(1, nxt.unsqueeze(1)) | is_text)
         self.generated[:n] += 1
         self.next_token[:n] = nxt
-        tokens, closed = torch.stack([nxt, closing.long()]).tolist()  # the one device -> host sync of a step
+        tokens = nxt.tolist()  # the one device -> host sync of a step
 
-        # Hand out the tokens; finished requests leave the batch.
+        # Advance each request's state machine (as Engine.generate), hand out the tokens; finished ones leave.
         ended = []
         for seq in self._seqs:
             tok, handle = tokens[seq.row], seq.handle
             seq.generated += 1
+            closed = False
+            if seq.in_image:
+                if seq.remaining == 0:  # this token is <eoi>
+                    seq.in_image, closed = False, True
+                    self._plan_dirty = True
+                else:
+                    seq.remaining -= 1
+                    self._plan_dirty |= seq.remaining == 0
+            elif tok == v.boi:
+                seq.in_image, seq.remaining = True, v.tokens_per_image
+                self._plan_dirty = True
             if tok == v.eos:
                 ended.append((seq, True))
                 continue
             handle.tokens.append(tok)
-            if closed[seq.row] and seq.request.stop_after_image:
+            if closed and seq.request.stop_after_image:
                 ended.append((seq, True))
             elif seq.generated >= seq.request.max_new_tokens:
                 ended.append((seq, False))
@@ -555,8 +668,23 @@ class Scheduler:
         mask = (cols.unsqueeze(0) <= length.unsqueeze(1)).view(fed, 1, 1, -1)
         for cache in self._caches:
             cache.write, cache.kv_len = length, kv_len
+        if self._mid and (self._memory_dirty or self._memory_fed != fed):
+            self._set_memory(fed)
         h = self.engine.decode_step(self.next_token[:fed, None], length.unsqueeze(1), mask, self._caches, 0)
         self.hidden[:n] = h[:n, -1]
         self.length[:n] += 1
         for seq in self._seqs:
             seq.length += 1
+
+
+def _inverse_cdf_residual(probs: torch.Tensor, uniform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(k, f) probabilities (unnormalised), (k,) uniforms in [0, 1) -> the first index whose cumulative mass
+    exceeds u * total (never a zero-probability one), and where u fell inside that index's slice, in [0, 1]:
+    the uniform for the next factor."""
+    cum = probs.cumsum(-1)
+    total = cum[:, -1]
+    x = torch.minimum(uniform.to(cum.dtype) * total, torch.nextafter(total, torch.zeros_like(total)))
+    index = torch.searchsorted(cum, x.unsqueeze(1), right=True).squeeze(1)
+    below = F.pad(cum, (1, 0)).gather(1, index.unsqueeze(1)).squeeze(1)
+    width = cum.gather(1, index.unsqueeze(1)).squeeze(1) - below
+    return index, ((x - below) / width).clamp(0.0, 1.0)

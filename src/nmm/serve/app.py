@@ -6,7 +6,11 @@ Routes: GET /v1/models, POST /v1/chat/completions (text and image in, text or an
 server-sent-event streaming), POST /v1/images/generations, GET /health, GET /metrics, GET / (playground).
 All generation goes through one continuous-batching `Scheduler` (nmm.infer.scheduler) on its own thread:
 concurrent requests share the running batch, tokens stream out as they are decoded, requests beyond
-the batch's rows wait in its queue, and a full queue answers 429. docs/server.md describes the formats.
+the batch's rows wait in its queue, and a full queue answers 429. Two exceptions by model: pictures
+from continuous-image models (no code head: `images.emits_codes` False) come from the pipeline's
+flow sampler, called off the event loop; models that cannot draw at all (late and mid fusion: no
+"M2G" in `images.capabilities`) answer a picture request with a 400 (`images_not_supported`).
+docs/server.md describes the formats.
 """
 
 from __future__ import annotations
@@ -183,6 +187,7 @@ def create_app(pipe: Pipeline, model_name: str, api_key: str | None = None, limi
     metrics, created = Metrics(), int(time.time())
     image_size = pipe.codecs.image.config.image_size
     context, per_image = pipe.model.cfg.max_seq_len, pipe.vocab.tokens_per_image
+    can_draw = "M2G" in pipe.model.images.capabilities  # late and mid fusion read images but cannot draw them
 
     app = FastAPI(title=f"nmm: {model_name}", docs_url=None, redoc_url=None)
     app.state.scheduler, app.state.metrics = scheduler, metrics
@@ -234,12 +239,33 @@ def create_app(pipe: Pipeline, model_name: str, api_key: str | None = None, limi
 
     def picture_requests(caption: str, n: int, req) -> tuple[list[Request], int]:
         """n requests for pictures of `caption` (CFG against an empty caption, as Pipeline.generate_images)."""
+        if not can_draw:
+            raise ApiError(400, f"this model cannot generate images (a {pipe.model.cfg.variant} model reads images "
+                           "and writes text)", code="images_not_supported")
         v, prompt = pipe.vocab, pipe.image_prompt(caption)
         if len(prompt) + per_image + 1 > context:
             raise ApiError(400, f"the prompt is {len(prompt)} tokens; with an image of {per_image + 1} tokens it "
                            f"exceeds the model's context of {context}", code="context_length_exceeded")
         return [Request(prompt, per_image + 1, _sampling(req, 0.3, i, cfg_scale=_or(req.cfg_scale, 2.0)),
                         uncond_prompt=[v.bos, v.boi], stop_after_image=True) for i in range(n)], len(prompt)
+
+    async def start_pictures(requests: list[Request], req, stream: bool) -> tuple[list[Handle], _Updates]:
+        """Pictures from the scheduler, code by code; or, for models whose images are not codes (continuous
+        latents: `images.emits_codes` False), from the pipeline's own sampler (a flow), all choices in one call
+        off the event loop, handed back as finished handles."""
+        if pipe.model.images.emits_codes:
+            return submit(requests, stream)
+        first = requests[0]
+        sampling = SamplingConfig(cfg_scale=first.sampling.cfg_scale, seed=req.seed)
+        codes = await run_in_threadpool(pipe._image_codes, [r.prompt for r in requests], sampling,
+                                        first.uncond_prompt)
+        handles = []
+        for r, row in zip(requests, codes):
+            handle = Handle(r, None, lambda: None)
+            handle.tokens = [*map(int, row), pipe.vocab.eoi]
+            handle._finish(True)
+            handles.append(handle)
+        return handles, _Updates(every_token=stream)
 
     async def progress(handles: list[Handle], updates: _Updates, picture: bool) -> AsyncIterator[tuple]:
         """What the choices produce, as it comes: (index, "text", piece), (index, "image", png base64) once
@@ -328,7 +354,7 @@ def create_app(pipe: Pipeline, model_name: str, api_key: str | None = None, limi
             raise ApiError(400, f"size must be '{image_size}x{image_size}' (the model's image size)", param="size",
                            code="invalid_value")
         requests, _ = picture_requests(req.prompt, req.n, req)
-        answers = await collect(*submit(requests, stream=False), picture=True)
+        answers = await collect(*await start_pictures(requests, req, stream=False), picture=True)
         pngs = [content[0]["image_url"]["url"].split(",", 1)[1] for content, _ in answers]
         return {"created": int(time.time()), "data": [{"b64_json": p, "revised_prompt": req.prompt} for p in pngs],
                 "output_format": "png", "size": f"{image_size}x{image_size}"}
@@ -342,6 +368,7 @@ def create_app(pipe: Pipeline, model_name: str, api_key: str | None = None, limi
         caption = picture_caption(last_user, req.modalities)
         if caption is not None:  # the answer is a picture
             requests, prompt_tokens = picture_requests(caption, req.n, req)
+            handles, updates = await start_pictures(requests, req, req.stream)
         else:
             prompt_tokens = 1 + sum(per_image + 2 if kind == "image" else len(x) for kind, x in segments)
             max_new = token_budget(req, prompt_tokens, context, limits)  # before encoding any image
@@ -349,7 +376,7 @@ def create_app(pipe: Pipeline, model_name: str, api_key: str | None = None, limi
             penalty = _or(req.repetition_penalty, 1.0)
             requests = [Request(ids, max_new, _sampling(req, 0.0, i, repetition_penalty=penalty), allow_images=False)
                         for i in range(req.n)]
-        handles, updates = submit(requests, req.stream)  # a 429 or 400 is still plain JSON, never a half-stream
+            handles, updates = submit(requests, req.stream)  # a 429 or 400 is still plain JSON, never a half-stream
 
         def usage() -> dict:
             completion = sum(len(h.tokens) + h.finished for h in handles) if caption is None else \

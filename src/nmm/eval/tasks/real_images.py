@@ -11,7 +11,8 @@ Each task measures both directions on the data set's held-out images:
 weights, data and settings) and trains or loads the judge. The judge's accuracy on the same real
 held-out images is reported beside the generation accuracy as its ceiling, and again after the
 run's own image tokenizer round trip (encode, decode): what a perfect model with this tokenizer
-could score. Preprocessing and what survives the tokenizer are described in `nmm.eval.real_data`.
+could score, and with how varied the pictures are (a prototype per class can score as well as
+real images). Preprocessing and what survives the tokenizer are described in `nmm.eval.real_data`.
 
 Knobs (tests, experiments): options={"digits": {"finetune": FinetuneConfig(...),
 "judge": JudgeConfig(...), "finetune_images": 2000}}.
@@ -26,15 +27,25 @@ from dataclasses import dataclass
 import numpy as np
 
 from nmm.eval.finetune import FinetuneConfig, load_or_finetune
-from nmm.eval.real_data import (DIGIT_CAPTIONS, FASHION_CAPTIONS, FORMAT_VERSION, IMAGE_SIZE, RealDataset,
-                                balanced_indices, digits_unavailable, fashion_unavailable, lit_mask,
-                                load_digits_dataset, load_fashion_mnist)
+from nmm.eval.real_data import (
+    DIGIT_CAPTIONS,
+    FASHION_CAPTIONS,
+    FORMAT_VERSION,
+    IMAGE_SIZE,
+    RealDataset,
+    balanced_indices,
+    digits_unavailable,
+    fashion_unavailable,
+    lit_mask,
+    load_digits_dataset,
+    load_fashion_mnist,
+)
 from nmm.eval.real_judge import JudgeConfig, judge_predict, load_or_train_judge
 from nmm.eval.stats import bootstrap
 from nmm.eval.task import EvalContext, SplitResult, Task, register
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Item:
     image: np.ndarray  # (32, 32, 3) uint8, a real held-out image in the tokenizer's format
     label: int
@@ -256,7 +267,7 @@ class RealImageTask(Task):
 @register
 class Digits(RealImageTask):
     name = "digits"
-    title = "scikit-learn digits after a short fine-tune: image -> class caption, caption -> image (CNN judge)"
+    title = "scikit-learn digits, after a short fine-tune: image -> class caption, caption -> image"
     captions = DIGIT_CAPTIONS
 
     def data_unavailable(self) -> str | None:
@@ -269,7 +280,7 @@ class Digits(RealImageTask):
 @register
 class FashionMNIST(RealImageTask):
     name = "fashion_mnist"
-    title = "Fashion-MNIST after a short fine-tune: image -> class caption, caption -> image (CNN judge)"
+    title = "Fashion-MNIST, after a short fine-tune: image -> class caption, caption -> image"
     # 60k training images: more steps pay off (held-out 0.79 at 300, 0.85 at 1000, ~15 CPU s). No
     # shifts: the garments are centred, in the data and in what a fine-tuned model draws.
     judge_config = JudgeConfig(steps=1000, max_shift=0)
