@@ -28,7 +28,8 @@ Run = Annotated[str, typer.Option("--run", help="A run directory, or a preset na
 Out = Annotated[Path | None, typer.Option(help="JSON file to write (default: bench-<benchmark>.json).")]
 Quick = Annotated[bool, typer.Option(help="A few seconds each: smaller batches, fewer tokens and repeats (for tests; "
                                           "the numbers mean little).")]
-Threads = Annotated[int, typer.Option(help="torch threads for nmm and HF alike (decode/image).")]
+Threads = Annotated[int, typer.Option(help="torch threads for nmm and HF alike (decode/image), and of the server "
+                                           "process (server; 0: torch's default).")]
 Repeats = Annotated[int | None, typer.Option(help="Timed rounds per batch size (default 5; --quick: 1).")]
 Compile = Annotated[bool, typer.Option("--compile", help="nmm's Engine with compile=True (torch.compile of the decode "
                                                          "step; compiled in the untimed warm-up). HF stays eager.")]
@@ -67,11 +68,11 @@ def _image(pipe, quick: bool, threads: int, repeats: int | None, compile: bool) 
     return run_image(pipe, threads=threads, compile=compile, log=console.print, **kw)
 
 
-def _server(run: str, quick: bool, requests: int, max_tokens: int) -> dict:
+def _server(run: str, quick: bool, requests: int, max_tokens: int, threads: int = 1) -> dict:
     from nmm.bench.server import run_server
 
     kw = dict(QUICK["server"]) if quick else {"requests_per_level": requests}
-    return run_server(run, max_tokens=max_tokens, log=console.print, **kw)
+    return run_server(run, max_tokens=max_tokens, threads=threads if threads > 0 else None, log=console.print, **kw)
 
 
 def _finish(results: dict, run: str, quick: bool, out: Path | None, default_name: str) -> None:
@@ -112,7 +113,7 @@ def image(run: Run = "shapes-demo", out: Out = None, quick: Quick = False, threa
 
 
 @bench_app.command("server")
-def server(run: Run = "shapes-demo", out: Out = None, quick: Quick = False,
+def server(run: Run = "shapes-demo", out: Out = None, quick: Quick = False, threads: Threads = 1,
            requests: Annotated[int, typer.Option(help="Requests per concurrency level.")] = 128,
            max_tokens: Annotated[int, typer.Option(help="max_tokens of each chat completion.")] = 32):
     """Requests/s and p50/p99 latency of `nmm serve` at 1, 8 and 32 concurrent clients.
@@ -120,8 +121,9 @@ def server(run: Run = "shapes-demo", out: Out = None, quick: Quick = False,
     Starts `nmm serve RUN` on 127.0.0.1 as a subprocess and drives it over HTTP: every client sends
     the same greedy chat completion (max_tokens 32) until REQUESTS have been answered at that level;
     a 429 (queue full) is retried after a pause and counted. Goal: requests/s at 32 clients >= 10x
-    one client. --quick: 1 and 2 clients, 4 requests."""
-    _finish({"server": _server(run, quick, requests, max_tokens)}, run, quick, out, "server")
+    one client. The server runs with THREADS torch threads (default 1, as decode and image).
+    --quick: 1 and 2 clients, 4 requests."""
+    _finish({"server": _server(run, quick, requests, max_tokens, threads)}, run, quick, out, "server")
 
 
 @bench_app.command("all")
@@ -131,5 +133,5 @@ def all_(run: Run = "shapes-demo", out: Out = None, quick: Quick = False, thread
     pipe = _load(run)
     results = {"decode": _decode(pipe, quick, threads, repeats, 64, compile),
                "image": _image(pipe, quick, threads, repeats, compile)}
-    results["server"] = _server(run, quick, 128, 32)
+    results["server"] = _server(run, quick, 128, 32, threads)
     _finish(results, run, quick, out, "all")

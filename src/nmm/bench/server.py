@@ -11,7 +11,8 @@ adds no dependency) that sends the same request again and again:
 A level sends a fixed number of requests in total, shared by its clients. Latency is from sending
 a request to reading the whole answer. A `429` (queue full) is retried by the same client after a
 short pause, as a real client would, and its wait counts in that request's latency; the JSON
-reports how many there were. requests/s = answered requests / wall time of the level.
+reports how many there were. requests/s = answered requests / wall time of the level. The server
+runs with one torch thread (`--threads`, as decode and image; `OMP_NUM_THREADS` of its process).
 """
 
 from __future__ import annotations
@@ -182,10 +183,14 @@ def run_level(port: int, clients: int, n_requests: int, body: dict, timeout: flo
 
 
 def run_server(target: str, clients=(1, 8, 32), requests_per_level: int = 64, max_tokens: int = 32,
-               warmup_requests: int = 2, log=lambda *a: None) -> dict:
+               warmup_requests: int = 2, threads: int | None = 1, log=lambda *a: None) -> dict:
+    """`threads`: torch threads of the server process (OMP_NUM_THREADS / MKL_NUM_THREADS), one by default like
+    the other benchmarks; None leaves torch's default (all cores, which on a small shared CPU also competes with
+    the load generator and the event loop)."""
     body = chat_body(max_tokens)
     levels = []
-    with ServerProcess(target) as server:
+    env = None if threads is None else {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    with ServerProcess(target, env=env) as server:
         log(f"nmm serve {target} on 127.0.0.1:{server.port}")
         for _ in range(warmup_requests):  # first requests pay one-off costs (allocations, lazy imports)
             status, reply = request(server.port, "POST", "/v1/chat/completions", body)
@@ -206,7 +211,8 @@ def run_server(target: str, clients=(1, 8, 32), requests_per_level: int = 64, ma
         "what": (f"nmm serve {target}: chat completions (max_tokens {max_tokens}, temperature 0), "
                  f"{requests_per_level} requests per level; requests/s = answered / wall time"),
         "config": {"target": target, "clients": list(clients), "requests_per_level": requests_per_level,
-                   "max_tokens": max_tokens, "prompt": PROMPT, "warmup_requests": warmup_requests},
+                   "max_tokens": max_tokens, "prompt": PROMPT, "warmup_requests": warmup_requests,
+                   "server_threads": threads},
         "levels": levels,
         "scaling": scaling,
         "goal": goal(f"requests/s at {top['clients']} clients / at {levels[0]['clients']}", scaling, GOAL_SCALING_32),

@@ -108,8 +108,10 @@ class _Call:
 class Engine:
     """Generation over one model. `dtype` casts the model's weights in place (the model is shared, e.g. with
     a Pipeline, so everything using it then runs in that dtype); `compile` wraps the decode step in
-    `torch.compile` with dynamic shapes: a growing cache and changing batch sizes reuse one graph (batch size
-    1 gets its own: torch.compile specialises size-1 dimensions)."""
+    `torch.compile` (dynamic shapes, inductor's C++ wrapper): a growing cache and changing batch sizes reuse
+    one graph (batch size 1 gets its own: torch.compile specialises size-1 dimensions). With greedy decoding
+    `generate` compiles the whole step instead (model, head, mask, argmax: `_fused_step`), one graph for text
+    and one for images; the Scheduler uses `decode_step`."""
 
     def __init__(self, model: NativeMultimodalModel, device: torch.device | str = "cpu",
                  dtype: torch.dtype | str | None = None, compile: bool = False):

@@ -362,8 +362,9 @@ def create_app(pipe: Pipeline, model_name: str, api_key: str | None = None, limi
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest):
         check_common(req.model, req.n)
-        segments, last_user = await run_in_threadpool(prompt_segments, req.messages, pipe.codecs.encode_text,
-                                                      limits, image_size)
+        light = _text_only_and_short(req.messages)  # tokenised in place: a thread hop would cost more than that
+        args = (req.messages, pipe.codecs.encode_text, limits, image_size)
+        segments, last_user = prompt_segments(*args) if light else await run_in_threadpool(prompt_segments, *args)
         base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
         caption = picture_caption(last_user, req.modalities)
         if caption is not None:  # the answer is a picture
@@ -372,7 +373,7 @@ def create_app(pipe: Pipeline, model_name: str, api_key: str | None = None, limi
         else:
             prompt_tokens = 1 + sum(per_image + 2 if kind == "image" else len(x) for kind, x in segments)
             max_new = token_budget(req, prompt_tokens, context, limits)  # before encoding any image
-            ids = await run_in_threadpool(_prompt_ids, pipe, segments)
+            ids = _prompt_ids(pipe, segments) if light else await run_in_threadpool(_prompt_ids, pipe, segments)
             penalty = _or(req.repetition_penalty, 1.0)
             requests = [Request(ids, max_new, _sampling(req, 0.0, i, repetition_penalty=penalty), allow_images=False)
                         for i in range(req.n)]
@@ -409,6 +410,19 @@ def _sampling(req, default_temperature: float, choice: int, **kw) -> SamplingCon
     # Each choice has its own random stream; with a seed, choice i uses seed + i (reproducible, yet different).
     seed = None if req.seed is None else req.seed + choice
     return SamplingConfig(temperature=t, top_k=req.top_k, top_p=req.top_p, seed=seed, **kw)
+
+
+def _text_only_and_short(messages, limit: int = 4000) -> bool:
+    """No images and little text: preparing the prompt takes microseconds, so it can run on the event loop."""
+    chars = 0
+    for m in messages:
+        if isinstance(m.content, list):
+            if any(p.type != "text" for p in m.content):
+                return False
+            chars += sum(len(p.text) for p in m.content)
+        elif m.content is not None:
+            chars += len(m.content)
+    return chars <= limit
 
 
 def _prompt_ids(pipe: Pipeline, segments: list) -> list[int]:
