@@ -453,7 +453,10 @@ class Scheduler:
             else:
                 joint.append(seq)
         n = self._used
-        rows = lambda xs: torch.tensor(xs, dtype=torch.long, device=dev)  # noqa: E731
+
+        def rows(xs: list[int]) -> torch.Tensor:
+            return torch.tensor(xs, dtype=torch.long, device=dev)
+
         everyone = len(text) == n and all(seq.row == i for i, seq in enumerate(text))  # rows 0..n-1, in order
         self._p_text = None
         if text:
