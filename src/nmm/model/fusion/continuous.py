@@ -102,7 +102,10 @@ class ContinuousImages(ImageInterface):
         noisy[:, P:] = True
 
         gen = torch.Generator(device=device)
-        gen.manual_seed(seed) if seed is not None else gen.seed()
+        if seed is not None:
+            gen.manual_seed(seed)
+        else:
+            gen.seed()
         x = torch.randn(n, N, self.latents.shape[1], generator=gen, device=device)
         shift = self.cfg.flow.time_shift
         grid = torch.linspace(0, 1, steps + 1, device=device)
