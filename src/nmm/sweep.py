@@ -18,6 +18,7 @@ plots (loss_vs_compute.png, accuracy.png, routing.png).
 from __future__ import annotations
 
 import csv
+import io
 import json
 import shutil
 import time
@@ -269,12 +270,12 @@ def gap(a: dict | None, b: dict | None) -> dict | None:
 
 def write_tables(out: Path, results: dict) -> None:
     rows = [results["points"][k] for k in sorted(results["points"], key=lambda k: (results["points"][k]["size"], k))]
-    with open(out / "sweep.csv.tmp", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(COLUMNS)
-        for r in rows:
-            w.writerow([r.get(c, {}).get("value") if isinstance(r.get(c), dict) else r.get(c) for c in COLUMNS])
-    (out / "sweep.csv.tmp").replace(out / "sweep.csv")
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(COLUMNS)
+    for r in rows:
+        w.writerow([r.get(c, {}).get("value") if isinstance(r.get(c), dict) else r.get(c) for c in COLUMNS])
+    atomic_write_text(out / "sweep.csv", buf.getvalue())
     header = (f"Budget: {results['budget_flops']:.2g} training FLOPs per run (grid `{results['grid']}`, base "
               f"`{results['base']}`). Intervals: bootstrap 95%.")
     lines = [header, "",

@@ -65,12 +65,13 @@ class NativeMultimodalModel(nn.Module):
         return torch.cat([text, image], dim=-1)
 
     def hidden(self, ids, positions=None, mask=None, caches: list[KVCache] | None = None, start: int = 0,
-               generated: torch.Tensor | None = None, image_inputs: dict | None = None):
+               generated: torch.Tensor | None = None, image_inputs: dict | None = None,
+               layout: ImageLayout | None = None):
         """Token ids (B, T) -> final hidden states (B, T, D). `mask` (B, 1, T, start+T) bool, None = causal."""
         B, T = ids.shape
         if positions is None:
             positions = torch.arange(start, start + T, device=ids.device).expand(B, -1)
-        layout = ImageLayout.of(ids, self.vocab)
+        layout = layout if layout is not None else ImageLayout.of(ids, self.vocab)
         x = self.embed(ids, layout, generated, image_inputs)
         images = self.images
         if (images.bidirectional or images.fusion == "mid") and mask is None:
@@ -111,7 +112,8 @@ class NativeMultimodalModel(nn.Module):
         if generated is None:
             generated = torch.zeros_like(layout.is_code)
         inputs = self.images.training_inputs(ids, layout, generated)
-        h = self.hidden(ids, positions, packed_causal_mask(doc_ids), generated=generated, image_inputs=inputs)
+        h = self.hidden(ids, positions, packed_causal_mask(doc_ids), generated=generated, image_inputs=inputs,
+                        layout=layout)
         valid = targets != -100
         n = valid.sum().clamp(min=1)
         # Text head: next tokens that are text or specials. Variants without a code head do not
