@@ -11,8 +11,12 @@ from PIL import Image
 
 
 def nmm(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "nmm.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout)
+    """Run the CLI as a user would, with every Python warning an error: a user sees nmm's output and
+    nmm's errors, never a library's warning from deep inside."""
+    proc = subprocess.run([sys.executable, "-W", "error", "-m", "nmm.cli", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout)
+    assert "Warning" not in proc.stderr, proc.stderr[-3000:]
+    return proc
 
 
 def assert_one_line_error(proc, *needles):

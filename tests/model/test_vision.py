@@ -88,7 +88,6 @@ def test_code_latents_reproduce_the_tokenizers_quantised_latents(factorised):
     torch.testing.assert_close(table[codes], values, atol=1e-6, rtol=0)
 
 
-@pytest.mark.skipif(not hasattr(Vocabulary, "code_latents"), reason="Vocabulary has no code_latents")
 def test_code_latents_agree_with_the_vocabulary():
     tok = tokenizer()
     c = tok.config

@@ -16,9 +16,9 @@ import time
 
 import pytest
 
-pytest.importorskip("fastapi")
-uvicorn = pytest.importorskip("uvicorn")
-httpx = pytest.importorskip("httpx")
+import fastapi  # noqa: E402,F401
+import uvicorn  # noqa: E402
+import httpx  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
 from nmm.api import Pipeline  # noqa: E402

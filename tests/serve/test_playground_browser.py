@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("fastapi")
-uvicorn = pytest.importorskip("uvicorn")
-httpx = pytest.importorskip("httpx")
-webdriver = pytest.importorskip("selenium.webdriver")
+import fastapi  # noqa: E402,F401
+import uvicorn  # noqa: E402
+import httpx  # noqa: E402
+import selenium.webdriver as webdriver  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-pytest.importorskip("fastapi")
+import fastapi  # noqa: E402,F401
 from fastapi.testclient import TestClient  # noqa: E402
 
 from nmm.data.shapes import ShapesWorld  # noqa: E402
@@ -392,7 +392,7 @@ def test_fuzz_never_5xx(served):
 # ---- the official client against a live server --------------------------------------------------
 @pytest.fixture(scope="module")
 def live_url(served):
-    uvicorn = pytest.importorskip("uvicorn")
+    import uvicorn  # noqa: E402
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(create_app(*served, api_key="sk-test"), log_level="warning"))
@@ -410,7 +410,7 @@ def live_url(served):
 
 
 def test_openai_client(live_url, served):
-    openai = pytest.importorskip("openai")
+    import openai  # noqa: E402
     client = openai.OpenAI(base_url=live_url, api_key="sk-test", max_retries=0, timeout=30)
     name = served[1]
     assert [m.id for m in client.models.list()] == [name]

@@ -267,7 +267,8 @@ class ImageTokenizer(nn.Module):
     @torch.inference_mode()
     def encode(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
         """uint8 images (B,H,W,3) -> LongTensor codes (B, N), row-major over the code grid."""
-        images = images if torch.is_tensor(images) else torch.from_numpy(np.asarray(images))
+        # np.require copies a read-only array (a decoded PNG), which torch would otherwise warn about.
+        images = images if torch.is_tensor(images) else torch.from_numpy(np.require(images, requirements="W"))
         self._check_images(images, "hwc")
         if images.dtype != torch.uint8:
             raise ValueError(f"expected uint8 images, got {images.dtype}")
