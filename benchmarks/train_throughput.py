@@ -41,11 +41,12 @@ import torch.nn.functional as F
 # The nmm -> HF conversion lives in the package (one copy, shared with `nmm bench`).
 from nmm.bench.hf import hf_llama_config, make_hf_llama, nmm_to_hf_llama  # noqa: F401  (re-exported)
 from nmm.config import ModelConfig
+from nmm.modalities.image import image_spec
 from nmm.modalities.vocab import Vocabulary
 from nmm.model.model import NativeMultimodalModel
 
 # The nmm demo model's vocabulary: 768 text ids + 5 specials + 3200 image codes (200 shapes x 16 colours).
-DEMO_VOCAB = Vocabulary(n_text=768, image_codes=3200, image_factors=(200, 16), tokens_per_image=64)
+DEMO_VOCAB = Vocabulary(768, (image_spec(3200, (200, 16), 64),))
 
 
 # ---- parity ---------------------------------------------------------------------------------------
@@ -99,7 +100,7 @@ def make_batch(vocab: Vocabulary, batch: int, seq: int, seed: int = 0):
         while len(row) < seq + 1:
             n_text = int(torch.randint(8, 41, (1,), generator=g))
             row += torch.randint(0, vocab.n_text, (n_text,), generator=g).tolist()
-            row += [vocab.boi, *(vocab.image_start + torch.randint(0, vocab.image_codes, (vocab.tokens_per_image,),
+            row += [vocab.boi, *(vocab.start("image") + torch.randint(0, vocab.image_codes, (vocab.tokens_per_image,),
                                                                    generator=g)).tolist(), vocab.eoi]
         rows.append(row[: seq + 1])
     full = torch.tensor(rows, dtype=torch.long)
@@ -184,8 +185,7 @@ def run(args) -> dict:
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     vocab = DEMO_VOCAB if args.vocab is None else Vocabulary(
-        n_text=args.vocab[0], image_codes=args.vocab[1] * args.vocab[2],
-        image_factors=(args.vocab[1], args.vocab[2]), tokens_per_image=args.vocab[3])
+        args.vocab[0], (image_spec(args.vocab[1] * args.vocab[2], (args.vocab[1], args.vocab[2]), args.vocab[3]),))
     cfg = model_config(args.d_model, args.layers, args.heads, args.kv_heads, args.ffn, args.seq)
 
     t0 = time.perf_counter()
@@ -193,7 +193,7 @@ def run(args) -> dict:
     parity_s = time.perf_counter() - t0
 
     batch = make_batch(vocab, args.batch, args.seq, seed=args.seed)
-    image_frac = float((batch[1] >= vocab.image_start).float().mean())
+    image_frac = float((batch[1] >= vocab.start("image")).float().mean())
     variants = build_variants(args, vocab)
     for _ in range(args.warmup):
         for v in variants:

@@ -11,14 +11,15 @@ import json
 import pytest
 import torch
 
-pytest.importorskip("transformers")
+import transformers  # noqa: E402,F401
 
 from nmm.bench.hf import ParityError, hf_arch, logits_parity, nmm_to_hf
 from nmm.config import ModelConfig
+from nmm.modalities.image import image_spec
 from nmm.modalities.vocab import Vocabulary
 from nmm.model.model import NativeMultimodalModel
 
-VOCAB = Vocabulary(n_text=50, image_codes=24, image_factors=(6, 4), tokens_per_image=4)
+VOCAB = Vocabulary(50, (image_spec(24, (6, 4), 4),))
 
 
 @pytest.fixture(autouse=True)

@@ -70,7 +70,7 @@ class Pipeline:
         if not images.emits_codes:
             codes = images.sample(self.model, prompts, cfg_scale=sampling.cfg_scale, seed=sampling.seed,
                                   uncond_prompt=uncond)
-            return codes.cpu().numpy() + self.vocab.image_start
+            return self.vocab.ids("image", codes.cpu().numpy())
         guided = uncond is not None and sampling.cfg_scale != 1.0
         res = self.engine.generate(prompts, n_img + 1, sampling, uncond_prompts=[uncond] * len(prompts) if guided else None,
                                    stop_after_image=True)

@@ -27,8 +27,7 @@ def build_model(cfg: RunConfig):
     from nmm.model.model import NativeMultimodalModel
 
     image_tok = ImageTokenizer(cfg.image)
-    vocab = Vocabulary(cfg.text.vocab_size, image_tok.codebook_size, tuple(image_tok.code_factors),
-                       image_tok.tokens_per_image, image_tok.code_levels)
+    vocab = Vocabulary(cfg.text.vocab_size, (image_tok.spec,))
     cfg.model.max_seq_len = max(cfg.model.max_seq_len, cfg.train.seq_len)
     return NativeMultimodalModel(cfg.model, vocab), image_tok
 
@@ -42,7 +41,7 @@ def reference_batch(vocab: Vocabulary, seq_len: int, generate: bool, seed: int =
         return torch.randint(0, vocab.n_text, (n,), generator=g).tolist()
 
     def image():
-        codes = (torch.randint(0, vocab.image_codes, (vocab.tokens_per_image,), generator=g) + vocab.image_start)
+        codes = vocab.ids("image", torch.randint(0, vocab.image_codes, (vocab.tokens_per_image,), generator=g))
         return [vocab.boi, *codes.tolist(), vocab.eoi]
 
     ids, targets, doc_ids, generated, positions = [], [], [], [], []
@@ -60,7 +59,7 @@ def reference_batch(vocab: Vocabulary, seq_len: int, generate: bool, seed: int =
             break
         ids += toks
         targets += [t if flag else -100 for t, flag in zip(toks[1:], tgt[1:])] + [-100]
-        generated += [gen_doc and t >= vocab.image_start for t in toks]
+        generated += [gen_doc and t >= vocab.text_size for t in toks]
         positions += list(range(len(toks)))
         doc_ids += [doc] * len(toks)
         doc += 1

@@ -7,9 +7,10 @@ from nmm.config import ModelConfig
 from nmm.infer.engine import Engine
 from nmm.infer.sampling import SamplingConfig, sample
 from nmm.model.model import NativeMultimodalModel
+from nmm.modalities.image import image_spec
 from nmm.modalities.vocab import Vocabulary
 
-VOCAB = Vocabulary(n_text=40, image_codes=12, image_factors=(4, 3), tokens_per_image=5)
+VOCAB = Vocabulary(40, (image_spec(12, (4, 3), 5),))
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,7 @@ def test_image_segment_has_exactly_n_codes_then_eoi(model):
                                  stop_after_image=True)
     for toks in res.tokens:
         assert len(toks) == VOCAB.tokens_per_image + 1
-        assert all(t >= VOCAB.image_start for t in toks[:-1])
+        assert all(t >= VOCAB.start("image") for t in toks[:-1])
         assert toks[-1] == VOCAB.eoi
 
 
@@ -58,12 +59,12 @@ def test_interleaved_output_is_well_formed(model):
             if toks[i] == VOCAB.boi:
                 opened += 1
                 block = toks[i + 1 : i + 1 + VOCAB.tokens_per_image]
-                assert all(t >= VOCAB.image_start for t in block)
+                assert all(t >= VOCAB.start("image") for t in block)
                 if i + 1 + VOCAB.tokens_per_image < len(toks):
                     assert toks[i + 1 + VOCAB.tokens_per_image] == VOCAB.eoi
                 i += VOCAB.tokens_per_image + 2
             else:
-                assert toks[i] < VOCAB.image_start and toks[i] != VOCAB.eoi
+                assert toks[i] < VOCAB.start("image") and toks[i] != VOCAB.eoi
                 i += 1
     assert opened > 0
 
@@ -105,7 +106,7 @@ def test_top_k_and_top_p_restrict_support():
 
 def _well_formed_image(tokens: list[int]) -> bool:
     return (len(tokens) == VOCAB.tokens_per_image + 1 and tokens[-1] == VOCAB.eoi
-            and all(t >= VOCAB.image_start for t in tokens[:-1]))
+            and all(t >= VOCAB.start("image") for t in tokens[:-1]))
 
 
 def test_bf16_weights_run(model):
@@ -151,7 +152,7 @@ def test_compiled_decode_step_matches_eager(model):
 
 
 # ---- heads only where needed, factor-by-factor image codes, fixed-length decoding ---------------------------
-WIDE = Vocabulary(n_text=40, image_codes=96, image_factors=(12, 8), tokens_per_image=6)
+WIDE = Vocabulary(40, (image_spec(96, (12, 8), 6),))
 
 
 def wide_model(seed: int) -> NativeMultimodalModel:
@@ -181,10 +182,10 @@ def test_factored_greedy_equals_the_joint_argmax():
     h = torch.randn(20000, 32) * 3
     with torch.no_grad():
         joint = model.images.logits(h).float()
-        assert torch.equal(engine.image_greedy(h, len(h), None), joint.argmax(-1) + WIDE.image_start)
+        assert torch.equal(engine.image_greedy(h, len(h), None), joint.argmax(-1) + WIDE.start("image"))
         n, scale = len(h) // 2, 2.5
         mixed = joint[n:] + scale * (joint[:n] - joint[n:])
-        assert torch.equal(engine.image_greedy(h, n, torch.tensor(scale)), mixed.argmax(-1) + WIDE.image_start)
+        assert torch.equal(engine.image_greedy(h, n, torch.tensor(scale)), mixed.argmax(-1) + WIDE.start("image"))
     prompts = [[WIDE.bos, i, WIDE.boi] for i in range(8)]
     uncond = [[WIDE.bos, WIDE.boi]] * 8
     for sampling, kw in [(SamplingConfig(temperature=0), {}),
@@ -196,7 +197,7 @@ def test_factored_greedy_equals_the_joint_argmax():
 
 def _well_formed_wide(tokens):
     return (len(tokens) == WIDE.tokens_per_image + 1 and tokens[-1] == WIDE.eoi
-            and all(t >= WIDE.image_start for t in tokens[:-1]))
+            and all(t >= WIDE.start("image") for t in tokens[:-1]))
 
 
 def test_factored_sampling_has_the_joint_distribution():
@@ -221,7 +222,7 @@ def test_factored_sampling_has_the_joint_distribution():
                      bias_eos=None, bias_no_eos=None, min_new_tokens=0,
                      gen=torch.Generator().manual_seed(0), history=None, scale=torch.tensor(scale))
         ids = engine._pick(h.repeat_interleave(N, 0), IMAGE, call, 0, [IMAGE] * N)
-    freq = torch.bincount(ids - WIDE.image_start, minlength=96).float() / N
+    freq = torch.bincount(ids - WIDE.start("image"), minlength=96).float() / N
     assert (freq - target).abs().sum() / 2 < 0.02  # total variation: sampling noise here is about 0.01
     assert (freq[target < 1e-4] == 0).all() or freq[target < 1e-4].sum() < 1e-3
 
@@ -262,8 +263,7 @@ def test_models_without_a_code_head_never_open_an_image(variant):
     from nmm.infer.engine import CannotGenerateImages
     from nmm.infer.scheduler import Request, Scheduler
 
-    vocab = Vocabulary(n_text=40, image_codes=12, image_factors=(4, 3), tokens_per_image=4,
-                       image_levels=((4,), (3,)))
+    vocab = Vocabulary(40, (image_spec(12, (4, 3), 4, ((4,), (3,))),))
     torch.manual_seed(0)
     cfg = ModelConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=64, max_seq_len=64,
                       encoder=VisionEncoderConfig(width=16, layers=1), **variant)

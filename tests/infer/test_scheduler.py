@@ -13,9 +13,10 @@ from nmm.infer.engine import Engine
 from nmm.infer.sampling import SamplingConfig, sample_rows
 from nmm.infer.scheduler import QueueFull, Request, Scheduler
 from nmm.model.model import NativeMultimodalModel
+from nmm.modalities.image import image_spec
 from nmm.modalities.vocab import Vocabulary
 
-VOCAB = Vocabulary(n_text=40, image_codes=12, image_factors=(4, 3), tokens_per_image=5)
+VOCAB = Vocabulary(40, (image_spec(12, (4, 3), 5),))
 GREEDY = SamplingConfig(temperature=0)
 
 
@@ -118,12 +119,12 @@ def test_interleaved_sampling_is_well_formed_per_row(model, scheduler):
             if toks[i] == VOCAB.boi:
                 opened += 1
                 block = toks[i + 1 : i + 1 + VOCAB.tokens_per_image]
-                assert all(t >= VOCAB.image_start for t in block)
+                assert all(t >= VOCAB.start("image") for t in block)
                 if i + 1 + VOCAB.tokens_per_image < len(toks):
                     assert toks[i + 1 + VOCAB.tokens_per_image] == VOCAB.eoi
                 i += VOCAB.tokens_per_image + 2
             else:
-                assert toks[i] < VOCAB.image_start and toks[i] not in (VOCAB.eoi, VOCAB.pad, VOCAB.bos)
+                assert toks[i] < VOCAB.start("image") and toks[i] not in (VOCAB.eoi, VOCAB.pad, VOCAB.bos)
                 i += 1
         assert len(toks) == 40 or h.finished
     assert opened > 0
@@ -218,7 +219,7 @@ def test_mid_fusion_rows_keep_their_images(scheduler):
     decodes what Engine.generate does alone, and the images do change the answer."""
     from nmm.config import VisionEncoderConfig
 
-    vocab = Vocabulary(n_text=40, image_codes=12, image_factors=(4, 3), tokens_per_image=4, image_levels=((4,), (3,)))
+    vocab = Vocabulary(40, (image_spec(12, (4, 3), 4, ((4,), (3,))),))
     torch.manual_seed(0)
     cfg = ModelConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=64, max_seq_len=64, fusion="mid",
                       image_repr="continuous", cross_attn_every=1, encoder=VisionEncoderConfig(width=16, layers=1))
@@ -233,7 +234,7 @@ def test_mid_fusion_rows_keep_their_images(scheduler):
     rng = random.Random(0)
 
     def image():
-        return [vocab.boi, *(vocab.image_start + rng.randrange(12) for _ in range(4)), vocab.eoi]
+        return [vocab.boi, *(vocab.start("image") + rng.randrange(12) for _ in range(4)), vocab.eoi]
 
     question = [5, 9, 2]
     ps = [[vocab.bos, *image(), *question] for _ in range(5)]

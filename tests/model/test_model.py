@@ -2,11 +2,12 @@ import torch
 import torch.nn.functional as F
 
 from nmm.config import ModelConfig
-from nmm.model.heads import split_codes
+from nmm.modalities.base import split_codes
 from nmm.model.model import NativeMultimodalModel, packed_causal_mask
+from nmm.modalities.image import image_spec
 from nmm.modalities.vocab import Vocabulary
 
-VOCAB = Vocabulary(n_text=50, image_codes=24, image_factors=(6, 4), tokens_per_image=4)
+VOCAB = Vocabulary(50, (image_spec(24, (6, 4), 4),))
 
 
 def small_model(**kw):
@@ -19,7 +20,7 @@ def test_forward_shapes_and_vocab_layout():
     m = small_model()
     ids = torch.randint(0, VOCAB.size, (3, 11))
     assert m(ids).shape == (3, 11, VOCAB.size)
-    assert VOCAB.image_start == 50 + 5 and VOCAB.size == 55 + 24
+    assert VOCAB.start("image") == 50 + 5 and VOCAB.size == 55 + 24
 
 
 def test_factorised_loss_equals_joint_cross_entropy():
@@ -67,8 +68,8 @@ def test_loss_reports_each_modality_and_decreases():
 
 def test_image_loss_weight_scales_only_image_tokens():
     m = small_model()
-    ids = torch.full((1, 6), VOCAB.image_start + 3)
-    targets = torch.full((1, 6), VOCAB.image_start + 1)
+    ids = torch.full((1, 6), VOCAB.start("image") + 3)
+    targets = torch.full((1, 6), VOCAB.start("image") + 1)
     pos, doc = torch.arange(6).unsqueeze(0), torch.zeros(1, 6, dtype=torch.long)
     l1, _ = m.loss(ids, targets, pos, doc, {"image": 1.0}, 0.0)
     l2, _ = m.loss(ids, targets, pos, doc, {"image": 2.0}, 0.0)

@@ -13,9 +13,10 @@ from nmm.infer.engine import Engine
 from nmm.infer.sampling import SamplingConfig
 from nmm.model.masks import ImageLayout, causal_mask, cross_attention_mask, with_bidirectional_images
 from nmm.model.model import NativeMultimodalModel
+from nmm.modalities.image import image_spec
 from nmm.modalities.vocab import Vocabulary
 
-VOCAB = Vocabulary(n_text=40, image_codes=12, image_factors=(4, 3), tokens_per_image=16, image_levels=((4,), (3,)))
+VOCAB = Vocabulary(40, (image_spec(12, (4, 3), 16, ((4,), (3,))),))
 SMALL = dict(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=64, max_seq_len=96,
              encoder=VisionEncoderConfig(width=16, layers=1))
 VARIANTS = {
@@ -37,7 +38,7 @@ def make(name, seed=0):
 
 def image_prompt(seed=0):
     g = torch.Generator().manual_seed(seed)
-    codes = (torch.randint(0, VOCAB.image_codes, (VOCAB.tokens_per_image,), generator=g) + VOCAB.image_start).tolist()
+    codes = (torch.randint(0, VOCAB.image_codes, (VOCAB.tokens_per_image,), generator=g) + VOCAB.start("image")).tolist()
     return [VOCAB.bos, VOCAB.boi, *codes, VOCAB.eoi, 3, 7]
 
 
@@ -77,7 +78,7 @@ def test_loss_is_finite_and_trains(name):
     doc_ids = torch.tensor([[0] * len(docs[0]) + [1] * len(docs[1])])
     generated = torch.zeros_like(ids, dtype=torch.bool)
     if gen_doc:
-        generated[0, len(docs[0]):] = ids[0, len(docs[0]):] >= VOCAB.image_start
+        generated[0, len(docs[0]):] = ids[0, len(docs[0]):] >= VOCAB.start("image")
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     losses = []
     for _ in range(12):
@@ -123,14 +124,14 @@ def test_decoupled_reads_with_the_encoder_and_writes_codes():
     x = torch.zeros(1, ids.shape[1], 32)
     read = model.images.embed(x, ids, layout, torch.zeros_like(layout.is_code), None)
     written = model.images.embed(x, ids, layout, layout.is_code.clone(), None)
-    codes = ids - VOCAB.image_start
+    codes = ids - VOCAB.start("image")
     table = model.images.embed_codes(codes.clamp(min=0))
     assert torch.allclose(written[layout.is_code], table[layout.is_code])
     assert not torch.allclose(read[layout.is_code], table[layout.is_code])
 
 
 def test_bidirectional_and_cross_attention_masks():
-    ids = torch.tensor([[VOCAB.bos, 3, VOCAB.boi] + [VOCAB.image_start] * 16 + [VOCAB.eoi, 4, 5]])
+    ids = torch.tensor([[VOCAB.bos, 3, VOCAB.boi] + [VOCAB.start("image")] * 16 + [VOCAB.eoi, 4, 5]])
     layout = ImageLayout.of(ids, VOCAB)
     assert layout.slot[0, 3] == 0 and layout.slot[0, 18] == 15 and layout.image[0, 1] == -1
     mask = with_bidirectional_images(causal_mask(1, ids.shape[1], 0, ids.device), layout)[0, 0]

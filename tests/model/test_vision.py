@@ -6,6 +6,7 @@ import torch
 
 from nmm.data.shapes import COLOURS, Scene, Shape, ShapesWorld
 from nmm.modalities.image import ImageTokenizer, ImageTokenizerConfig
+from nmm.modalities.image import image_spec
 from nmm.modalities.vocab import Vocabulary
 from nmm.model.vision import (
     ImageProjector,
@@ -91,8 +92,8 @@ def test_code_latents_reproduce_the_tokenizers_quantised_latents(factorised):
 def test_code_latents_agree_with_the_vocabulary():
     tok = tokenizer()
     c = tok.config
-    vocab = Vocabulary(n_text=10, image_codes=tok.codebook_size, image_factors=tok.code_factors,
-                       tokens_per_image=64, image_levels=(tuple(c.shape_levels), tuple(c.colour_levels)))
+    vocab = Vocabulary(10, (image_spec(tok.codebook_size, tok.code_factors, 64,
+                                       (tuple(c.shape_levels), tuple(c.colour_levels))),))
     torch.testing.assert_close(vocab.code_latents(), code_latents(tok))
 
 
@@ -198,7 +199,7 @@ def test_pretraining_rejects_vocabulary_ids(pool):
     codes, scenes = pool
     table = code_latents(tokenizer())
     encoder = VisionEncoder(table.shape[1], 8, SMALL)
-    with pytest.raises(ValueError, match="image_start"):
+    with pytest.raises(ValueError, match="vocab.codes"):
         pretrain_vision_encoder(encoder, table, codes[:10] + len(table), scenes[:10], WORLD, steps=1)
     with pytest.raises(ValueError, match="matching the scenes"):
         pretrain_vision_encoder(encoder, table, codes[:10], scenes[:9], WORLD, steps=1)

@@ -12,6 +12,12 @@ weights, so the only difference measured is the code around them. The mapping:
 Without QK-norm the architecture is exactly `LlamaForCausalLM`. With QK-norm (nmm's default) it is
 exactly `Qwen3ForCausalLM`, which is Llama plus an RMSNorm over each head's q and k before RoPE, as
 in nmm's `Attention`. `nmm_to_hf` picks the one that matches.
+
+The compiled Hugging Face baseline (`static_compiled`): `generate(..., cache_implementation="static")`
+with a `CompileConfig`, HF's own route to a compiled decode step (its generate compiles the model's
+call for the one-token steps; the prefill stays eager). On a CPU HF only does so when the config says
+`_compile_all_devices`, which `hf_compile_config` sets; `check_compiled` makes sure it happened. The
+inductor options are nmm's (`Engine`: the C++ wrapper), so both sides get the same compiler.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import torch
 
 from nmm.config import ModelConfig
 from nmm.errors import NmmError
-from nmm.model.heads import split_codes
+from nmm.modalities.base import split_codes
 from nmm.model.model import NativeMultimodalModel
 
 
@@ -206,7 +212,7 @@ def image_block_processor(vocab, prompt_len: int):
     from transformers import LogitsProcessor
 
     codes = torch.zeros(vocab.size, dtype=torch.bool)
-    codes[vocab.image_start:] = True
+    codes[slice(*vocab.range("image"))] = True
     eoi = torch.zeros(vocab.size, dtype=torch.bool)
     eoi[vocab.eoi] = True
 
@@ -216,6 +222,58 @@ def image_block_processor(vocab, prompt_len: int):
             return scores.masked_fill(~allowed.to(scores.device), float("-inf"))
 
     return ImageBlock()
+
+
+def batched_cfg_processor(scale: float, n: int):
+    """A `LogitsProcessor` for classifier-free guidance with the unconditional prompts as extra rows of
+    the batch (rows n..2n-1 for rows 0..n-1), as nmm's Engine does it: both halves get the guided
+    logits uncond + scale * (cond - uncond), so greedy decoding feeds the unconditional row the
+    conditional row's token. HF's stock `guidance_scale` instead runs the unconditional branch as a
+    second forward per step with its own DynamicCache, which a static cache and a compiled forward
+    cannot serve; a user after speed batches the two. Put it before any processor that sets -inf."""
+    from transformers import LogitsProcessor
+
+    class BatchedCFG(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            cond, uncond = scores[:n], scores[n:]
+            mixed = uncond + scale * (cond - uncond)
+            return torch.cat([mixed, mixed])
+
+    return BatchedCFG()
+
+
+# ---- the compiled HF baseline ---------------------------------------------------------------------
+# Inductor options of nmm's Engine(compile=True) (see nmm.infer.engine): the same compiler for both sides.
+COMPILE_OPTIONS = {"cpp_wrapper": True}
+
+
+def hf_compile_config():
+    """HF's `CompileConfig` for the compiled baseline: a static cache gives static shapes, so one graph
+    per batch size (`dynamic=False`, `fullgraph=True`); nmm's inductor options (`mode` and `options`
+    exclude each other in torch.compile, and `reduce-overhead`, HF's default mode, means CUDA graphs)."""
+    from transformers import CompileConfig
+
+    cc = CompileConfig(fullgraph=True, dynamic=False, mode=None, options=dict(COMPILE_OPTIONS))
+    cc._compile_all_devices = True  # HF auto-compiles on accelerators only unless told to
+    return cc
+
+
+def static_compiled(gen_cfg):
+    """A copy of the `GenerationConfig` with a static KV cache and HF's compiled decode step."""
+    import copy
+
+    cfg = copy.deepcopy(gen_cfg)
+    cfg.cache_implementation = "static"
+    cfg.compile_config = hf_compile_config()
+    return cfg
+
+
+def check_compiled(hf) -> None:
+    """Raise unless HF's generate compiled its forward (`get_compiled_call` keeps it on the model): a
+    transformers that silently fell back to eager would make the compiled pair a lie."""
+    if getattr(hf, "_compiled_call", None) is None:
+        raise NmmError("the compiled HF baseline did not compile (generate with a static cache and a "
+                       "CompileConfig ran eagerly): this transformers version needs another route")
 
 
 def left_pad(prompts: list[list[int]], pad: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:

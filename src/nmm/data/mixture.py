@@ -132,7 +132,7 @@ class PackedBatches:
         positions = np.zeros((B, T), dtype=np.int64)
         doc_ids = np.full((B, T), -1, dtype=np.int64)
         generated = np.zeros((B, T), dtype=bool)
-        image_start = self.mixture.codecs.vocab.image_start
+        vocab = self.mixture.codecs.vocab
         for row in range(B):
             fill, doc_index, misses = 0, 0, 0
             while misses < self.max_misses and T - fill >= 8:
@@ -147,6 +147,6 @@ class PackedBatches:
                 targets[row, fill : fill + n - 1] = np.where(np.array(is_target[1:]), nxt, -100)
                 positions[row, fill : fill + n] = np.arange(n)
                 doc_ids[row, fill : fill + n] = doc_index
-                generated[row, fill : fill + n] = (np.array(tokens) >= image_start) & np.array(is_target)
+                generated[row, fill : fill + n] = vocab.is_code(np.array(tokens)) & np.array(is_target)
                 fill, doc_index = fill + n, doc_index + 1
         return Batch(*(torch.from_numpy(a) for a in (ids, targets, positions, doc_ids, generated)))

@@ -125,7 +125,7 @@ class Engine:
         self.compiled = compile
         V = v.size
         self.emits_codes = bool(model.images.emits_codes)  # else <boi> is never allowed: it could not be followed
-        self.text_size = v.image_start  # outputs of the text head: text ids and specials
+        self.text_size = v.text_size  # outputs of the text head: text ids and specials
         head = model.image_head if self.emits_codes else None
         # Factor-by-factor image codes (a head of 2+ factors): exact (the joint grid's argmax) in fp32; in bf16/fp16
         # the joint grid is summed in low precision, whose rounding can break near-ties differently, so those keep
@@ -137,7 +137,8 @@ class Engine:
         self.text_allowed[v.eos] = True
         self.text_allowed[v.boi] = self.emits_codes
         self.image_allowed = torch.zeros(V, dtype=torch.bool, device=self.device)
-        self.image_allowed[v.image_start :] = True
+        lo, hi = v.range("image")
+        self.image_allowed[lo:hi] = True
         self._biases: dict[tuple[bool, bool], torch.Tensor] = {}
         # Prefill stays eager: it runs once per request, with ever different shapes.
         self.decode_step = self._compile(self._decode_step) if compile else self._decode_step
@@ -196,7 +197,7 @@ class Engine:
         code = indices[0]
         for f, i in zip(self.factors[1:], indices[1:]):
             code = code * f + i
-        return code + self.vocab.image_start
+        return self.vocab.ids("image", code)
 
     def image_greedy(self, h: torch.Tensor, n: int, scale) -> torch.Tensor:
         """The joint argmax over image codes, as the factors' argmaxes."""
@@ -227,7 +228,7 @@ class Engine:
             if c.guided:
                 logits = logits[n:] + c.scale * (logits[:n] - logits[n:])
             if c.greedy:
-                return logits.argmax(-1) + v.image_start
+                return v.ids("image", logits.argmax(-1))
             return sample(F.pad(logits, (V - logits.shape[1], 0), value=NEG_INF), s, c.gen)
         if mode == EOI and (c.greedy or c.factored):
             return torch.full((n,), v.eoi, dtype=torch.long, device=self.device)

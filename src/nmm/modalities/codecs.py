@@ -19,20 +19,14 @@ from nmm.data.document import Document, ImageSegment, TextSegment
 from nmm.errors import CheckpointError
 from nmm.modalities.image import ImageTokenizer
 from nmm.modalities.text import TextTokenizer
-from nmm.modalities.vocab import Vocabulary
+from nmm.modalities.vocab import Vocabulary, VocabularyError
 from nmm.utils import atomic_write_json
 
 
 class Codecs:
     def __init__(self, text: TextTokenizer, image: ImageTokenizer):
         self.text, self.image = text, image
-        self.vocab = Vocabulary(
-            n_text=text.vocab_size,
-            image_codes=image.codebook_size,
-            image_factors=tuple(image.code_factors),
-            tokens_per_image=image.tokens_per_image,
-            image_levels=image.code_levels,
-        )
+        self.vocab = Vocabulary(text.vocab_size, (image.spec,))
 
     # ---- text -----------------------------------------------------------------------------------
     def encode_text(self, text: str) -> list[int]:
@@ -44,7 +38,7 @@ class Codecs:
 
     def decode_text(self, ids) -> str:
         """Decode the text ids in `ids`, dropping specials and image codes."""
-        ids = [int(i) for i in ids if int(i) < self.vocab.n_text]
+        ids = [int(i) for i in ids if int(i) < self.vocab.n_text]  # text ids come first in the layout
         return self.text.decode(ids)
 
     # ---- images ---------------------------------------------------------------------------------
@@ -52,12 +46,12 @@ class Codecs:
     def encode_images(self, images: np.ndarray, batch: int = 256) -> np.ndarray:
         """(B, H, W, 3) uint8 -> (B, tokens_per_image) vocabulary ids (int64)."""
         out = [self.image.encode(images[i : i + batch]).cpu().numpy() for i in range(0, len(images), batch)]
-        return np.concatenate(out) + self.vocab.image_start
+        return self.vocab.ids("image", np.concatenate(out))
 
     @torch.no_grad()
     def decode_images(self, ids: np.ndarray | torch.Tensor) -> np.ndarray:
         """(B, tokens_per_image) vocabulary ids -> (B, H, W, 3) uint8."""
-        codes = torch.as_tensor(np.asarray(ids)) - self.vocab.image_start
+        codes = self.vocab.codes("image", torch.as_tensor(np.asarray(ids)))
         return self.image.decode(codes.clamp(0, self.vocab.image_codes - 1))
 
     # ---- documents ------------------------------------------------------------------------------
@@ -89,8 +83,11 @@ class Codecs:
         codecs = cls(TextTokenizer.load(run_dir / "text_tokenizer.json"), ImageTokenizer.load(run_dir))
         try:
             saved = Vocabulary.from_dict(json.loads((run_dir / "vocab.json").read_text()))
-        except (OSError, ValueError, KeyError) as e:
-            raise CheckpointError(f"{run_dir / 'vocab.json'}: missing or corrupt ({e.__class__.__name__})") from None
+        except VocabularyError as e:
+            raise CheckpointError(f"{run_dir / 'vocab.json'}: {e}") from None
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{run_dir / 'vocab.json'}: missing or corrupt ({e.__class__.__name__}: {e})") from None
         if saved != codecs.vocab:
-            raise CheckpointError(f"{run_dir}: vocab.json does not match the saved tokenizers")
+            raise CheckpointError(f"{run_dir}: the vocabulary layout in vocab.json does not match the saved tokenizers "
+                                  f"({saved.describe_difference(codecs.vocab)}): token ids would be misread")
         return codecs

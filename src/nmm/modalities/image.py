@@ -18,6 +18,7 @@ RGB for comparison.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -29,10 +30,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 
 from nmm.errors import CheckpointError, ConfigError
+from nmm.modalities.base import ModalitySpec, join_codes, register_modality, split_codes
 from nmm.utils import atomic_write_text, save_safetensors
 
 WEIGHTS_FILE = "image_tokenizer.safetensors"
@@ -155,6 +158,10 @@ class ImageTokenizer(nn.Module):
 
     # ---- code bookkeeping -------------------------------------------------------------------
     @property
+    def spec(self) -> ModalitySpec:
+        return image_spec(self.codebook_size, self.code_factors, self.tokens_per_image, self.code_levels)
+
+    @property
     def tokens_per_image(self) -> int:
         return self.grid * self.grid
 
@@ -175,15 +182,12 @@ class ImageTokenizer(nn.Module):
         return math.prod(self.code_factors)
 
     def split_codes(self, codes: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if not self.config.factorised:
-            return (codes,)
-        n_colour = self.code_factors[1]
-        return codes // n_colour, codes % n_colour
+        return tuple(split_codes(codes, self.code_factors))
 
     def join_codes(self, *factors: torch.Tensor) -> torch.Tensor:
         if len(factors) != len(self.code_factors):
             raise ValueError(f"expected {len(self.code_factors)} code factors, got {len(factors)}")
-        return factors[0] if len(factors) == 1 else factors[0] * self.code_factors[1] + factors[1]
+        return join_codes(list(factors), self.code_factors)
 
     # ---- model --------------------------------------------------------------------------------
     def _check_images(self, x: torch.Tensor | np.ndarray, layout: str) -> None:
@@ -294,6 +298,23 @@ class ImageTokenizer(nn.Module):
     def _device(self) -> torch.device:
         return next(self.parameters()).device
 
+    def to_bytes(self, image: np.ndarray) -> bytes:
+        """One (H, W, 3) uint8 image -> PNG file bytes."""
+        buf = io.BytesIO()
+        Image.fromarray(np.asarray(image, dtype=np.uint8)).save(buf, format="PNG")
+        return buf.getvalue()
+
+    def from_bytes(self, data: bytes) -> np.ndarray:
+        """Image file bytes (any format PIL reads) -> (S, S, 3) uint8 at the tokenizer's resolution."""
+        try:
+            image = Image.open(io.BytesIO(data)).convert("RGB")
+        except (OSError, ValueError) as e:
+            raise ValueError(f"not a readable image ({e.__class__.__name__}: {e})") from None
+        s = self.config.image_size
+        if image.size != (s, s):
+            image = image.resize((s, s), Image.BILINEAR)
+        return np.asarray(image, dtype=np.uint8).copy()
+
     # ---- persistence --------------------------------------------------------------------------
     def save(self, path_dir: str | os.PathLike) -> None:
         path = Path(path_dir)
@@ -318,6 +339,13 @@ class ImageTokenizer(nn.Module):
         except Exception as e:  # safetensors raises its own error type for truncated/garbled files
             raise CheckpointError(f"corrupt image tokenizer weights {path / WEIGHTS_FILE}: {e}") from e
         return model.eval()
+
+
+def image_spec(codes: int, factors: tuple[int, ...] = (), tokens_per_image: int = 64,
+               levels: tuple[tuple[int, ...], ...] = ()) -> ModalitySpec:
+    """The image modality's place in the vocabulary: `<boi>`, a fixed number of codes, `<eoi>`."""
+    return ModalitySpec("image", "<boi>", "<eoi>", codes, tuple(factors), tuple(tuple(lv) for lv in levels),
+                        tokens_per_image, "image/png")
 
 
 # ---- training -----------------------------------------------------------------------------------
@@ -408,3 +436,6 @@ def evaluate_image_tokenizer(model: ImageTokenizer, world, n: int = 1000, seed: 
             for name, factor, size in zip(names, model.split_codes(codes), model.code_factors):
                 stats[f"codebook_usage_{name}"] = len(factor.unique()) / size
     return stats
+
+
+register_modality("image", ImageTokenizer, train_image_tokenizer)

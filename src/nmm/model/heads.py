@@ -16,14 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def split_codes(codes: torch.Tensor, factors: tuple[int, ...]) -> list[torch.Tensor]:
-    """Joint code -> factor codes, most significant first (code = (f0 * n1 + f1) * n2 + f2 ...)."""
-    parts = []
-    for f in reversed(factors):
-        parts.append(codes % f)
-        codes = codes // f
-    return parts[::-1]
+from nmm.modalities.base import split_codes
 
 
 class FactorisedEmbedding(nn.Module):

@@ -45,7 +45,7 @@ class ImageLayout:
 
     @classmethod
     def of(cls, ids: torch.Tensor, vocab: Vocabulary) -> ImageLayout:
-        is_code = ids >= vocab.image_start
+        is_code = vocab.is_modality("image", ids)
         is_boi = ids == vocab.boi
         T = ids.shape[1]
         ar = torch.arange(T, device=ids.device).expand_as(ids)

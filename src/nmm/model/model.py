@@ -34,10 +34,10 @@ class NativeMultimodalModel(nn.Module):
     def __init__(self, cfg: ModelConfig, vocab: Vocabulary):
         super().__init__()
         self.cfg, self.vocab = cfg, vocab
-        self.text_embed = nn.Embedding(vocab.image_start, cfg.d_model)
+        self.text_embed = nn.Embedding(vocab.text_size, cfg.d_model)
         self.images: ImageInterface = VARIANTS[cfg.variant](cfg, vocab)
         self.backbone = Transformer(cfg)
-        self.text_head = TextHead(vocab.image_start, cfg.d_model)
+        self.text_head = TextHead(vocab.text_size, cfg.d_model)
         init_weights(self, cfg.init_std, cfg.n_layers)
 
     # Early fusion with discrete codes exposes its code embedding and head under the usual names.
@@ -118,7 +118,7 @@ class NativeMultimodalModel(nn.Module):
         n = valid.sum().clamp(min=1)
         # Text head: next tokens that are text or specials. Variants without a code head do not
         # predict from inside an image (its length is fixed: `<eoi>` is forced).
-        is_text = valid & (targets < self.vocab.image_start)
+        is_text = valid & ~self.vocab.is_code(targets)
         if not self.images.emits_codes:
             is_text &= ~layout.is_code
         total = torch.zeros((), device=ids.device)

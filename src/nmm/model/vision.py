@@ -218,7 +218,7 @@ def pretrain_vision_encoder(encoder: VisionEncoder, latents_table: torch.Tensor,
     cells (or "empty"), through temporary heads that are thrown away afterwards.
 
     latents_table: `code_latents(tokenizer)`. pool_codes: (N, grid*grid) code indices in
-    [0, codebook_size), *not* vocabulary ids (subtract `vocab.image_start` from an ImagePool's
+    [0, codebook_size), *not* vocabulary ids (use `vocab.codes("image", ids)` on an ImagePool's
     codes); scenes: the N matching scenes. The last `heldout_fraction` of the pool is never trained
     on and gives the held-out accuracy. steps / batch / lr default to the encoder's config.
     Deterministic given `seed` and the encoder's initial weights; the caller's RNG is untouched.
@@ -237,7 +237,7 @@ def pretrain_vision_encoder(encoder: VisionEncoder, latents_table: torch.Tensor,
                          f"scenes, got {tuple(codes.shape)}")
     if codes.numel() and (codes.min() < 0 or codes.max() >= len(latents_table)):
         raise ValueError(f"pool_codes must be code indices in [0, {len(latents_table)}) (vocabulary ids? "
-                         f"subtract vocab.image_start), got [{codes.min()}, {codes.max()}]")
+                         f"use vocab.codes('image', ids)), got [{codes.min()}, {codes.max()}]")
     n_heldout = max(1, round(len(codes) * heldout_fraction))
     n_train = len(codes) - n_heldout
     if n_train < 1:

@@ -87,7 +87,7 @@ def image_grids(ids: torch.Tensor, layout: ImageLayout, vocab: Vocabulary, selec
     codes = torch.zeros(B, I, N, dtype=torch.long, device=ids.device)
     b, t = use.nonzero(as_tuple=True)
     img, slot = layout.image[b, t], layout.slot[b, t]
-    codes[b, img, slot] = ids[b, t] - vocab.image_start
+    codes[b, img, slot] = vocab.codes("image", ids[b, t])
     present = torch.zeros(B, I, dtype=torch.bool, device=ids.device)
     present[b, img] = True
     last = _last_index(B, I, b, img, t)
@@ -143,7 +143,7 @@ class EncoderFeatures(nn.Module):
                               "the shapes world's scenes: use data.source=shapes, or model.encoder.pretrain_steps=0 "
                               "with model.encoder.trainable=true to learn it with the language model")
         self.encoder.requires_grad_(True)
-        stats = pretrain_vision_encoder(self.encoder, self.latents, pool.codes - self.vocab.image_start, pool.scenes,
+        stats = pretrain_vision_encoder(self.encoder, self.latents, self.vocab.codes("image", pool.codes), pool.scenes,
                                         world, cfg.pretrain_steps, cfg.pretrain_batch, cfg.lr, seed, progress)
         self.encoder.requires_grad_(cfg.trainable)
         return stats

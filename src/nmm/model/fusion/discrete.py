@@ -21,15 +21,15 @@ class DiscreteImages(ImageInterface):
         self.head = ImageHead(factors, cfg.d_model)
 
     def embed(self, x, ids, layout, generated, image_inputs):
-        codes = torch.where(layout.is_code, ids - self.vocab.image_start, 0)
+        codes = torch.where(layout.is_code, self.vocab.codes("image", ids), 0)
         return torch.where(layout.is_code.unsqueeze(-1), self.embed_codes(codes), x)
 
     def logits(self, h):
         return self.head(h)
 
     def loss(self, h, targets, layout, generated, image_inputs, z_loss):
-        sel = targets >= self.vocab.image_start  # positions whose next token is an image code
+        sel = self.vocab.is_modality("image", targets)  # positions whose next token is an image code
         if not bool(sel.any()):
             return {}
-        ce, zl = self.head.loss(h[sel], targets[sel] - self.vocab.image_start, z_loss)
+        ce, zl = self.head.loss(h[sel], self.vocab.codes("image", targets[sel]), z_loss)
         return {"image": LossTerm(ce.sum() + zl.sum(), ce.mean().detach(), sel.sum())}
