@@ -34,8 +34,17 @@ class MoEConfig:
     expert_hidden: int | None = None  # None = ffn_hidden: top-1 routing then matches the dense model's active params
     balance_weight: float = 0.01  # Switch-style load-balancing loss
     router_z_weight: float = 0.001  # ST-MoE router z-loss: keeps router logits small
-    # moe-aware: which experts each modality may use (text first, then image); empty = split evenly
-    modality_experts: list[list[int]] = field(default_factory=list)
+    # moe-aware: which experts each modality may use, by name ({text: [0, 1], image: [2, 3]});
+    # empty = the experts split evenly between the modalities
+    modality_experts: dict[str, list[int]] = field(default_factory=dict)
+
+    @staticmethod
+    def upgrade(values: dict) -> dict:
+        """nmm 0.1 listed modality_experts in text, image order; now they are keyed by modality."""
+        listed = values.get("modality_experts")
+        if isinstance(listed, list):
+            values["modality_experts"] = dict(zip(("text", "image"), listed))
+        return values
 
 
 @dataclass
@@ -234,6 +243,8 @@ def _coerce(value, tp, key: str):
 
 
 def _build(cls, values: dict, prefix: str = ""):
+    if hasattr(cls, "upgrade"):  # a config saved by an older nmm: rewrite renamed or retyped fields
+        values = cls.upgrade(dict(values))
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)

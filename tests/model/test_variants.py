@@ -11,7 +11,7 @@ from nmm.config import ModelConfig, VisionEncoderConfig, load_config
 from nmm.errors import ConfigError, InputError
 from nmm.infer.engine import Engine
 from nmm.infer.sampling import SamplingConfig
-from nmm.model.masks import ImageLayout, causal_mask, cross_attention_mask, with_bidirectional_images
+from nmm.model.masks import SpanLayout, causal_mask, cross_attention_mask, with_bidirectional_items
 from nmm.model.model import NativeMultimodalModel
 from nmm.modalities.image import image_spec
 from nmm.modalities.vocab import Vocabulary
@@ -120,7 +120,7 @@ def test_decoupled_reads_with_the_encoder_and_writes_codes():
     """Context images are embedded by the encoder, generated ones by the code table."""
     model = make("early-decoupled")
     ids = torch.tensor([image_prompt()])
-    layout = ImageLayout.of(ids, VOCAB)
+    layout = SpanLayout.of(ids, VOCAB)["image"]
     x = torch.zeros(1, ids.shape[1], 32)
     read = model.images.embed(x, ids, layout, torch.zeros_like(layout.is_code), None)
     written = model.images.embed(x, ids, layout, layout.is_code.clone(), None)
@@ -132,9 +132,9 @@ def test_decoupled_reads_with_the_encoder_and_writes_codes():
 
 def test_bidirectional_and_cross_attention_masks():
     ids = torch.tensor([[VOCAB.bos, 3, VOCAB.boi] + [VOCAB.start("image")] * 16 + [VOCAB.eoi, 4, 5]])
-    layout = ImageLayout.of(ids, VOCAB)
-    assert layout.slot[0, 3] == 0 and layout.slot[0, 18] == 15 and layout.image[0, 1] == -1
-    mask = with_bidirectional_images(causal_mask(1, ids.shape[1], 0, ids.device), layout)[0, 0]
+    layout = SpanLayout.of(ids, VOCAB)["image"]
+    assert layout.slot[0, 3] == 0 and layout.slot[0, 18] == 15 and layout.item[0, 1] == -1
+    mask = with_bidirectional_items(causal_mask(1, ids.shape[1], 0, ids.device), layout)[0, 0]
     assert mask[3, 18] and mask[18, 3]  # first and last code see each other
     assert not mask[2, 3]  # <boi> stays causal
     assert not mask[3, 20] and mask[20, 3]  # the image does not see the text after it; the text sees the image

@@ -6,7 +6,7 @@ slots [0, start + T) (training and uncached calls have start = 0 and keys = quer
 
   packed_causal_mask        causal inside each packed document, nothing across documents
   causal_mask               plain causal (what `mask=None` means), made explicit so it can be edited
-  with_bidirectional_images image positions of one image see each other both ways (Transfusion)
+  with_bidirectional_items  code positions of one item (an image) see each other both ways (Transfusion)
   cross_attention_mask      which image features a text position may read (mid fusion, Flamingo)
 """
 
@@ -36,34 +36,55 @@ def causal_mask(batch: int, T: int, start: int, device) -> torch.Tensor:
 
 
 @dataclass
-class ImageLayout:
-    """Where the images are in a chunk of ids. An image is `<boi>`, N code positions, `<eoi>`."""
+class Span:
+    """Where one modality's items are in a chunk of ids. An item is `begin`, its code positions, `end`."""
 
-    is_code: torch.Tensor  # (B, T) bool: an image-code position
-    image: torch.Tensor  # (B, T) long: which image of the row (0, 1, ...) a code belongs to; -1 elsewhere
-    slot: torch.Tensor  # (B, T) long: index of the code inside its image (0..N-1); -1 elsewhere
+    is_code: torch.Tensor  # (B, T) bool: a code position of this modality
+    item: torch.Tensor  # (B, T) long: which item of the row (0, 1, ...) a code belongs to; -1 elsewhere
+    slot: torch.Tensor  # (B, T) long: index of the code inside its item (0..N-1); -1 elsewhere
 
     @classmethod
-    def of(cls, ids: torch.Tensor, vocab: Vocabulary) -> ImageLayout:
-        is_code = vocab.is_modality("image", ids)
-        is_boi = ids == vocab.boi
+    def of(cls, ids: torch.Tensor, is_code: torch.Tensor, is_begin: torch.Tensor) -> Span:
         T = ids.shape[1]
         ar = torch.arange(T, device=ids.device).expand_as(ids)
-        last_boi = torch.where(is_boi, ar, -1).cummax(dim=1).values  # (B, T) slot of the latest <boi>
-        image = torch.where(is_code, is_boi.long().cumsum(1) - 1, -1)
-        slot = torch.where(is_code, ar - last_boi - 1, -1)
-        # A code run with no <boi> in this chunk (a decode step inside an image) has no layout here.
-        image = torch.where(last_boi >= 0, image, -1)
-        slot = torch.where(last_boi >= 0, slot, -1)
-        return cls(is_code, image, slot)
+        last_begin = torch.where(is_begin, ar, -1).cummax(dim=1).values  # (B, T) slot of the latest begin
+        item = torch.where(is_code, is_begin.long().cumsum(1) - 1, -1)
+        slot = torch.where(is_code, ar - last_begin - 1, -1)
+        # A code run with no begin token in this chunk (a decode step inside an item) has no layout here.
+        item = torch.where(last_begin >= 0, item, -1)
+        slot = torch.where(last_begin >= 0, slot, -1)
+        return cls(is_code, item, slot)
 
 
-def with_bidirectional_images(mask: torch.Tensor, layout: ImageLayout, start: int = 0) -> torch.Tensor:
-    """Let the code positions of each image attend to each other in both directions.
+@dataclass
+class SpanLayout:
+    """Every position's modality, and for each modality where its items are (a `Span`)."""
+
+    modality: torch.Tensor  # (B, T) long: 0 = text or a special, k = the vocabulary's k-th modality
+    spans: dict[str, Span]
+
+    @classmethod
+    def of(cls, ids: torch.Tensor, vocab: Vocabulary) -> SpanLayout:
+        modality = vocab.modality_of(ids)
+        spans = {m.name: Span.of(ids, modality == vocab.index(m.name), ids == vocab.begin(m.name))
+                 for m in vocab.modalities}
+        return cls(modality, spans)
+
+    def __getitem__(self, name: str) -> Span:
+        return self.spans[name]
+
+    @property
+    def is_code(self) -> torch.Tensor:
+        """(B, T) bool: a code position of any modality."""
+        return self.modality > 0
+
+
+def with_bidirectional_items(mask: torch.Tensor, span: Span, start: int = 0) -> torch.Tensor:
+    """Let the code positions of each item (an image) attend to each other in both directions.
 
     The rest stays as `mask` says (causal across the document), so text after an image sees the
-    whole image and the image sees the text before it. Images must lie inside this chunk."""
-    img = layout.image
+    whole image and the image sees the text before it. Items must lie inside this chunk."""
+    img = span.item
     same = (img.unsqueeze(2) == img.unsqueeze(1)) & (img >= 0).unsqueeze(2)  # (B, T, T)
     mask = mask.clone()
     T = img.shape[1]

@@ -1,12 +1,13 @@
-"""`NativeMultimodalModel`: text embedding + one transformer + text head + an image variant.
+"""`NativeMultimodalModel`: text embedding + one transformer + text head + one interface per modality.
 
-The default is early fusion with discrete codes: image codes are tokens in the same sequence as
-text, embedded into the same space, processed by the same blocks. Each modality has its own head
-and its own softmax (a text position is scored over text ids and specials, an image position over
-image codes), which matches modality-constrained decoding at inference.
+The default is early fusion with discrete codes: the codes of every modality are tokens in the same
+sequence as text, embedded into the same space, processed by the same blocks. Each modality has its
+own head and its own softmax (a text position is scored over text ids and specials, an image
+position over image codes), which matches modality-constrained decoding at inference.
 
-Every other point of the design space swaps one part: `model.images` (how images enter and leave:
-`nmm.model.fusion`) and the blocks (`routing`: dense, MoE, MoT; `nmm.model.transformer.BLOCKS`).
+Every other point of the design space swaps one part: a modality's interface (how it enters and
+leaves: `nmm.model.fusion`, in `model.modalities` keyed by name) and the blocks (`routing`: dense,
+MoE, MoT; `nmm.model.transformer.BLOCKS`), which see every position's modality label.
 """
 
 from __future__ import annotations
@@ -16,14 +17,14 @@ from torch import nn
 
 from nmm.config import ModelConfig
 from nmm.modalities.vocab import Vocabulary
-from nmm.model.fusion import VARIANTS, ImageInterface, LossTerm
+from nmm.model.fusion import LossTerm, ModalityInterface, build_interfaces
 from nmm.model.heads import TextHead, init_weights
 from nmm.model.masks import (
-    ImageLayout,
+    SpanLayout,
     causal_mask,
     cross_attention_mask,
     packed_causal_mask,
-    with_bidirectional_images,
+    with_bidirectional_items,
 )
 from nmm.model.transformer import KVCache, Transformer
 
@@ -35,10 +36,15 @@ class NativeMultimodalModel(nn.Module):
         super().__init__()
         self.cfg, self.vocab = cfg, vocab
         self.text_embed = nn.Embedding(vocab.text_size, cfg.d_model)
-        self.images: ImageInterface = VARIANTS[cfg.variant](cfg, vocab)
-        self.backbone = Transformer(cfg)
+        self.modalities = nn.ModuleDict(build_interfaces(cfg, vocab))  # vocabulary order
+        self.backbone = Transformer(cfg, vocab.names)
         self.text_head = TextHead(vocab.text_size, cfg.d_model)
         init_weights(self, cfg.init_std, cfg.n_layers)
+
+    @property
+    def images(self) -> ModalityInterface | None:
+        """The image modality's interface (None for a model without images)."""
+        return self.modalities["image"] if "image" in self.modalities else None
 
     # Early fusion with discrete codes exposes its code embedding and head under the usual names.
     @property
@@ -50,45 +56,51 @@ class NativeMultimodalModel(nn.Module):
         return getattr(self.images, "head", None)
 
     # ---- embedding and logits -------------------------------------------------------------
-    def embed(self, ids: torch.Tensor, layout: ImageLayout | None = None, generated=None, image_inputs=None):
-        layout = layout if layout is not None else ImageLayout.of(ids, self.vocab)
+    def embed(self, ids: torch.Tensor, layout: SpanLayout | None = None, generated=None, image_inputs=None):
+        layout = layout if layout is not None else SpanLayout.of(ids, self.vocab)
         x = self.text_embed(torch.where(layout.is_code, 0, ids))  # (B, T, D)
-        return self.images.embed(x, ids, layout, generated, image_inputs)
+        for name, interface in self.modalities.items():
+            x = interface.embed(x, ids, layout[name], generated, image_inputs)
+        return x
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """(…, D) -> (…, vocab.size): text+specials then image codes, in vocabulary order. Variants
-        without a code head give -inf image logits, so a sampler can never pick a code."""
-        text = self.text_head(h)
-        image = self.images.logits(h)
-        if image is None:
-            image = text.new_full((*text.shape[:-1], self.vocab.image_codes), float("-inf"))
-        return torch.cat([text, image], dim=-1)
+        """(…, D) -> (…, vocab.size): text+specials then each modality's codes, in vocabulary order.
+        Modalities without a code head give -inf logits, so a sampler can never pick their codes."""
+        parts = [self.text_head(h)]
+        for interface in self.modalities.values():
+            logits = interface.logits(h)
+            if logits is None:
+                logits = parts[0].new_full((*parts[0].shape[:-1], interface.spec.codes), float("-inf"))
+            parts.append(logits)
+        return torch.cat(parts, dim=-1)
 
     def hidden(self, ids, positions=None, mask=None, caches: list[KVCache] | None = None, start: int = 0,
                generated: torch.Tensor | None = None, image_inputs: dict | None = None,
-               layout: ImageLayout | None = None):
+               layout: SpanLayout | None = None):
         """Token ids (B, T) -> final hidden states (B, T, D). `mask` (B, 1, T, start+T) bool, None = causal."""
         B, T = ids.shape
         if positions is None:
             positions = torch.arange(start, start + T, device=ids.device).expand(B, -1)
-        layout = layout if layout is not None else ImageLayout.of(ids, self.vocab)
+        layout = layout if layout is not None else SpanLayout.of(ids, self.vocab)
         x = self.embed(ids, layout, generated, image_inputs)
-        images = self.images
-        if (images.bidirectional or images.fusion == "mid") and mask is None:
+        special = [(n, i) for n, i in self.modalities.items() if i.bidirectional or i.fusion == "mid"]
+        if special and mask is None:
             mask = causal_mask(B, T, start, ids.device)
-        if images.bidirectional:
-            mask = with_bidirectional_images(mask, layout, start)
         memory = memory_mask = None
-        if images.fusion == "mid":
-            memory, slot, valid = self._memory(ids, layout, caches, start)
-            memory_mask = cross_attention_mask(mask, slot, valid)
-        return self.backbone(x, positions, mask, caches, start, layout.is_code.long(), memory, memory_mask)
+        for name, interface in special:
+            if interface.bidirectional:
+                mask = with_bidirectional_items(mask, layout[name], start)
+        for name, interface in special:
+            if interface.fusion == "mid":
+                memory, slot, valid = self._memory(interface, ids, layout[name], caches, start)
+                memory_mask = cross_attention_mask(mask, slot, valid)
+        return self.backbone(x, positions, mask, caches, start, layout.modality, memory, memory_mask)
 
-    def _memory(self, ids, layout, caches, start):
-        """Mid fusion's cross-attention memory: from this chunk's images, or kept from the prefill."""
-        if caches is not None and getattr(caches, "memory", None) is not None and not bool(layout.is_code.any()):
+    def _memory(self, interface, ids, span, caches, start):
+        """Mid fusion's cross-attention memory: from this chunk's items, or kept from the prefill."""
+        if caches is not None and getattr(caches, "memory", None) is not None and not bool(span.is_code.any()):
             return caches.memory, caches.memory_slot, caches.memory_valid
-        memory, slot, valid = self.images.memory(ids, layout, start)
+        memory, slot, valid = interface.memory(ids, span, start)
         if caches is not None and hasattr(caches, "memory"):
             caches.memory, caches.memory_slot, caches.memory_valid = memory, slot, valid
         return memory, slot, valid
@@ -106,28 +118,33 @@ class NativeMultimodalModel(nn.Module):
         doc_ids: torch.Tensor,  # (B, T)
         loss_weights: dict[str, float],
         z_loss: float = 0.0,
-        generated: torch.Tensor | None = None,  # (B, T) code positions of images being produced
+        generated: torch.Tensor | None = None,  # (B, T) code positions of items being produced
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        layout = ImageLayout.of(ids, self.vocab)
+        layout = SpanLayout.of(ids, self.vocab)
         if generated is None:
             generated = torch.zeros_like(layout.is_code)
-        inputs = self.images.training_inputs(ids, layout, generated)
+        # Variant-specific extras (noise for flow matching); at most the image variant has them today.
+        inputs = None
+        for name, interface in self.modalities.items():
+            inputs = interface.training_inputs(ids, layout[name], generated) or inputs
         h = self.hidden(ids, positions, packed_causal_mask(doc_ids), generated=generated, image_inputs=inputs,
                         layout=layout)
         valid = targets != -100
         n = valid.sum().clamp(min=1)
-        # Text head: next tokens that are text or specials. Variants without a code head do not
-        # predict from inside an image (its length is fixed: `<eoi>` is forced).
+        # Text head: next tokens that are text or specials. Modalities without a code head do not
+        # predict from inside an item (its length is fixed: the end token is forced).
         is_text = valid & ~self.vocab.is_code(targets)
-        if not self.images.emits_codes:
-            is_text &= ~layout.is_code
+        for name, interface in self.modalities.items():
+            if not interface.emits_codes:
+                is_text &= ~layout[name].is_code
         total = torch.zeros((), device=ids.device)
         stats = {}
         terms = {}
         if bool(is_text.any()):
             ce, zl = self.text_head.loss(h[is_text], targets[is_text], z_loss)
             terms["text"] = LossTerm(ce.sum() + zl.sum(), ce.mean().detach(), is_text.sum())
-        terms.update(self.images.loss(h, targets, layout, generated, inputs, z_loss))
+        for name, interface in self.modalities.items():
+            terms.update(interface.loss(h, targets, layout[name], generated, inputs, z_loss))
         for name, term in terms.items():
             total = total + loss_weights.get(name, 1.0) * term.total / n
             stats[f"loss_{name}"] = term.report
@@ -138,5 +155,13 @@ class NativeMultimodalModel(nn.Module):
             total = total + torch.stack([a.float() for a in aux]).sum()
         return total, stats
 
+    @staticmethod
+    def upgrade_state_dict(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Weights saved before modalities were plugins keep the image interface under `images.`:
+        read them as `modalities.image.` (same tensors, same order, so optimizer state still lines up)."""
+        return {("modalities.image." + k[len("images."):] if k.startswith("images.") else k): v
+                for k, v in tensors.items()}
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+

@@ -115,30 +115,41 @@ class Block(nn.Module):
         return x + self.ffn(self.ffn_norm(x), modality)
 
 
-def _moe_block(cfg: ModelConfig, aware: bool) -> Block:
+def modality_expert_groups(n_experts: int, modalities: tuple[str, ...], listed: dict[str, list[int]]) -> list[list[int]]:
+    """Modality-aware routing: which experts each modality (in vocabulary order) may use. The
+    config may list them by name; unlisted, the experts are split into equal contiguous groups."""
+    if listed:
+        missing = [m for m in modalities if m not in listed]
+        if missing:
+            raise ValueError(f"model.moe.modality_experts lists no experts for {', '.join(missing)}")
+        return [list(listed[m]) for m in modalities]
+    M = len(modalities)
+    return [list(range(i * n_experts // M, (i + 1) * n_experts // M)) for i in range(M)]
+
+
+def _moe_block(cfg: ModelConfig, modalities: tuple[str, ...], aware: bool) -> Block:
     from nmm.model.moe import MoEFeedForward
 
     m = cfg.moe
-    groups = None
-    if aware:  # experts split between the modalities (text first), unless the config lists them
-        half = m.n_experts // 2
-        groups = m.modality_experts or [list(range(half)), list(range(half, m.n_experts))]
+    groups = modality_expert_groups(m.n_experts, modalities, m.modality_experts) if aware else None
     ffn = MoEFeedForward(cfg.d_model, m.expert_hidden or cfg.ffn_hidden, m.n_experts, m.top_k,
-                         modality_experts=groups, balance_weight=m.balance_weight, router_z_weight=m.router_z_weight)
+                         n_modalities=len(modalities), modality_experts=groups, balance_weight=m.balance_weight,
+                         router_z_weight=m.router_z_weight)
     return Block(cfg, ffn)
 
 
-def _mot_block(cfg: ModelConfig) -> nn.Module:
+def _mot_block(cfg: ModelConfig, modalities: tuple[str, ...]) -> nn.Module:
     from nmm.model.mot import MoTBlock
 
-    return MoTBlock(cfg)
+    return MoTBlock(cfg, n_modalities=len(modalities))
 
 
-# routing -> block factory. A new routing scheme is a module, a line here and a preset.
+# routing -> block factory (config, modality names in vocabulary order). A new routing scheme is a
+# module, a line here and a preset.
 BLOCKS = {
-    "dense": lambda cfg: Block(cfg),
-    "moe": lambda cfg: _moe_block(cfg, aware=False),
-    "moe-aware": lambda cfg: _moe_block(cfg, aware=True),
+    "dense": lambda cfg, modalities: Block(cfg),
+    "moe": lambda cfg, modalities: _moe_block(cfg, modalities, aware=False),
+    "moe-aware": lambda cfg, modalities: _moe_block(cfg, modalities, aware=True),
     "mot": _mot_block,
 }
 
@@ -182,10 +193,10 @@ class LayerCaches(list):
 class Transformer(nn.Module):
     """Blocks + final norm over embeddings; embeddings and heads live in `NativeMultimodalModel`."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, modalities: tuple[str, ...] = ("text", "image")):
         super().__init__()
-        self.cfg = cfg
-        self.blocks = nn.ModuleList(BLOCKS[cfg.routing](cfg) for _ in range(cfg.n_layers))
+        self.cfg, self.modalities = cfg, tuple(modalities)
+        self.blocks = nn.ModuleList(BLOCKS[cfg.routing](cfg, self.modalities) for _ in range(cfg.n_layers))
         k = cfg.cross_attn_every
         n_xattn = cfg.n_layers // k if cfg.fusion == "mid" else 0
         self.cross_attn = nn.ModuleList(GatedCrossAttention(cfg) for _ in range(n_xattn))  # after blocks k-1, 2k-1, ...
@@ -201,7 +212,7 @@ class Transformer(nn.Module):
         mask: torch.Tensor | None = None,  # (B, 1, T, T_keys) bool, True = may attend; None = causal
         caches: list[KVCache] | None = None,
         start: int = 0,  # cache slot of the first of these T tokens
-        modality: torch.Tensor | None = None,  # (B, T) long, 0 = text, 1 = image: read by MoE / MoT blocks
+        modality: torch.Tensor | None = None,  # (B, T) long, index into self.modalities: read by MoE / MoT
         memory: torch.Tensor | None = None,  # (B, M, D) image features for the cross-attention layers
         memory_mask: torch.Tensor | None = None,  # (B, 1, T, M) bool
     ) -> torch.Tensor:

@@ -90,6 +90,8 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_state_dict_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: Path) -> None:
+    if hasattr(model, "upgrade_state_dict"):  # names from an older nmm
+        tensors = model.upgrade_state_dict(tensors)
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
     if missing or unexpected:

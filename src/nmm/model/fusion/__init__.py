@@ -1,23 +1,38 @@
-"""Image variants, one module each; `ModelConfig.variant` picks one from `VARIANTS`.
+"""Modality variants, one module each. The image modality's variant is picked by
+`ModelConfig.variant` from `VARIANTS`; every other modality uses discrete early fusion.
 
-Adding a variant = a module with an `ImageInterface` subclass, a line here and a preset.
+Adding an image variant = a module with a `ModalityInterface` subclass, a line here and a preset.
 """
 
 from __future__ import annotations
 
-from nmm.model.fusion.base import ImageInterface, LossTerm
+from nmm.config import ModelConfig
+from nmm.modalities.vocab import Vocabulary
+from nmm.model.fusion.base import ImageInterface, LossTerm, ModalityInterface
 from nmm.model.fusion.continuous import ContinuousImages
 from nmm.model.fusion.decoupled import DecoupledImages
-from nmm.model.fusion.discrete import DiscreteImages
+from nmm.model.fusion.discrete import DiscreteCodes
 from nmm.model.fusion.late import LateFusionImages
 from nmm.model.fusion.mid import MidFusionImages
 
-VARIANTS: dict[str, type[ImageInterface]] = {
-    "early-discrete": DiscreteImages,  # Chameleon, Emu3
+VARIANTS: dict[str, type[ModalityInterface]] = {
+    "early-discrete": DiscreteCodes,  # Chameleon, Emu3
     "early-continuous": ContinuousImages,  # Transfusion
     "early-decoupled": DecoupledImages,  # Janus
     "late": LateFusionImages,  # LLaVA
     "mid": MidFusionImages,  # Flamingo
 }
 
-__all__ = ["VARIANTS", "ImageInterface", "LossTerm"]
+
+def build_interfaces(cfg: ModelConfig, vocab: Vocabulary) -> dict[str, ModalityInterface]:
+    """One interface per modality of the vocabulary, in vocabulary order."""
+    out = {}
+    for spec in vocab.modalities:
+        cls = VARIANTS[cfg.variant] if spec.name == "image" else DiscreteCodes
+        out[spec.name] = cls(cfg, vocab, spec.name)
+    if sum(i.fusion == "mid" for i in out.values()) > 1:
+        raise ValueError("only one modality can use mid fusion (one cross-attention memory)")
+    return out
+
+
+__all__ = ["VARIANTS", "ImageInterface", "LossTerm", "ModalityInterface", "build_interfaces"]

@@ -1,13 +1,16 @@
-"""The interface every image variant implements: how images enter the backbone and leave it.
+"""The interface every modality variant implements: how a modality enters the backbone and leaves it.
 
-`NativeMultimodalModel` owns the text embedding, the backbone and the text head; everything that
-differs between late / mid / early fusion and discrete / continuous / decoupled images lives in
-one `ImageInterface` subclass per variant (this package), picked by `ModelConfig.variant`.
+`NativeMultimodalModel` owns the text embedding, the backbone and the text head; each other
+modality of the vocabulary gets one `ModalityInterface` (held in `model.modalities`, keyed by the
+modality's name). Everything that differs between late / mid / early fusion and discrete /
+continuous / decoupled images lives in one subclass per variant (this package), picked for the
+image modality by `ModelConfig.variant`; any other modality gets discrete early fusion
+(`DiscreteCodes`) unless its plugin says otherwise.
 
-Every variant sees the same token layout (`<boi>`, N image-code ids, `<eoi>`), so the data
-pipeline, packing, the engine's prompts and the evaluation tasks are shared. What the code ids
-*mean* to the model is the variant's business: embedded codes (discrete), the tokenizer's
-continuous latents (continuous), features of a separately trained encoder (late, mid, decoupled).
+Every variant sees the same token layout (`begin`, N code ids, `end`), so the data pipeline,
+packing, the engine's prompts and the evaluation tasks are shared. What the code ids *mean* to
+the model is the variant's business: embedded codes (discrete), the tokenizer's continuous
+latents (continuous), features of a separately trained encoder (late, mid, decoupled).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from torch import nn
 from nmm.config import ModelConfig
 from nmm.errors import ConfigError
 from nmm.modalities.vocab import Vocabulary
-from nmm.model.masks import ImageLayout
+from nmm.model.masks import Span
 
 
 @dataclass
@@ -30,41 +33,43 @@ class LossTerm:
     count: torch.Tensor  # positions
 
 
-class ImageInterface(nn.Module):
+class ModalityInterface(nn.Module):
     fusion: str = "early"
     representation: str = "discrete"
     capabilities: tuple[str, ...] = ("M2T", "M2G", "M2M")
     emits_codes: bool = False  # has a head over image codes: the engine can sample images token by token
     bidirectional: bool = False  # the code positions of one image attend to each other both ways
 
-    def __init__(self, cfg: ModelConfig, vocab: Vocabulary):
+    def __init__(self, cfg: ModelConfig, vocab: Vocabulary, name: str = "image"):
         super().__init__()
-        self.cfg, self.vocab = cfg, vocab
+        self.cfg, self.vocab, self.name = cfg, vocab, name
+        self.spec = vocab.spec(name)
 
     # ---- input side -------------------------------------------------------------------------
-    def embed(self, x: torch.Tensor, ids: torch.Tensor, layout: ImageLayout, generated: torch.Tensor | None,
+    def embed(self, x: torch.Tensor, ids: torch.Tensor, layout: Span, generated: torch.Tensor | None,
               image_inputs: dict | None) -> torch.Tensor:
-        """x (B, T, D) text embeddings (image positions hold garbage) -> embeddings with the image
-        positions filled in. `generated` (B, T) marks code positions of images the model is producing
-        (teacher-forced in training); `image_inputs` carries variant-specific extras (noisy latents)."""
+        """x (B, T, D) embeddings so far (this modality's positions hold garbage) -> embeddings with
+        them filled in. `layout` is this modality's `Span`; `generated` (B, T) marks code positions of
+        items the model is producing (teacher-forced in training); `image_inputs` carries
+        variant-specific extras (noisy latents)."""
         raise NotImplementedError
 
-    def memory(self, ids: torch.Tensor, layout: ImageLayout, start: int):
+    def memory(self, ids: torch.Tensor, layout: Span, start: int):
         """Mid fusion only: (features (B, M, D), last-code slot (B, M), valid (B, M)) or None."""
         return
 
     # ---- output side ------------------------------------------------------------------------
     def logits(self, h: torch.Tensor) -> torch.Tensor | None:
-        """(…, D) -> (…, image_codes) logits, or None when the variant has no code head."""
+        """(…, D) -> (…, codes) logits over this modality's codes, or None when it has no code head."""
         return None
 
-    def training_inputs(self, ids: torch.Tensor, layout: ImageLayout, generated: torch.Tensor) -> dict | None:
+    def training_inputs(self, ids: torch.Tensor, layout: Span, generated: torch.Tensor) -> dict | None:
         """Per-batch extras for `embed` and `loss` (e.g. noise and timesteps for flow matching)."""
         return None
 
-    def loss(self, h: torch.Tensor, targets: torch.Tensor, layout: ImageLayout, generated: torch.Tensor,
+    def loss(self, h: torch.Tensor, targets: torch.Tensor, layout: Span, generated: torch.Tensor,
              image_inputs: dict | None, z_loss: float) -> dict[str, LossTerm]:
-        """Loss terms by name ("image", "flow"). Empty when images are inputs only."""
+        """Loss terms by name (the modality's name, or e.g. "flow"). Empty when the modality is input only."""
         return {}
 
     def pretrain(self, pool, world, seed: int, progress=None) -> dict | None:
@@ -72,7 +77,7 @@ class ImageInterface(nn.Module):
         return None
 
 
-def image_grids(ids: torch.Tensor, layout: ImageLayout, vocab: Vocabulary, select: torch.Tensor | None = None):
+def image_grids(ids: torch.Tensor, layout: Span, vocab: Vocabulary, select: torch.Tensor | None = None):
     """Gather each row's images into code grids, so an encoder can see a whole image at once.
 
     Returns codes (B, I, N) (missing codes of a cut-off image are 0), present (B, I) bool and
@@ -80,13 +85,13 @@ def image_grids(ids: torch.Tensor, layout: ImageLayout, vocab: Vocabulary, selec
     code positions count (e.g. only images that are inputs, not generated)."""
     B = ids.shape[0]
     N = vocab.tokens_per_image
-    use = layout.is_code & (layout.image >= 0) & (layout.slot < N)
+    use = layout.is_code & (layout.item >= 0) & (layout.slot < N)
     if select is not None:
         use = use & select
-    I = max(int(layout.image.max()) + 1, 1)
+    I = max(int(layout.item.max()) + 1, 1)
     codes = torch.zeros(B, I, N, dtype=torch.long, device=ids.device)
     b, t = use.nonzero(as_tuple=True)
-    img, slot = layout.image[b, t], layout.slot[b, t]
+    img, slot = layout.item[b, t], layout.slot[b, t]
     codes[b, img, slot] = vocab.codes("image", ids[b, t])
     present = torch.zeros(B, I, dtype=torch.bool, device=ids.device)
     present[b, img] = True
@@ -99,12 +104,12 @@ def _last_index(B: int, I: int, b: torch.Tensor, img: torch.Tensor, t: torch.Ten
     return last.scatter_reduce(0, b * I + img, t, "amax").view(B, I)
 
 
-def at_positions(features: torch.Tensor, layout: ImageLayout) -> torch.Tensor:
+def at_positions(features: torch.Tensor, layout: Span) -> torch.Tensor:
     """Per-image features (B, I, N, D) -> (B, T, D), each code position's own feature (garbage
     elsewhere: callers select with `torch.where`)."""
     B, _, N, _ = features.shape
     rows = torch.arange(B, device=features.device).unsqueeze(1)
-    return features[rows, layout.image.clamp(min=0), layout.slot.clamp(0, N - 1)]
+    return features[rows, layout.item.clamp(min=0), layout.slot.clamp(0, N - 1)]
 
 
 class EncoderFeatures(nn.Module):
@@ -125,7 +130,7 @@ class EncoderFeatures(nn.Module):
         self.encoder_cfg = cfg.encoder
         self.encoder.requires_grad_(cfg.encoder.trainable)
 
-    def forward(self, ids: torch.Tensor, layout: ImageLayout, select: torch.Tensor | None = None):
+    def forward(self, ids: torch.Tensor, layout: Span, select: torch.Tensor | None = None):
         """-> features (B, I, N, D), present (B, I), last code index (B, I)."""
         codes, present, last = image_grids(ids, layout, self.vocab, select)
         B, I, N = codes.shape
@@ -147,3 +152,6 @@ class EncoderFeatures(nn.Module):
                                         world, cfg.pretrain_steps, cfg.pretrain_batch, cfg.lr, seed, progress)
         self.encoder.requires_grad_(cfg.trainable)
         return stats
+
+
+ImageInterface = ModalityInterface  # the name the image variants were written against

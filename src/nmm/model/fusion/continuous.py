@@ -35,8 +35,8 @@ class ContinuousImages(ImageInterface):
     capabilities = ("M2T", "M2G", "M2M")
     bidirectional = True
 
-    def __init__(self, cfg, vocab):
-        super().__init__(cfg, vocab)
+    def __init__(self, cfg, vocab, name="image"):
+        super().__init__(cfg, vocab, name)
         D, f = cfg.d_model, cfg.flow
         self.register_buffer("latents", vocab.code_latents(), persistent=False)  # (codes, L)
         L = self.latents.shape[1]
@@ -46,7 +46,7 @@ class ContinuousImages(ImageInterface):
 
     # ---- input ------------------------------------------------------------------------------
     def embed(self, x, ids, layout, generated, image_inputs):
-        codes = torch.where(layout.is_code, self.vocab.codes("image", ids), 0)
+        codes = torch.where(layout.is_code, self.vocab.codes(self.name, ids), 0)
         lat = self.latents[codes]  # (B, T, L): clean latents of the images the model reads
         t = torch.ones(ids.shape, device=ids.device)
         if image_inputs is not None:  # noisy latents of the images being generated
@@ -58,12 +58,12 @@ class ContinuousImages(ImageInterface):
 
     # ---- training -----------------------------------------------------------------------------
     def training_inputs(self, ids, layout, generated):
-        noisy = layout.is_code & generated & (layout.image >= 0)
+        noisy = layout.is_code & generated & (layout.item >= 0)
         B = ids.shape[0]
-        I = max(int(layout.image.max()) + 1, 1)
+        I = max(int(layout.item.max()) + 1, 1)
         t_image = torch.sigmoid(torch.randn(B, I, device=ids.device))  # logit-normal (SD3): mid-noise matters most
-        t = t_image.gather(1, layout.image.clamp(min=0))  # (B, T): one timestep per image
-        x1 = self.latents[torch.where(layout.is_code, self.vocab.codes("image", ids), 0)]
+        t = t_image.gather(1, layout.item.clamp(min=0))  # (B, T): one timestep per image
+        x1 = self.latents[torch.where(layout.is_code, self.vocab.codes(self.name, ids), 0)]
         x0 = torch.randn_like(x1)
         x_t = t.unsqueeze(-1) * x1 + (1 - t.unsqueeze(-1)) * x0
         return {"noisy": noisy, "t": t, "x_t": x_t, "velocity": x1 - x0}
@@ -93,7 +93,7 @@ class ContinuousImages(ImageInterface):
         for i, p in enumerate(rows):  # left-pad, then N code slots (their ids only mark the layout)
             ids[i, P - len(p) : P] = torch.tensor(p, device=device)
             valid[i, P - len(p) :] = True
-        ids[:, P:] = v.ids("image", 0)
+        ids[:, P:] = v.ids(self.name, 0)
         positions = (valid.long().cumsum(1) - 1).clamp(min=0)
         T = P + N
         causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()

@@ -7,14 +7,14 @@ from __future__ import annotations
 import torch
 
 from nmm.model.fusion.base import EncoderFeatures, at_positions
-from nmm.model.fusion.discrete import DiscreteImages
+from nmm.model.fusion.discrete import DiscreteCodes
 
 
-class DecoupledImages(DiscreteImages):
+class DecoupledImages(DiscreteCodes):
     fusion, representation = "early", "decoupled"
 
-    def __init__(self, cfg, vocab):
-        super().__init__(cfg, vocab)
+    def __init__(self, cfg, vocab, name="image"):
+        super().__init__(cfg, vocab, name)
         self.features = EncoderFeatures(cfg, vocab)
 
     def embed(self, x, ids, layout, generated, image_inputs):
@@ -23,7 +23,7 @@ class DecoupledImages(DiscreteImages):
             # model just sampled, part of an image it is generating.
             generated = torch.full_like(layout.is_code, ids.shape[1] == 1)
         x = super().embed(x, ids, layout, generated, image_inputs)  # codes everywhere
-        read = layout.is_code & ~generated & (layout.image >= 0)
+        read = layout.is_code & ~generated & (layout.item >= 0)
         if bool(read.any()):
             feats, _, _ = self.features(ids, layout, select=read)
             x = torch.where(read.unsqueeze(-1), at_positions(feats, layout), x)

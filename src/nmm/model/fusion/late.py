@@ -13,8 +13,8 @@ class LateFusionImages(ImageInterface):
     fusion, representation = "late", "continuous"
     capabilities = ("M2T",)
 
-    def __init__(self, cfg, vocab):
-        super().__init__(cfg, vocab)
+    def __init__(self, cfg, vocab, name="image"):
+        super().__init__(cfg, vocab, name)
         self.features = EncoderFeatures(cfg, vocab)
 
     def embed(self, x, ids, layout, generated, image_inputs):

@@ -15,8 +15,8 @@ class MidFusionImages(ImageInterface):
     fusion, representation = "mid", "continuous"
     capabilities = ("M2T",)
 
-    def __init__(self, cfg, vocab):
-        super().__init__(cfg, vocab)
+    def __init__(self, cfg, vocab, name="image"):
+        super().__init__(cfg, vocab, name)
         self.features = EncoderFeatures(cfg, vocab)
         self.placeholder = nn.Parameter(torch.zeros(cfg.d_model))
         self.null_feature = nn.Parameter(torch.zeros(1, 1, cfg.d_model))  # the key every query may read
@@ -26,7 +26,7 @@ class MidFusionImages(ImageInterface):
 
     def memory(self, ids, layout, start):
         B = ids.shape[0]
-        if bool((layout.image >= 0).any()):
+        if bool((layout.item >= 0).any()):
             feats, present, last = self.features(ids, layout)  # (B, I, N, D)
             N = feats.shape[2]
             feats = feats.flatten(1, 2)  # (B, I*N, D)
