@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from nmm.config import DataConfig
-from nmm.data.document import Document, ImageSegment, TextSegment
+from nmm.modalities.document import Document, ImageSegment, TextSegment
 from nmm.modalities.codecs import Codecs
 
 

@@ -1,9 +1,11 @@
-"""`Codecs`: the text and image tokenizers plus the vocabulary that joins them.
+"""`Codecs`: the text tokenizer, one codec per modality, and the vocabulary that joins them.
 
 This is the only place that turns a `Document` into token ids and back, so training, generation
 and evaluation agree on the sequence format:
 
     <bos> text ids ... <boi> image ids (exactly tokens_per_image) <eoi> text ids ... <eos>
+
+and the same for every other modality, with its own begin / end tokens.
 """
 
 from __future__ import annotations
@@ -15,18 +17,31 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nmm.data.document import Document, ImageSegment, TextSegment
 from nmm.errors import CheckpointError
-from nmm.modalities.image import ImageTokenizer
+from nmm.modalities import image as _image_plugin  # noqa: F401  (registers the built-in image modality)
+from nmm.modalities.base import ModalityCodec, modality_plugin
+from nmm.modalities.document import Document, ItemSegment, TextSegment
 from nmm.modalities.text import TextTokenizer
 from nmm.modalities.vocab import Vocabulary, VocabularyError
 from nmm.utils import atomic_write_json
 
 
 class Codecs:
-    def __init__(self, text: TextTokenizer, image: ImageTokenizer):
-        self.text, self.image = text, image
-        self.vocab = Vocabulary(text.vocab_size, (image.spec,))
+    def __init__(self, text: TextTokenizer, *codecs: ModalityCodec):
+        """`Codecs(text_tokenizer, image_tokenizer, ...)`: the vocabulary lays the modalities out in
+        this order."""
+        self.text = text
+        self.modalities: dict[str, ModalityCodec] = {c.spec.name: c for c in codecs}
+        if len(self.modalities) != len(codecs):
+            raise ValueError(f"two codecs for one modality: {[c.spec.name for c in codecs]}")
+        self.image = self.modalities.get("image")
+        self.vocab = Vocabulary(text.vocab_size, tuple(c.spec for c in codecs))
+
+    def codec(self, name: str) -> ModalityCodec:
+        try:
+            return self.modalities[name]
+        except KeyError:
+            raise KeyError(f"no codec for modality {name!r} (have {', '.join(self.modalities)})") from None
 
     # ---- text -----------------------------------------------------------------------------------
     def encode_text(self, text: str) -> list[int]:
@@ -41,29 +56,39 @@ class Codecs:
         ids = [int(i) for i in ids if int(i) < self.vocab.n_text]  # text ids come first in the layout
         return self.text.decode(ids)
 
-    # ---- images ---------------------------------------------------------------------------------
+    # ---- items of any modality -------------------------------------------------------------------
     @torch.no_grad()
+    def encode_items(self, name: str, items, batch: int = 256) -> np.ndarray:
+        """A batch of items (e.g. (B, H, W, 3) uint8 images) -> (B, N) vocabulary ids (int64)."""
+        codec = self.codec(name)
+        out = [codec.encode(items[i : i + batch]).cpu().numpy() for i in range(0, len(items), batch)]
+        return self.vocab.ids(name, np.concatenate(out))
+
+    @torch.no_grad()
+    def decode_items(self, name: str, ids: np.ndarray | torch.Tensor):
+        """(B, N) vocabulary ids of modality `name` -> items (out-of-range ids are clamped into it)."""
+        codes = self.vocab.codes(name, torch.as_tensor(np.asarray(ids)))
+        return self.codec(name).decode(codes.clamp(0, self.vocab.spec(name).codes - 1))
+
     def encode_images(self, images: np.ndarray, batch: int = 256) -> np.ndarray:
         """(B, H, W, 3) uint8 -> (B, tokens_per_image) vocabulary ids (int64)."""
-        out = [self.image.encode(images[i : i + batch]).cpu().numpy() for i in range(0, len(images), batch)]
-        return self.vocab.ids("image", np.concatenate(out))
+        return self.encode_items("image", images, batch)
 
-    @torch.no_grad()
     def decode_images(self, ids: np.ndarray | torch.Tensor) -> np.ndarray:
         """(B, tokens_per_image) vocabulary ids -> (B, H, W, 3) uint8."""
-        codes = self.vocab.codes("image", torch.as_tensor(np.asarray(ids)))
-        return self.image.decode(codes.clamp(0, self.vocab.image_codes - 1))
+        return self.decode_items("image", ids)
 
     # ---- documents ------------------------------------------------------------------------------
-    def image_block(self, seg: ImageSegment) -> list[int]:
-        codes = seg.codes if seg.codes is not None else self.encode_images(seg.image[None])[0]
-        return [self.vocab.boi, *map(int, codes), self.vocab.eoi]
+    def item_block(self, seg: ItemSegment) -> list[int]:
+        """`begin`, the item's ids, `end`."""
+        codes = seg.codes if seg.codes is not None else self.encode_items(seg.modality, [seg.item])[0]
+        return [self.vocab.begin(seg.modality), *map(int, codes), self.vocab.end(seg.modality)]
 
     def encode_document(self, doc: Document) -> tuple[list[int], list[bool]]:
         """Document -> (ids, is_target). is_target[i] says whether ids[i] is predicted (gets loss)."""
         ids, target = [self.vocab.bos], [False]
         for seg in doc.segments:
-            part = self.encode_text(seg.text) if isinstance(seg, TextSegment) else self.image_block(seg)
+            part = self.encode_text(seg.text) if isinstance(seg, TextSegment) else self.item_block(seg)
             ids += part
             target += [seg.loss] * len(part)
         ids.append(self.vocab.eos)
@@ -74,19 +99,25 @@ class Codecs:
     def save(self, run_dir: str | Path) -> None:
         run_dir = Path(run_dir)
         self.text.save(run_dir / "text_tokenizer.json")
-        self.image.save(run_dir)
+        for codec in self.modalities.values():
+            codec.save(run_dir)
         atomic_write_json(run_dir / "vocab.json", self.vocab.to_dict())
 
     @classmethod
     def load(cls, run_dir: str | Path) -> "Codecs":
+        """Read a run's codecs: vocab.json names the modalities, each registered plugin loads its own."""
         run_dir = Path(run_dir)
-        codecs = cls(TextTokenizer.load(run_dir / "text_tokenizer.json"), ImageTokenizer.load(run_dir))
         try:
             saved = Vocabulary.from_dict(json.loads((run_dir / "vocab.json").read_text()))
         except VocabularyError as e:
             raise CheckpointError(f"{run_dir / 'vocab.json'}: {e}") from None
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"{run_dir / 'vocab.json'}: missing or corrupt ({e.__class__.__name__}: {e})") from None
+        try:
+            plugins = [modality_plugin(m.name) for m in saved.modalities]
+        except KeyError as e:
+            raise CheckpointError(f"{run_dir / 'vocab.json'}: {e.args[0]}") from None
+        codecs = cls(TextTokenizer.load(run_dir / "text_tokenizer.json"), *(p.codec.load(run_dir) for p in plugins))
         if saved != codecs.vocab:
             raise CheckpointError(f"{run_dir}: the vocabulary layout in vocab.json does not match the saved tokenizers "
                                   f"({saved.describe_difference(codecs.vocab)}): token ids would be misread")
