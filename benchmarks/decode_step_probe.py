@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from nmm.bench.common import load_target, set_threads
 from nmm.bench.hf import nmm_to_hf, quiet_transformers
-from nmm.model.transformer import apply_rope
+from nmm.model.layers import apply_rope
 
 
 def cpu_ms(fn, calls: int = 200, blocks: int = 5) -> float:

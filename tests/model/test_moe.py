@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nmm.model.moe import MoEFeedForward, count_active_params, moe_param_counts
-from nmm.model.transformer import SwiGLU
+from nmm.model.layers import SwiGLU
 
 D, H = 16, 32
 

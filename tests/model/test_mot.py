@@ -6,7 +6,7 @@ from nmm.config import ModelConfig
 from nmm.model.model import packed_causal_mask
 from nmm.model.moe import count_active_params
 from nmm.model.mot import MoTBlock
-from nmm.model.transformer import Block, KVCache, rope_tables
+from nmm.model.layers import Block, KVCache, rope_tables
 
 D = 32
 

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nmm.config import ModelConfig
-from nmm.model.transformer import KVCache, RMSNorm, SwiGLU, apply_rope
+from nmm.model.layers import KVCache, RMSNorm, SwiGLU, apply_rope
 
 
 class _AttentionWeights(nn.Module):

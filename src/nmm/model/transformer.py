@@ -1,8 +1,5 @@
-"""The backbone: a decoder-only transformer (RMSNorm, RoPE, grouped-query attention, SwiGLU, QK-norm).
-
-Every sequence position carries its own RoPE position and the caller supplies the attention mask,
-so one code path serves packed training (positions restart at each document, block-diagonal
-causal mask), left-padded batched generation, and decoding with a static `KVCache`.
+"""The backbone: a decoder-only transformer (RMSNorm, RoPE, grouped-query attention, SwiGLU, QK-norm;
+the layers are in `nmm.model.layers`).
 
 Two design axes live here. `routing` picks the block (`BLOCKS`): dense SwiGLU, a mixture of
 experts (modality-agnostic or modality-aware routing) or a mixture-of-transformers block with
@@ -18,101 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from nmm.config import ModelConfig
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-5):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-
-
-def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (L, hd/2)
-    return angles.cos(), angles.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: (B, H, T, hd); cos/sin: (B, 1, T, hd/2). Rotate-half convention, as in Llama.
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).type_as(x)
-
-
-class KVCache(nn.Module):
-    """Preallocated keys/values for one layer: (B, n_kv_heads, max_len, head_dim).
-
-    Static shapes keep decoding free of reallocations (and friendly to torch.compile); the
-    attention mask, not the cache, decides which slots a query may see.
-    """
-
-    def __init__(self, batch: int, n_kv_heads: int, max_len: int, head_dim: int, dtype, device):
-        super().__init__()
-        shape = (batch, n_kv_heads, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-
-    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        end = start + k.shape[2]
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
-
-
-class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        if cfg.d_model % cfg.n_heads or cfg.n_heads % cfg.n_kv_heads:
-            raise ValueError("d_model must divide by n_heads, and n_heads by n_kv_heads")
-        self.n_heads, self.n_kv = cfg.n_heads, cfg.n_kv_heads
-        self.head_dim = cfg.d_model // cfg.n_heads
-        self.wqkv = nn.Linear(cfg.d_model, (cfg.n_heads + 2 * cfg.n_kv_heads) * self.head_dim, bias=False)
-        self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.d_model, bias=False)
-        self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
-        self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
-
-    def forward(self, x, cos, sin, mask, cache: KVCache | None = None, start: int = 0):
-        B, T, _ = x.shape  # (B, T, D)
-        q, k, v = self.wqkv(x).split(
-            [self.n_heads * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim], dim=-1
-        )
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
-        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
-        if cache is not None:
-            k, v = cache.update(start, k, v)  # (B, Hkv, start+T, hd)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv != self.n_heads
-        )
-        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
-
-
-class SwiGLU(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.w_gate_up = nn.Linear(dim, 2 * hidden, bias=False)  # one matmul for both branches
-        self.w_down = nn.Linear(hidden, dim, bias=False)
-
-    def forward(self, x, modality=None):  # modality: unused, the signature every FFN shares
-        gate, up = self.w_gate_up(x).chunk(2, dim=-1)
-        return self.w_down(F.silu(gate) * up)
-
-
-class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, ffn: nn.Module | None = None):
-        super().__init__()
-        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = Attention(cfg)
-        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.ffn = ffn if ffn is not None else SwiGLU(cfg.d_model, cfg.ffn_hidden)
-
-    def forward(self, x, cos, sin, mask, cache=None, start=0, modality=None):
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, start)
-        return x + self.ffn(self.ffn_norm(x), modality)
+from nmm.model.layers import Block, KVCache, RMSNorm, SwiGLU, rope_tables
+from nmm.model.moe import MoEFeedForward
+from nmm.model.mot import MoTBlock
 
 
 def modality_expert_groups(n_experts: int, modalities: tuple[str, ...], listed: dict[str, list[int]]) -> list[list[int]]:
@@ -128,8 +33,6 @@ def modality_expert_groups(n_experts: int, modalities: tuple[str, ...], listed: 
 
 
 def _moe_block(cfg: ModelConfig, modalities: tuple[str, ...], aware: bool) -> Block:
-    from nmm.model.moe import MoEFeedForward
-
     m = cfg.moe
     groups = modality_expert_groups(m.n_experts, modalities, m.modality_experts) if aware else None
     ffn = MoEFeedForward(cfg.d_model, m.expert_hidden or cfg.ffn_hidden, m.n_experts, m.top_k,
@@ -139,8 +42,6 @@ def _moe_block(cfg: ModelConfig, modalities: tuple[str, ...], aware: bool) -> Bl
 
 
 def _mot_block(cfg: ModelConfig, modalities: tuple[str, ...]) -> nn.Module:
-    from nmm.model.mot import MoTBlock
-
     return MoTBlock(cfg, n_modalities=len(modalities))
 
 
