@@ -7,49 +7,19 @@ exactly what the client holds after each step instead of relying on timing.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import queue
-import socket
 import threading
 import time
 
-import pytest
 
-import fastapi  # noqa: E402,F401
-import uvicorn  # noqa: E402
-import httpx  # noqa: E402
-from fastapi.testclient import TestClient  # noqa: E402
+import httpx
+from fastapi.testclient import TestClient
 
-from nmm.api import Pipeline  # noqa: E402
-from nmm.serve import Limits, create_app, load_pipeline  # noqa: E402
+from nmm.api import Pipeline
+from nmm.serve import Limits, create_app, load_pipeline
 
 CHAT = "/v1/chat/completions"
-
-
-@pytest.fixture(scope="module")
-def served():
-    return load_pipeline("shapes-tiny")
-
-
-@contextlib.contextmanager
-def live(app):
-    """uvicorn serving `app` on a free port of 127.0.0.1, in a thread; yields the base URL."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started and thread.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert server.started
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
 
 
 class Gate:
@@ -87,7 +57,7 @@ def read_events(response, into: queue.Queue) -> None:
     into.put(None)
 
 
-def test_stream_sends_each_token_as_it_is_decoded(served):
+def test_stream_sends_each_token_as_it_is_decoded(served, live):
     request = {"messages": [{"role": "user", "content": "what colour is the circle?"}], "max_tokens": 40,
                "temperature": 0}
     whole = TestClient(create_app(*served)).post(CHAT, json=request).json()  # the reference answer
@@ -124,7 +94,7 @@ def test_stream_sends_each_token_as_it_is_decoded(served):
     assert chunks[-1]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
 
 
-def test_concurrent_requests_share_decode_steps(served):
+def test_concurrent_requests_share_decode_steps(served, live):
     app = create_app(Pipeline(served[0].model, served[0].codecs), served[1])
     scheduler = app.state.scheduler
     bodies = [{"messages": [{"role": "user", "content": f"how many shapes are there? {i}"}], "max_tokens": 16,
@@ -158,7 +128,7 @@ def test_concurrent_requests_share_decode_steps(served):
     assert answers[-1]["choices"][0]["message"]["content"][0]["type"] == "image_url"
 
 
-def test_a_client_that_leaves_frees_its_row(served):
+def test_a_client_that_leaves_frees_its_row(served, live):
     app, gate = gated_app(served, max_batch=2)
     scheduler, handles = app.state.scheduler, []
     submit = scheduler.submit_many

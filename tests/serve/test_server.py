@@ -12,29 +12,20 @@ import io
 import json
 import random
 import re
-import socket
-import threading
 import time
 
 import numpy as np
 import pytest
 from PIL import Image
 
-import fastapi  # noqa: E402,F401
-from fastapi.testclient import TestClient  # noqa: E402
+from fastapi.testclient import TestClient
 
-from nmm.data.shapes import ShapesWorld  # noqa: E402
-from nmm.infer.scheduler import Request  # noqa: E402
-from nmm.serve import Limits, create_app, load_pipeline  # noqa: E402
-from nmm.serve.schemas import picture_caption  # noqa: E402
+from nmm.data.shapes import ShapesWorld
+from nmm.infer.scheduler import Request
+from nmm.serve import Limits, create_app, load_pipeline
+from nmm.serve.schemas import picture_caption
 
 CHAT, IMAGES = "/v1/chat/completions", "/v1/images/generations"
-
-
-@pytest.fixture(scope="module")
-def served():
-    pipe, name = load_pipeline("shapes-tiny")  # a preset: random weights
-    return pipe, name
 
 
 @pytest.fixture(scope="module")
@@ -391,26 +382,13 @@ def test_fuzz_never_5xx(served):
 
 # ---- the official client against a live server --------------------------------------------------
 @pytest.fixture(scope="module")
-def live_url(served):
-    import uvicorn  # noqa: E402
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(*served, api_key="sk-test"), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started and thread.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert server.started
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
-    server.should_exit = True
-    thread.join(timeout=10)
-    sock.close()
-    assert not thread.is_alive()
+def live_url(served, live):
+    with live(create_app(*served, api_key="sk-test")) as url:
+        yield f"{url}/v1"
 
 
 def test_openai_client(live_url, served):
-    import openai  # noqa: E402
+    import openai
     client = openai.OpenAI(base_url=live_url, api_key="sk-test", max_retries=0, timeout=30)
     name = served[1]
     assert [m.id for m in client.models.list()] == [name]
