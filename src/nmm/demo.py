@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from nmm.config import load_config
-from nmm.eval.report import write_report
+from nmm.eval.report import machine_info, write_report
 from nmm.eval.runner import evaluate
 from nmm.train.prepare import make_world
 from nmm.train.trainer import train
@@ -51,10 +51,14 @@ def run_demo(out: Path, quick: bool = False, overrides: list[str] | None = None,
         "steps": summary["steps"],
         "all": metrics,
     }
+    metrics["eval_minutes"] = metrics["all"].get("eval_minutes")
     metrics["demo_minutes"] = round((time.time() - t0) / 60, 3)
+    machine = machine_info()  # after train(): torch's thread count is the one training used
+    metrics["machine"] = machine
     atomic_write_json(out / "metrics.json", metrics)
     log("[3/3] writing report")
     report = write_report(out, {k: v for k, v in metrics.items() if k != "all"}, artefacts, (real, recon),
-                          title=f"nmm demo: {cfg.name}")
+                          title=f"nmm demo: {cfg.name}", machine=machine,
+                          tokenizer_n=cfg.image.eval_images if tok.get("judge_exact") is not None else None)
     metrics["report"] = str(report)
     return metrics
