@@ -4,7 +4,9 @@ does it, and as a static-shape prototype), and HF's forward on the same weights.
     PYTHONPATH=src python benchmarks/decode_step_probe.py --run shapes-demo --batch 1
     PYTHONPATH=src python benchmarks/decode_step_probe.py --batch 8 --no-compile
 
-Not part of `nmm bench`: a probe behind the Engine changes proposed in docs/performance.md. Every
+Not part of `nmm bench`: a probe behind the Engine changes proposed in docs/performance.md. Its HF
+rows are eager; the compiled HF baseline (static cache, compiled decode step) is `nmm bench
+--compile`'s compiled pair. Every
 variant computes one new token for `batch` rows against a KV cache holding `--cached` tokens.
 Times are this thread's CPU time (`time.thread_time`, one torch thread), the best of 5 blocks of
 calls: on a shared machine that is closer to the idle-machine cost than wall time.
@@ -20,6 +22,7 @@ calls: on a shared machine that is closer to the idle-machine cost than wall tim
 from __future__ import annotations
 
 import argparse
+import inspect
 import time
 
 import torch
@@ -111,12 +114,14 @@ def main(argv=None) -> dict:
 
     hf = nmm_to_hf(model)
     cache = DynamicCache(config=hf.config)
-    hf(input_ids=torch.full((B, P), 5), past_key_values=cache, use_cache=True)
+    # transformers 5.x renames the forward's `past_key_values` to `cache` (the old name warns, then goes in 5.40)
+    kw = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
+    hf(input_ids=torch.full((B, P), 5), use_cache=True, **{kw: cache})
     attn = torch.ones(B, P + 1, dtype=torch.long)
 
     def hf_step(head: bool):
-        out = (hf if head else hf.model)(input_ids=ids, attention_mask=attn, position_ids=pos,
-                                         past_key_values=cache, use_cache=True)
+        out = (hf if head else hf.model)(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True,
+                                         **{kw: cache})
         cache.crop(-1)  # back to P cached tokens: every call does the same work
         return out
 

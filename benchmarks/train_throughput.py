@@ -3,6 +3,7 @@
     python benchmarks/train_throughput.py                       # the nmm demo model (shapes-demo)
     python benchmarks/train_throughput.py --steps 20 --json-out bench.json
     python benchmarks/train_throughput.py --d-model 32 --layers 2 --heads 4 --kv-heads 2 --ffn 64 --batch 2 --seq 32
+    python benchmarks/train_throughput.py --compile             # + the compiled pair, in the same rounds
 
 Both models get the same dimensions (d_model, layers, heads, kv heads, SwiGLU hidden =
 intermediate_size, vocabulary, RoPE theta, RMSNorm eps, no bias, untied embeddings; nmm's QK-norm
@@ -16,6 +17,11 @@ denormals). A training step is forward + loss + backward + AdamW step. Rows:
   nmm forward+CE, unfactorised head
                       as above with `factorised_image_head=False`: exactly HF Llama's computation
   HF Llama forward+CE `LlamaForCausalLM(input_ids).logits` (sdpa) + cross-entropy
+
+With `--compile` two more rows, the compiled pair: `nmm loss() compiled` and `HF Llama forward+CE
+compiled`, each the module above through `torch.compile` (default options, the same for both),
+fresh models from the same seed. Eager rows are compared with the eager HF row, compiled rows with
+the compiled HF row (`baseline` in the JSON). Compilation happens in the warm-up steps.
 
 Variants are stepped in turn (A, B, C, D, D, C, B, A, ...) so machine noise is shared fairly.
 tokens/s and the nmm/HF ratio come from the median step time; the JSON also has the mean, the
@@ -140,10 +146,10 @@ class ForwardCE(torch.nn.Module):
 
 class Variant:
     def __init__(self, name: str, net: torch.nn.Module, params, compile: bool, autocast):
-        self.name, self.params = name, list(params)
+        self.name, self.params, self.compiled = name, list(params), compile
         self.net = torch.compile(net) if compile else net
         self.opt = torch.optim.AdamW(self.params, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1, fused=False)
-        self.autocast, self.times, self.losses = autocast, [], []
+        self.autocast, self.times, self.losses, self.warmup_first = autocast, [], [], None
 
     def step(self, batch) -> float:
         t0 = time.perf_counter()
@@ -161,22 +167,30 @@ def build_variants(args, vocab: Vocabulary) -> list[Variant]:
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if args.dtype == "bf16" else contextlib.nullcontext
     cfg = model_config(args.d_model, args.layers, args.heads, args.kv_heads, args.ffn, args.seq, factorised=True)
     cfg_unf = model_config(args.d_model, args.layers, args.heads, args.kv_heads, args.ffn, args.seq, factorised=False)
-    variants = []
+    def nmm_loss(compile: bool) -> Variant:
+        torch.manual_seed(args.seed)
+        m = NativeMultimodalModel(cfg, vocab).train()
+        return Variant("nmm loss()" + (" compiled" if compile else ""), NmmLoss(m), m.parameters(), compile, autocast)
+
+    def hf_llama(compile: bool) -> Variant:
+        torch.manual_seed(args.seed)
+        m = NativeMultimodalModel(cfg_unf, vocab)
+        hf = nmm_to_hf_llama(m).train()  # same initial weights as the unfactorised nmm model
+        return Variant("HF Llama forward+CE" + (" compiled" if compile else ""), ForwardCE(hf, hf=True),
+                       hf.parameters(), compile, autocast)
+
+    variants = [nmm_loss(False)]
     torch.manual_seed(args.seed)
     m = NativeMultimodalModel(cfg, vocab).train()
-    variants.append(Variant("nmm loss()", NmmLoss(m), m.parameters(), args.compile, autocast))
-    torch.manual_seed(args.seed)
-    m = NativeMultimodalModel(cfg, vocab).train()
-    variants.append(Variant("nmm forward+CE", ForwardCE(m, hf=False), m.parameters(), args.compile, autocast))
+    variants.append(Variant("nmm forward+CE", ForwardCE(m, hf=False), m.parameters(), False, autocast))
     if not args.skip_unfactorised:
         torch.manual_seed(args.seed)
         m = NativeMultimodalModel(cfg_unf, vocab).train()
         variants.append(Variant("nmm forward+CE (unfactorised head)", ForwardCE(m, hf=False), m.parameters(),
-                                args.compile, autocast))
-    torch.manual_seed(args.seed)
-    m = NativeMultimodalModel(cfg_unf, vocab)
-    hf = nmm_to_hf_llama(m).train()  # same initial weights as the unfactorised nmm model
-    variants.append(Variant("HF Llama forward+CE", ForwardCE(hf, hf=True), hf.parameters(), args.compile, autocast))
+                                False, autocast))
+    variants.append(hf_llama(False))
+    if args.compile:  # the compiled pair
+        variants += [nmm_loss(True), hf_llama(True)]
     return variants
 
 
@@ -195,9 +209,11 @@ def run(args) -> dict:
     batch = make_batch(vocab, args.batch, args.seq, seed=args.seed)
     image_frac = float((batch[1] >= vocab.start("image")).float().mean())
     variants = build_variants(args, vocab)
-    for _ in range(args.warmup):
+    for i in range(args.warmup):
         for v in variants:
-            v.step(batch)
+            dt = v.step(batch)
+            if i == 0:
+                v.warmup_first = dt  # compiled variants: includes the compilation
     for v in variants:
         v.times.clear()
         v.losses.clear()
@@ -207,13 +223,17 @@ def run(args) -> dict:
             v.times.append(v.step(batch))
 
     tokens = args.batch * args.seq
-    hf = variants[-1]
-    hf_med, hf_mean = statistics.median(hf.times), sum(hf.times) / len(hf.times)
+    # eager rows against the eager HF row, compiled rows against the compiled one
+    baselines = {v.compiled: v for v in variants if v.name.startswith("HF")}
     rows = []
     for v in variants:
+        hf = baselines[v.compiled]
+        hf_med, hf_mean = statistics.median(hf.times), sum(hf.times) / len(hf.times)
         med, mean = statistics.median(v.times), sum(v.times) / len(v.times)
         rows.append({
             "name": v.name,
+            "compiled": v.compiled,
+            "baseline": hf.name,
             "tokens_per_s": round(tokens / med, 1),  # from the median step: robust to a busy machine
             "tokens_per_s_mean": round(tokens / mean, 1),
             "tokens_per_s_best": round(tokens / min(v.times), 1),
@@ -230,6 +250,18 @@ def run(args) -> dict:
         })
     import transformers
 
+    by_name = {r["name"]: r for r in rows}
+    compiled = {}
+    if args.compile:
+        nmm_c, hf_c = by_name["nmm loss() compiled"], by_name["HF Llama forward+CE compiled"]
+        compiled = {
+            "nmm_compiled_tokens_per_s": nmm_c["tokens_per_s"], "hf_compiled_tokens_per_s": hf_c["tokens_per_s"],
+            "ratio_nmm_over_hf_compiled": nmm_c["ratio_vs_hf"],
+            "ratio_nmm_over_hf_compiled_best": nmm_c["ratio_vs_hf_best"],
+            "ratio_nmm_over_hf_compiled_paired": nmm_c["ratio_vs_hf_paired"],
+            "first_warmup_step_s": {v.name: round(v.warmup_first, 2) for v in variants if v.warmup_first is not None},
+        }
+    hf_row = by_name["HF Llama forward+CE"]
     return {
         "config": {
             "d_model": args.d_model, "layers": args.layers, "heads": args.heads, "kv_heads": args.kv_heads,
@@ -242,28 +274,33 @@ def run(args) -> dict:
         "rows": rows,
         "nmm_tokens_per_s": rows[0]["tokens_per_s"],
         "nmm_forward_ce_tokens_per_s": rows[1]["tokens_per_s"],
-        "hf_tokens_per_s": rows[-1]["tokens_per_s"],
+        "hf_tokens_per_s": hf_row["tokens_per_s"],
         "ratio_nmm_over_hf": rows[0]["ratio_vs_hf"],
         "ratio_nmm_forward_ce_over_hf": rows[1]["ratio_vs_hf"],
         "ratio_nmm_over_hf_best": rows[0]["ratio_vs_hf_best"],
         "ratio_nmm_over_hf_paired": rows[0]["ratio_vs_hf_paired"],
+        **compiled,
         "env": {
             "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version(), "machine": platform.machine(),
             "processor": platform.processor(), "cpu_count": os.cpu_count(),
+            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         },
     }
 
 
 def format_table(result: dict) -> str:
-    head = f"{'variant':<36} {'tokens/s':>9} {'best':>7} {'mean':>7}  {'nmm/HF':>6} {'best':>6} {'mean':>6}"
+    head = (f"{'variant':<36} {'tokens/s':>9} {'best':>7} {'mean':>7}  {'nmm/HF':>6} {'best':>6} {'mean':>6} "
+            f"{'paired':>6}")
     lines = [head, "-" * len(head)]
     for r in result["rows"]:
         lines.append(
             f"{r['name']:<36} {r['tokens_per_s']:>9.0f} {r['tokens_per_s_best']:>7.0f} {r['tokens_per_s_mean']:>7.0f}  "
-            f"{r['ratio_vs_hf']:>5.2f}x {r['ratio_vs_hf_best']:>5.2f}x {r['ratio_vs_hf_mean']:>5.2f}x"
+            f"{r['ratio_vs_hf']:>5.2f}x {r['ratio_vs_hf_best']:>5.2f}x {r['ratio_vs_hf_mean']:>5.2f}x "
+            f"{r['ratio_vs_hf_paired']:>5.2f}x"
         )
-    lines.append("tokens/s and nmm/HF from the median step time; best = fastest step, mean = mean step time")
+    lines.append("tokens/s and nmm/HF from the median step time; best = fastest step, mean = mean step time, paired = "
+                 "median of per-round ratios; compiled rows are compared with the compiled HF row")
     return "\n".join(lines)
 
 
@@ -281,7 +318,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=10, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--compile", action="store_true", help="torch.compile every variant")
+    p.add_argument("--compile", action="store_true",
+                   help="add the compiled pair: nmm loss() and HF Llama forward+CE through torch.compile")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vocab", type=int, nargs=4, metavar=("N_TEXT", "F0", "F1", "TOKENS_PER_IMAGE"), default=None,

@@ -10,8 +10,7 @@ import json
 
 import pytest
 import torch
-
-import transformers  # noqa: E402,F401
+import transformers  # noqa: F401  (a declared dev dependency: a missing one fails, never skips)
 
 from nmm.bench.hf import ParityError, hf_arch, logits_parity, nmm_to_hf
 from nmm.config import ModelConfig
@@ -103,10 +102,15 @@ def test_bench_decode_quick_writes_json(tmp_path):
     assert d["parity"]["max_abs_diff"] < 1e-4 and d["parity"]["hf_arch"] == "Qwen3ForCausalLM"
     assert [r["batch"] for r in d["rows"]] == [1, 2]
     for r in d["rows"]:
-        assert positive(r["nmm_tokens_per_s"], r["hf_tokens_per_s"], r["speedup"], r["speedup_best"],
-                        r["speedup_paired"], r["speedup_cpu_time"])
-        assert r["tokens_match"] == 1.0  # greedy decoding of the same weights gives the same tokens
-    assert set(d["goal"]) == {"metric", "target", "value", "met"} and d["goal"]["target"] == 3.0
+        assert list(r["pairs"]) == ["eager"]  # without --compile: the eager pair only
+        p = r["pairs"]["eager"]
+        assert positive(p["nmm_tokens_per_s"], p["hf_tokens_per_s"], p["speedup"], p["speedup_best"],
+                        p["speedup_paired"], p["speedup_cpu_time"])
+        assert len(p["nmm_s"]) == len(p["hf_s"]) == 1
+        assert p["tokens_match"] == 1.0  # greedy decoding of the same weights gives the same tokens
+    # the goal is on the compiled pair, which was not run: said so, not faked
+    assert d["goal"]["target"] == 2.0 and d["goal"]["value"] is None and d["goal"]["met"] is False
+    assert "--compile" in d["goal"]["note"]
 
 
 def test_bench_image_quick_writes_json(tmp_path):
@@ -115,26 +119,85 @@ def test_bench_image_quick_writes_json(tmp_path):
     d = json.loads(out.read_text())["image"]
     assert d["parity"]["max_abs_diff"] < 1e-4
     (r,) = d["rows"]
-    assert r["batch"] == 1 and r["cfg_scale"] == 2.0
-    assert positive(r["nmm_s_per_image"], r["hf_s_per_image"], r["speedup"])
-    assert r["images_match"] == 1.0
-    assert d["goal"]["target"] == 5.0
+    assert r["batch"] == 1 and r["cfg_scale"] == 2.0 and list(r["pairs"]) == ["eager"]
+    p = r["pairs"]["eager"]
+    assert positive(p["nmm_s_per_image"], p["hf_s_per_image"], p["speedup"], p["hf_batched_s_per_image"],
+                    p["vs_hf_batched"]["speedup"])
+    # HF's stock CFG, HF with the unconditional prompts batched, and nmm: the same images
+    assert p["images_match"] == 1.0 and p["hf_batched_images_match"] == 1.0
+    assert d["goal"]["target"] == 2.0 and d["goal"]["value"] is None
+
+
+@pytest.mark.slow
+def test_bench_all_quick_compile_reports_both_pairs(tmp_path):
+    """--compile: the compiled pair (nmm Engine(compile=True) vs HF generate with a static cache and a compiled
+    decode step) next to the eager pair, in one run; the compiled HF decodes exactly nmm's tokens and images."""
+    out = tmp_path / "all.json"
+    text = bench_cli("all", "--quick", "--compile", "--run", "shapes-tiny", "--out", out)
+    assert "compiled" in text and "static cache" in text
+    data = json.loads(out.read_text())
+    for name, match in (("decode", "tokens_match"), ("image", "images_match")):
+        d = data[name]
+        assert d["config"]["compile"] is True and set(d["config"]["pairs"]) == {"eager", "compiled"}
+        for r in d["rows"]:
+            assert list(r["pairs"]) == ["eager", "compiled"]
+            for p in r["pairs"].values():
+                assert p[match] == 1.0 and p["nmm_matches_eager"] == 1.0
+                assert positive(p["speedup"], p["speedup_paired"], p["speedup_cpu_time"])
+                assert positive(p["nmm_first_call_s"], p["hf_first_call_s"])
+        first = next(r for r in d["rows"] if r["batch"] == 1)
+        g = d["goal"]
+        assert g["target"] == 2.0 and g["value"] == first["pairs"]["compiled"]["speedup"]
+        assert g["met"] == (g["value"] >= 2.0)
+    _check_server(data["server"], stream=False)
 
 
 def test_bench_server_quick_against_a_live_server(tmp_path):  # about 10 s: a real server subprocess
     _server_quick(tmp_path)
 
 
+def test_bench_server_quick_streamed(tmp_path):
+    out = tmp_path / "server.json"
+    bench_cli("server", "--quick", "--stream", "--run", "shapes-tiny", "--out", out)
+    _check_server(json.loads(out.read_text())["server"], stream=True)
+
+
 def _server_quick(tmp_path):
     out = tmp_path / "server.json"
     bench_cli("server", "--quick", "--run", "shapes-tiny", "--out", out)
-    d = json.loads(out.read_text())["server"]
+    _check_server(json.loads(out.read_text())["server"], stream=False)
+
+
+def _check_server(d, stream: bool):
+    from nmm.bench.server import server_has_fixed_length
+
+    n = d["config"]["max_tokens"]
+    assert n == 8 and d["config"]["stream"] is stream
+    via = "request fields" if server_has_fixed_length() else "server without <eos>"
+    assert d["config"]["fixed_length_via"] == via
     assert [lvl["clients"] for lvl in d["levels"]] == [1, 2]
     for lvl in d["levels"]:
         assert lvl["ok"] == lvl["requests"] == 4 and lvl["errors"] == 0
-        assert positive(lvl["requests_per_s"], lvl["latency_p50_s"], lvl["latency_p99_s"], lvl["completion_tokens_mean"])
+        # every answer has exactly the forced length: the levels load the decoder, not just the HTTP stack
+        assert lvl["completion_tokens_min"] == lvl["completion_tokens_max"] == n and lvl["wrong_length"] == 0
+        assert lvl["finish_reasons"] == {"length": 4}
+        assert lvl["completion_tokens_per_s"] == pytest.approx(lvl["requests_per_s"] * n, rel=0.01)
+        assert positive(lvl["requests_per_s"], lvl["latency_p50_s"], lvl["latency_p99_s"])
         assert lvl["latency_p50_s"] <= lvl["latency_p99_s"]
-    assert positive(d["scaling"]) and d["goal"]["target"] == 10.0
+        if stream:
+            assert 0 < lvl["ttft_p50_s"] <= lvl["ttft_p99_s"] and lvl["ttft_p50_s"] < lvl["latency_p99_s"]
+            assert positive(lvl["tpot_p50_s"])
+        else:
+            assert "ttft_p50_s" not in lvl
+    assert positive(d["scaling"], d["tokens_per_s_scaling"]) and d["goal"]["target"] == 10.0
+
+
+def test_chat_body_asks_for_a_fixed_length():
+    from nmm.bench.server import chat_body
+
+    body = chat_body(32)
+    assert body["max_tokens"] == body["min_tokens"] == 32 and body["ignore_eos"] is True and "stream" not in body
+    assert chat_body(8, stream=True)["stream_options"] == {"include_usage": True}
 
 
 def test_server_process_reports_a_failed_start():

@@ -3,7 +3,7 @@
     nmm bench decode --run shapes-demo --out bench-decode.json
     nmm bench image  --run runs/demo
     nmm bench server --run shapes-demo
-    nmm bench all    --run shapes-demo --out bench.json
+    nmm bench all    --run shapes-demo --compile --out bench.json   # eager and compiled pairs
 
 Each subcommand prints a table and writes JSON: {"target": ..., "<benchmark>": {...}}, with every
 timing, the ratios and whether the goal was met. TARGET is a run directory (its trained weights) or
@@ -31,14 +31,17 @@ Quick = Annotated[bool, typer.Option(help="A few seconds each: smaller batches, 
 Threads = Annotated[int, typer.Option(help="torch threads for nmm and HF alike (decode/image), and of the server "
                                            "process (server; 0: torch's default).")]
 Repeats = Annotated[int | None, typer.Option(help="Timed rounds per batch size (default 5; --quick: 1).")]
-Compile = Annotated[bool, typer.Option("--compile", help="nmm's Engine with compile=True (torch.compile of the decode "
-                                                         "step; compiled in the untimed warm-up). HF stays eager.")]
+Compile = Annotated[bool, typer.Option("--compile", help=(
+    "Also the compiled pair (decode/image): nmm's Engine(compile=True) vs HF generate with a static cache and a "
+    "compiled decode step (both compiled in the untimed warm-up), in the same rounds as the eager pair."))]
+Stream = Annotated[bool, typer.Option("--stream", help="Server: streamed requests, adding time to first token and time "
+                                                       "per output token (the server then wakes per token).")]
 
 # The settings behind --quick: enough to exercise every code path, not to measure anything.
 QUICK = {
     "decode": {"batches": (1, 2), "new_tokens": 8, "repeats": 1, "warmup": 0},
     "image": {"batches": (1,), "repeats": 1, "warmup": 0},
-    "server": {"clients": (1, 2), "requests_per_level": 4, "warmup_requests": 1},
+    "server": {"clients": (1, 2), "requests_per_level": 4, "warmup_requests": 1, "max_tokens": 8},
 }
 
 
@@ -68,11 +71,11 @@ def _image(pipe, quick: bool, threads: int, repeats: int | None, compile: bool) 
     return run_image(pipe, threads=threads, compile=compile, log=console.print, **kw)
 
 
-def _server(run: str, quick: bool, requests: int, max_tokens: int, threads: int = 1) -> dict:
+def _server(run: str, quick: bool, requests: int, max_tokens: int, threads: int = 1, stream: bool = False) -> dict:
     from nmm.bench.server import run_server
 
-    kw = dict(QUICK["server"]) if quick else {"requests_per_level": requests}
-    return run_server(run, max_tokens=max_tokens, threads=threads if threads > 0 else None, log=console.print, **kw)
+    kw = dict(QUICK["server"]) if quick else {"requests_per_level": requests, "max_tokens": max_tokens}
+    return run_server(run, threads=threads if threads > 0 else None, stream=stream, log=console.print, **kw)
 
 
 def _finish(results: dict, run: str, quick: bool, out: Path | None, default_name: str) -> None:
@@ -95,7 +98,9 @@ def decode(run: Run = "shapes-demo", out: Out = None, quick: Quick = False, thre
     The nmm model is copied into HF (LlamaForCausalLM, or Qwen3ForCausalLM when it has QK-norm) and
     the logits are checked to match (max |diff| < 1e-4) before anything is timed. Both decode the
     same prompts greedily for exactly NEW_TOKENS tokens (eos disallowed), text ids only; the table
-    also says whether both produced the same tokens. Goal: nmm >= 3x HF at batch 1."""
+    also says whether both produced the same tokens. Pairs: eager nmm vs eager HF; with --compile
+    also Engine(compile=True) vs HF generate(cache_implementation="static") with a compiled decode
+    step. Goal (compiled pair): nmm >= 2x HF at batch 1."""
     _finish({"decode": _decode(_load(run), quick, threads, repeats, new_tokens, compile)}, run, quick, out, "decode")
 
 
@@ -108,30 +113,35 @@ def image(run: Run = "shapes-demo", out: Out = None, quick: Quick = False, threa
     `Pipeline.generate_images`; HF runs `generate` with `guidance_scale` (its unconditional branch
     is `<bos> <boi>`, as nmm's) and a logits processor allowing only image codes, then <eoi>. The
     logits are checked to match first; decoding is greedy on both sides, so the images must be
-    identical (the table says whether they are). Goal: nmm >= 5x faster at batch 1."""
+    identical (the table says whether they are). Pairs: eager nmm vs eager HF (stock CFG; the table
+    adds HF with the unconditional prompts batched, as nmm does); with --compile also
+    Engine(compile=True) vs HF with batched CFG, a static cache and a compiled decode step.
+    Goal (compiled pair): nmm >= 2x faster at batch 1."""
     _finish({"image": _image(_load(run), quick, threads, repeats, compile)}, run, quick, out, "image")
 
 
 @bench_app.command("server")
 def server(run: Run = "shapes-demo", out: Out = None, quick: Quick = False, threads: Threads = 1,
            requests: Annotated[int, typer.Option(help="Requests per concurrency level.")] = 128,
-           max_tokens: Annotated[int, typer.Option(help="max_tokens of each chat completion.")] = 32):
-    """Requests/s and p50/p99 latency of `nmm serve` at 1, 8 and 32 concurrent clients.
+           max_tokens: Annotated[int, typer.Option(help="Length of every answer (max_tokens = min_tokens).")] = 32,
+           stream: Stream = False):
+    """Requests/s, tokens/s and p50/p99 latency of `nmm serve` at 1, 8 and 32 concurrent clients.
 
     Starts `nmm serve RUN` on 127.0.0.1 as a subprocess and drives it over HTTP: every client sends
-    the same greedy chat completion (max_tokens 32) until REQUESTS have been answered at that level;
-    a 429 (queue full) is retried after a pause and counted. Goal: requests/s at 32 clients >= 10x
-    one client. The server runs with THREADS torch threads (default 1, as decode and image).
-    --quick: 1 and 2 clients, 4 requests."""
-    _finish({"server": _server(run, quick, requests, max_tokens, threads)}, run, quick, out, "server")
+    the same greedy chat completion until REQUESTS have been answered at that level; every answer is
+    exactly MAX_TOKENS tokens (min_tokens / ignore_eos, as vLLM's benchmark; checked), so the levels
+    load the batched decoder. A 429 (queue full) is retried after a pause and counted. Goal:
+    requests/s at 32 clients >= 10x one client. The server runs with THREADS torch threads (default
+    1, as decode and image). --quick: 1 and 2 clients, 4 requests of 8 tokens."""
+    _finish({"server": _server(run, quick, requests, max_tokens, threads, stream)}, run, quick, out, "server")
 
 
 @bench_app.command("all")
 def all_(run: Run = "shapes-demo", out: Out = None, quick: Quick = False, threads: Threads = 1,
-         repeats: Repeats = None, compile: Compile = False):
+         repeats: Repeats = None, compile: Compile = False, stream: Stream = False):
     """decode, image and server in one run, written to one JSON file (default bench-all.json)."""
     pipe = _load(run)
     results = {"decode": _decode(pipe, quick, threads, repeats, 64, compile),
                "image": _image(pipe, quick, threads, repeats, compile)}
-    results["server"] = _server(run, quick, 128, 32, threads)
+    results["server"] = _server(run, quick, 128, 32, threads, stream)
     _finish(results, run, quick, out, "all")

@@ -1,7 +1,7 @@
 """What the `nmm bench` benchmarks share: loading the model, timing two contenders fairly, reporting.
 
-Timing on a busy CPU: the two contenders (nmm and Hugging Face) take turns, one run each per round,
-and the one that goes first alternates, so that machine noise falls on both. Each run records wall
+Timing on a busy CPU: the contenders (nmm and Hugging Face, eager and compiled) take turns, one run
+each per round, and the order is reversed every other round, so that machine noise falls on all. Each run records wall
 time and this process's CPU time. Ratios come from the median run; the JSON also keeps the fastest
 run, a per-round paired ratio and every time. With one torch thread, CPU time is close to wall time
 on an idle machine but is not inflated when another process takes the core away, so a CPU-time
@@ -118,6 +118,17 @@ def ratios(fast: Timings, slow: Timings) -> dict:
         "speedup_best": round(slow.best / fast.best, 3),
         "speedup_paired": round(statistics.median(s / f for s, f in zip(slow.wall, fast.wall)), 3),
         "speedup_cpu_time": round(slow.cpu_median / fast.cpu_median, 3),
+    }
+
+
+def pair(nmm: Timings, hf: Timings, value: Callable[[float], float], key: str) -> dict:
+    """One nmm-vs-HF pair: `value(median seconds)` of each side as nmm_<key> / hf_<key>, the ratios,
+    the first (compiling) call and every time."""
+    return {
+        f"nmm_{key}": value(nmm.median), f"hf_{key}": value(hf.median), **ratios(nmm, hf),
+        "nmm_first_call_s": nmm.first_call, "hf_first_call_s": hf.first_call,
+        "nmm_s": rounded(nmm.wall), "hf_s": rounded(hf.wall),
+        "nmm_cpu_s": rounded(nmm.cpu), "hf_cpu_s": rounded(hf.cpu),
     }
 
 

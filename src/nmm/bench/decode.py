@@ -10,9 +10,16 @@ give the same tokens: `tokens_match` reports it, as a second check after the log
 
 tokens/s = batch x new_tokens / (wall time of one `generate` call, prefill included).
 
-`compile=True` measures nmm's Engine with `compile=True` (its decode step through `torch.compile`);
-the compile happens in the untimed warm-up run, whose wall time the JSON keeps (`*_first_call_s`).
-HF runs its default eager `generate` either way.
+Two pairs, each like against like:
+
+  eager     nmm `Engine`                    vs HF `generate` (DynamicCache, eager)
+  compiled  nmm `Engine(compile=True)`      vs HF `generate(cache_implementation="static")` with its
+                                               decode step compiled (`nmm.bench.hf.static_compiled`:
+                                               HF's CompileConfig route, nmm's inductor options)
+
+The eager pair always runs; `compile=True` adds the compiled pair, in the same rounds (all four
+contenders take turns), so both pairs see the same machine. Compilation happens in the untimed
+warm-up run, whose wall time the JSON keeps (`*_first_call_s`). The goal is on the compiled pair.
 """
 
 from __future__ import annotations
@@ -23,23 +30,29 @@ from nmm.bench.common import (
     TEXT_PROMPTS,
     env_info,
     goal,
-    ratios,
-    rounded,
+    pair,
     set_threads,
     time_turns,
 )
 from nmm.bench.hf import (
     allowed_ids_processor,
+    check_compiled,
     left_pad,
     logits_parity,
     nmm_to_hf,
     quiet_transformers,
+    static_compiled,
 )
 from nmm.errors import NmmError
 from nmm.infer.engine import Engine
 from nmm.infer.sampling import SamplingConfig
 
-GOAL_SPEEDUP_BATCH1 = 3.0
+GOAL_COMPILED_BATCH1 = 2.0  # compiled nmm / compiled HF tokens/s at batch 1
+PAIRS = {
+    "eager": ("nmm", "hf", "nmm Engine", "HF generate (DynamicCache)"),
+    "compiled": ("nmm_compiled", "hf_compiled", "nmm Engine(compile=True)",
+                 "HF generate (static cache, compiled decode step)"),
+}
 
 
 def parity_ids(vocab, prompts: list[list[int]], length: int = 48, seed: int = 0) -> torch.Tensor:
@@ -50,6 +63,12 @@ def parity_ids(vocab, prompts: list[list[int]], length: int = 48, seed: int = 0)
     first = torch.tensor(prompts[0][:length])
     rand[0, : len(first)] = first
     return rand
+
+
+def pending_goal(metric: str, target: float) -> dict:
+    """The goal of a pair that was not measured (no --compile): no value, not met."""
+    return {"metric": metric, "target": target, "value": None, "met": False,
+            "note": "the compiled pair was not run: use --compile"}
 
 
 def run_decode(pipe, batches=(1, 8), new_tokens: int = 64, repeats: int = 5, warmup: int = 1,
@@ -68,29 +87,35 @@ def run_decode(pipe, batches=(1, 8), new_tokens: int = 64, repeats: int = 5, war
     parity = logits_parity(model, hf, parity_ids(v, prompts).to(device), atol)  # raises ParityError
     log(f"parity nmm -> {parity['hf_arch']}: max |logit diff| {parity['max_abs_diff']:.2e} (< {atol:g})")
 
-    engine = Engine(model, device, compile=compile)
-    warmup = max(warmup, 1) if compile else warmup  # never time the compilation
-    rows = [_run_batch(engine, hf, [prompts[i % len(prompts)] for i in range(batch)], new_tokens, repeats, warmup, log)
-            for batch in batches]
+    engines = {"nmm": Engine(model, device)}
+    if compile:
+        engines["nmm_compiled"] = Engine(model, device, compile=True)
+        warmup = max(warmup, 1)  # never time the compilation
+    rows = [_run_batch(engines, hf, [prompts[i % len(prompts)] for i in range(batch)], new_tokens, repeats, warmup,
+                       log) for batch in batches]
 
     first = next((r for r in rows if r["batch"] == 1), rows[0])
+    metric = f"compiled nmm / compiled HF tokens/s at batch {first['batch']}"
     return {
         "benchmark": "decode",
         "what": "greedy text decoding, fixed length (eos disallowed), tokens/s = batch*new_tokens / generate() wall time",
         "config": {"batches": list(batches), "new_tokens": new_tokens, "repeats": repeats, "warmup": warmup,
-                   "threads": threads, "nmm_compile": compile, "hf_arch": parity["hf_arch"],
-                   "hf_cache": "DynamicCache (default)"},
+                   "threads": threads, "compile": compile, "hf_arch": parity["hf_arch"],
+                   "pairs": {name: {"nmm": p[2], "hf": p[3]} for name, p in PAIRS.items()
+                             if compile or name == "eager"}},
         "parity": parity,
         "rows": rows,
-        "goal": goal(f"nmm/HF tokens/s at batch {first['batch']}", first["speedup"], GOAL_SPEEDUP_BATCH1),
+        "goal": goal(metric, first["pairs"]["compiled"]["speedup"], GOAL_COMPILED_BATCH1) if compile
+        else pending_goal(metric, GOAL_COMPILED_BATCH1),
         "env": env_info(),
     }
 
 
-def _run_batch(engine, hf, chunk: list[list[int]], new_tokens: int, repeats: int, warmup: int, log) -> dict:
-    """One batch: the prompts `chunk`, nmm and HF in turns."""
+def _run_batch(engines: dict, hf, chunk: list[list[int]], new_tokens: int, repeats: int, warmup: int, log) -> dict:
+    """One batch: the prompts `chunk`, every contender in turns."""
     from transformers import GenerationConfig
 
+    engine = engines["nmm"]
     v, device = engine.vocab, engine.device
     ids, mask = left_pad(chunk, v.pad, device)
     greedy = SamplingConfig(temperature=0.0)
@@ -98,34 +123,43 @@ def _run_batch(engine, hf, chunk: list[list[int]], new_tokens: int, repeats: int
     text_only[: v.n_text] = True  # text ids; no specials (so no <eos>, <boi>), no image codes
     gen_cfg = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                                pad_token_id=v.pad, eos_token_id=None, use_cache=True)
+    gen_cfgs = {"hf": gen_cfg, "hf_compiled": static_compiled(gen_cfg)}
     processors = [allowed_ids_processor(text_only)]
     out = {}
 
-    @torch.no_grad()
-    def nmm_run():
-        out["nmm"] = engine.generate(chunk, new_tokens, greedy, allow_images=False, ignore_eos=True).tokens
+    def nmm_run(name):
+        @torch.no_grad()
+        def run():
+            out[name] = engines[name].generate(chunk, new_tokens, greedy, allow_images=False, ignore_eos=True).tokens
+        return run
 
-    @torch.no_grad()
-    def hf_run():
-        seqs = hf.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg, logits_processor=processors)
-        out["hf"] = seqs[:, ids.shape[1]:].tolist()
+    def hf_run(name):
+        @torch.no_grad()
+        def run():
+            seqs = hf.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfgs[name],
+                               logits_processor=processors)
+            out[name] = seqs[:, ids.shape[1]:].tolist()
+        return run
 
-    times = time_turns({"nmm": nmm_run, "hf": hf_run}, repeats, warmup)
-    lengths = {len(t) for t in out["nmm"]} | {len(t) for t in out["hf"]}
+    contenders = {"nmm": nmm_run("nmm"), "hf": hf_run("hf")}
+    if "nmm_compiled" in engines:
+        contenders |= {"nmm_compiled": nmm_run("nmm_compiled"), "hf_compiled": hf_run("hf_compiled")}
+    times = time_turns(contenders, repeats, warmup)
+    if "hf_compiled" in contenders:
+        check_compiled(hf)
+    lengths = {len(t) for name in contenders for t in out[name]}
     if lengths != {new_tokens}:
         raise NmmError(f"decode bench: expected {new_tokens} new tokens per sequence, got lengths {sorted(lengths)}")
     batch = len(chunk)
     n_tokens = batch * new_tokens
-    row = {
-        "batch": batch, "new_tokens": new_tokens, "prompt_tokens": [len(p) for p in chunk],
-        "nmm_tokens_per_s": round(n_tokens / times["nmm"].median, 1),
-        "hf_tokens_per_s": round(n_tokens / times["hf"].median, 1),
-        **ratios(times["nmm"], times["hf"]),
-        "tokens_match": sum(a == b for a, b in zip(out["nmm"], out["hf"])) / batch,
-        "nmm_first_call_s": times["nmm"].first_call, "hf_first_call_s": times["hf"].first_call,
-        "nmm_s": rounded(times["nmm"].wall), "hf_s": rounded(times["hf"].wall),
-        "nmm_cpu_s": rounded(times["nmm"].cpu), "hf_cpu_s": rounded(times["hf"].cpu),
-    }
-    log(f"batch {batch}: nmm {row['nmm_tokens_per_s']:.0f} tok/s, HF {row['hf_tokens_per_s']:.0f} tok/s, "
-        f"{row['speedup']:.2f}x")
+    row = {"batch": batch, "new_tokens": new_tokens, "prompt_tokens": [len(p) for p in chunk], "pairs": {}}
+    for name, (a, b, _, _) in PAIRS.items():
+        if a not in contenders:
+            continue
+        p = pair(times[a], times[b], lambda t: round(n_tokens / t, 1), "tokens_per_s")
+        p["tokens_match"] = sum(x == y for x, y in zip(out[a], out[b])) / batch
+        p["nmm_matches_eager"] = sum(x == y for x, y in zip(out[a], out["nmm"])) / batch
+        row["pairs"][name] = p
+        log(f"batch {batch}, {name}: nmm {p['nmm_tokens_per_s']:.0f} tok/s, HF {p['hf_tokens_per_s']:.0f} tok/s, "
+            f"{p['speedup']:.2f}x")
     return row

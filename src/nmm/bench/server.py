@@ -1,4 +1,4 @@
-"""`nmm bench server`: requests/s and latency of `nmm serve` under 1, 8 and 32 concurrent clients.
+"""`nmm bench server`: requests/s, tokens/s and latency of `nmm serve` under 1, 8 and 32 concurrent clients.
 
 The benchmark starts `nmm serve TARGET` as a subprocess on 127.0.0.1 (a free port), waits for
 /health, and drives it over HTTP only, so it measures whatever the server does. Each client is a
@@ -6,13 +6,30 @@ thread with its own keep-alive connection (standard library `http.client`, so th
 adds no dependency) that sends the same request again and again:
 
     POST /v1/chat/completions {"messages": [{"role": "user", "content": PROMPT}],
-                               "max_tokens": 32, "temperature": 0}
+                               "max_tokens": 32, "temperature": 0,
+                               "min_tokens": 32, "ignore_eos": true}
+
+**Fixed-length answers.** Every answer is exactly `max_tokens` tokens long, so a level measures
+batched decoding and not only request overhead (left to itself, an answer of a random-weights preset
+stops at `<eos>` after about 4 tokens). This is what vLLM's serving benchmark does with its
+`ignore_eos` / `min_tokens` request fields, which the body above sends. Where the server's request
+schema has neither field (`ChatRequest` ignores unknown fields), the benchmark serves with
+`python -m nmm.bench.server TARGET ...`: `nmm serve` itself with `<eos>` removed from the Engine's
+allowed-token tables (`Engine.bias_table`, which the scheduler's text rows use), so the same HTTP
+stack, scheduler and model run, only never stop early. The JSON says which (`fixed_length_via`), and
+the benchmark checks every answer: `completion_tokens == max_tokens`, `finish_reason == "length"`
+(`wrong_length` counts any that are not, and the warm-up stops the benchmark if the server does not
+comply).
 
 A level sends a fixed number of requests in total, shared by its clients. Latency is from sending
 a request to reading the whole answer. A `429` (queue full) is retried by the same client after a
 short pause, as a real client would, and its wait counts in that request's latency; the JSON
-reports how many there were. requests/s = answered requests / wall time of the level. The server
-runs with one torch thread (`--threads`, as decode and image; `OMP_NUM_THREADS` of its process).
+reports how many there were. requests/s = answered requests / wall time of the level, tokens/s =
+completion tokens / wall time. With `stream=True` the requests are streamed (server-sent events,
+`stream_options.include_usage`) and each level also reports time to first token (TTFT: to the first
+non-empty content delta) and time per output token after the first (TPOT); streaming makes the
+server wake its event loop for every token, so its requests/s are not those of plain requests. The
+server runs with one torch thread (`--threads`, as decode and image; `OMP_NUM_THREADS` of its process).
 """
 
 from __future__ import annotations
@@ -43,11 +60,13 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """`nmm serve TARGET` in a subprocess, stopped (terminate, then kill) on exit."""
+    """`nmm serve TARGET` in a subprocess, stopped (terminate, then kill) on exit. `no_eos`: serve through
+    `serve_without_eos` (`python -m nmm.bench.server`), whose answers never end at `<eos>`."""
 
-    def __init__(self, target: str, port: int | None = None, startup_timeout: float = 180.0, env: dict | None = None):
+    def __init__(self, target: str, port: int | None = None, startup_timeout: float = 180.0, env: dict | None = None,
+                 no_eos: bool = False):
         self.target, self.port = target, port or free_port()
-        self.startup_timeout, self.env = startup_timeout, env
+        self.startup_timeout, self.env, self.no_eos = startup_timeout, env, no_eos
         self.proc: subprocess.Popen | None = None
         self.log_path: Path | None = None
 
@@ -63,7 +82,8 @@ class ServerProcess:
         log = tempfile.NamedTemporaryFile("w+b", prefix="nmm-bench-serve-", suffix=".log", delete=False)
         self.log_path = Path(log.name)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "nmm.cli", "serve", self.target, "--host", "127.0.0.1", "--port", str(self.port)],
+            [sys.executable, "-m", *(("nmm.bench.server",) if self.no_eos else ("nmm.cli", "serve")), self.target,
+             "--host", "127.0.0.1", "--port", str(self.port)],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
         )
         log.close()
@@ -112,8 +132,50 @@ def request(port: int, method: str, path: str, body: dict | None = None, timeout
             conn.close()
 
 
-def chat_body(max_tokens: int) -> dict:
-    return {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": max_tokens, "temperature": 0}
+def chat(conn: http.client.HTTPConnection, body: dict) -> tuple[int, dict, float | None]:
+    """One chat completion on `conn`: (status, reply, seconds to the first content). A streamed reply is
+    read event by event and returned in the shape of a plain one (usage, choices[0].finish_reason);
+    the time to first token is None for a plain request."""
+    t0 = time.perf_counter()
+    conn.request("POST", "/v1/chat/completions", body=json.dumps(body).encode(),
+                 headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    if not body.get("stream") or resp.status != 200:
+        payload = resp.read()
+        return resp.status, (json.loads(payload) if payload[:1] in (b"{", b"[") else {}), None
+    first, finish, usage, error = None, None, None, None
+    while line := resp.readline():
+        if not line.startswith(b"data: "):
+            continue
+        data = line[6:].strip()
+        if data == b"[DONE]":
+            break
+        chunk = json.loads(data)
+        if "error" in chunk:
+            error = chunk
+        for choice in chunk.get("choices", []):
+            if first is None and choice["delta"].get("content"):
+                first = time.perf_counter() - t0
+            finish = choice.get("finish_reason") or finish
+        usage = chunk.get("usage") or usage
+    resp.read()  # the end of the chunked body, so that the connection can be reused
+    if error is not None or usage is None:
+        return 500, error or {"error": "the stream ended without usage"}, None
+    return 200, {"usage": usage, "choices": [{"finish_reason": finish}]}, first
+
+
+def chat_body(max_tokens: int, stream: bool = False) -> dict:
+    """The benchmark's request: greedy, and exactly `max_tokens` tokens long (vLLM's `min_tokens` and
+    `ignore_eos` fields; see the module docstring for servers without them)."""
+    body = {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": max_tokens, "temperature": 0,
+            "min_tokens": max_tokens, "ignore_eos": True}
+    if stream:
+        body |= {"stream": True, "stream_options": {"include_usage": True}}
+    return body
+
+
+def _pct(xs: list[float], q: float) -> float:
+    return round(float(np.percentile(xs, q)), 4) if xs else float("nan")
 
 
 def run_level(port: int, clients: int, n_requests: int, body: dict, timeout: float = 300.0) -> dict:
@@ -121,6 +183,8 @@ def run_level(port: int, clients: int, n_requests: int, body: dict, timeout: flo
     lock = threading.Lock()
     left = [n_requests]
     latencies: list[float] = []
+    ttfts: list[float] = []
+    tpots: list[float] = []
     tokens: list[int] = []
     finish: dict[str, int] = {}
     errors: list[str] = []
@@ -136,12 +200,13 @@ def run_level(port: int, clients: int, n_requests: int, body: dict, timeout: flo
                     left[0] -= 1
                 start, pause = time.perf_counter(), 0.05
                 while True:
+                    attempt = time.perf_counter()
                     try:
-                        status, reply = request(port, "POST", "/v1/chat/completions", body, timeout, conn)
-                    except (OSError, http.client.HTTPException) as e:  # a dropped connection: count it, reconnect
+                        status, reply, first = chat(conn, body)
+                    except (OSError, http.client.HTTPException, ValueError) as e:  # dropped: count it, reconnect
                         conn.close()
                         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-                        status, reply = -1, {"error": repr(e)}
+                        status, reply, first = -1, {"error": repr(e)}, None
                     if status != 429:
                         break
                     with lock:
@@ -151,8 +216,13 @@ def run_level(port: int, clients: int, n_requests: int, body: dict, timeout: flo
                 elapsed = time.perf_counter() - start
                 with lock:
                     if status == 200:
+                        n = reply["usage"]["completion_tokens"]
                         latencies.append(elapsed)
-                        tokens.append(reply["usage"]["completion_tokens"])
+                        tokens.append(n)
+                        if first is not None:
+                            ttfts.append(attempt - start + first)
+                            if n > 1:
+                                tpots.append((elapsed - (attempt - start + first)) / (n - 1))
                         reason = reply["choices"][0]["finish_reason"]
                         finish[reason] = finish.get(reason, 0) + 1
                     else:
@@ -167,54 +237,105 @@ def run_level(port: int, clients: int, n_requests: int, body: dict, timeout: flo
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
-    lat = np.array(latencies) if latencies else np.array([float("nan")])
-    return {
+    forced = body.get("min_tokens")
+    level = {
         "clients": clients, "requests": n_requests, "ok": len(latencies), "errors": len(errors),
         "retried_429": retries[0], "wall_s": round(wall, 3),
         "requests_per_s": round(len(latencies) / wall, 3),
-        "latency_p50_s": round(float(np.percentile(lat, 50)), 4),
-        "latency_p99_s": round(float(np.percentile(lat, 99)), 4),
-        "latency_mean_s": round(float(lat.mean()), 4),
-        "completion_tokens_mean": round(float(np.mean(tokens)), 2) if tokens else 0.0,
         "completion_tokens_per_s": round(sum(tokens) / wall, 1),
+        "latency_p50_s": _pct(latencies, 50), "latency_p99_s": _pct(latencies, 99),
+        "latency_mean_s": round(float(np.mean(latencies)), 4) if latencies else float("nan"),
+        "completion_tokens_mean": round(float(np.mean(tokens)), 2) if tokens else 0.0,
+        "completion_tokens_min": min(tokens, default=0), "completion_tokens_max": max(tokens, default=0),
+        "wrong_length": sum(n != forced for n in tokens) if forced else None,
         "finish_reasons": finish,
         "first_errors": errors[:3],
     }
+    if body.get("stream"):
+        level |= {"ttft_p50_s": _pct(ttfts, 50), "ttft_p99_s": _pct(ttfts, 99),
+                  "tpot_p50_s": _pct(tpots, 50), "tpot_p99_s": _pct(tpots, 99)}
+    return level
+
+
+def server_has_fixed_length() -> bool:
+    """Does `nmm serve`'s chat schema take a field that forces the answer's length?"""
+    from nmm.serve.schemas import ChatRequest
+
+    return bool({"ignore_eos", "min_tokens"} & set(ChatRequest.model_fields))
+
+
+def serve_without_eos(argv: list[str]) -> None:
+    """`nmm serve ARGV` whose text never chooses `<eos>` (the benchmark's fixed-length answers on a server
+    without `ignore_eos` / `min_tokens`): the Engine's allowed-token tables, which the scheduler's text
+    rows add to their logits, are built with `<eos>` disallowed. Everything else is `nmm serve`."""
+    from nmm.cli import app
+    from nmm.infer.engine import Engine
+
+    bias_table = Engine.bias_table
+
+    def without_eos(self, allow_images: bool = True, allow_eos: bool = True):
+        return bias_table(self, allow_images, False)
+
+    Engine.bias_table = without_eos
+    app(["serve", *argv], prog_name="nmm")
 
 
 def run_server(target: str, clients=(1, 8, 32), requests_per_level: int = 64, max_tokens: int = 32,
-               warmup_requests: int = 2, threads: int | None = 1, log=lambda *a: None) -> dict:
+               warmup_requests: int = 2, threads: int | None = 1, stream: bool = False, log=lambda *a: None) -> dict:
     """`threads`: torch threads of the server process (OMP_NUM_THREADS / MKL_NUM_THREADS), one by default like
     the other benchmarks; None leaves torch's default (all cores, which on a small shared CPU also competes with
-    the load generator and the event loop)."""
-    body = chat_body(max_tokens)
+    the load generator and the event loop). `stream`: streamed requests, with time to first token."""
+    body = chat_body(max_tokens, stream)
     levels = []
     env = None if threads is None else {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    with ServerProcess(target, env=env) as server:
-        log(f"nmm serve {target} on 127.0.0.1:{server.port}")
-        for _ in range(warmup_requests):  # first requests pay one-off costs (allocations, lazy imports)
-            status, reply = request(server.port, "POST", "/v1/chat/completions", body)
-            if status != 200:
-                raise NmmError(f"server bench: warm-up request failed with {status}: {reply}")
+    by_request = server_has_fixed_length()
+    via = "request fields" if by_request else "server without <eos>"
+    note = ("the requests' min_tokens / ignore_eos" if by_request else "ChatRequest has no min_tokens / ignore_eos "
+            "field: served by python -m nmm.bench.server, nmm serve with <eos> disallowed")
+    with ServerProcess(target, env=env, no_eos=not by_request) as server:
+        log(f"nmm serve {target} on 127.0.0.1:{server.port}; fixed-length answers: {note}")
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=300)
+        try:
+            for _ in range(max(warmup_requests, 1)):  # one-off costs (allocations, lazy imports); checks the length
+                status, reply, _ = chat(conn, body)
+                if status != 200:
+                    raise NmmError(f"server bench: warm-up request failed with {status}: {reply}")
+                n = reply["usage"]["completion_tokens"]
+                if n != max_tokens or reply["choices"][0]["finish_reason"] != "length":
+                    raise NmmError(f"server bench: asked for exactly {max_tokens} tokens, the server answered {n} "
+                                   f"(finish_reason {reply['choices'][0]['finish_reason']!r}); it does not honour "
+                                   f"the fixed-length request ({note})")
+        finally:
+            conn.close()
         for c in clients:
             level = run_level(server.port, c, requests_per_level, body)
             if level["ok"] == 0:
                 raise NmmError(f"server bench: no request succeeded at {c} clients: {level['first_errors']}")
             levels.append(level)
-            log(f"{c} clients: {level['requests_per_s']:.2f} req/s, p50 {level['latency_p50_s']:.3f} s, "
-                f"p99 {level['latency_p99_s']:.3f} s, {level['errors']} errors, {level['retried_429']} retried 429s")
+            ttft = f", TTFT p50 {level['ttft_p50_s']:.3f} s" if stream else ""
+            log(f"{c} clients: {level['requests_per_s']:.2f} req/s, {level['completion_tokens_per_s']:.0f} tokens/s, "
+                f"p50 {level['latency_p50_s']:.3f} s, p99 {level['latency_p99_s']:.3f} s{ttft}, "
+                f"{level['errors']} errors, {level['retried_429']} retried 429s, {level['wrong_length']} wrong length")
     base = levels[0]["requests_per_s"]
     top = levels[-1]
     scaling = round(top["requests_per_s"] / base, 3) if base > 0 else 0.0
     return {
         "benchmark": "server",
-        "what": (f"nmm serve {target}: chat completions (max_tokens {max_tokens}, temperature 0), "
-                 f"{requests_per_level} requests per level; requests/s = answered / wall time"),
+        "what": (f"nmm serve {target}: chat completions of exactly {max_tokens} tokens (temperature 0"
+                 f"{', streamed' if stream else ''}), {requests_per_level} requests per level; "
+                 "requests/s and tokens/s = answered requests and their completion tokens / wall time"),
         "config": {"target": target, "clients": list(clients), "requests_per_level": requests_per_level,
-                   "max_tokens": max_tokens, "prompt": PROMPT, "warmup_requests": warmup_requests,
-                   "server_threads": threads},
+                   "max_tokens": max_tokens, "fixed_length_via": via, "fixed_length_note": note, "stream": stream,
+                   "prompt": PROMPT,
+                   "warmup_requests": max(warmup_requests, 1), "server_threads": threads},
         "levels": levels,
         "scaling": scaling,
+        "tokens_per_s_scaling": round(top["completion_tokens_per_s"] / levels[0]["completion_tokens_per_s"], 3)
+        if levels[0]["completion_tokens_per_s"] > 0 else 0.0,
         "goal": goal(f"requests/s at {top['clients']} clients / at {levels[0]['clients']}", scaling, GOAL_SCALING_32),
         "env": env_info(),  # of this process: the load generator shares the machine with the server
     }
+
+
+if __name__ == "__main__":  # `python -m nmm.bench.server TARGET [nmm serve options]`: see serve_without_eos
+    serve_without_eos(sys.argv[1:])
