@@ -103,6 +103,9 @@ class ChatRequest(Sampling):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     repetition_penalty: float | None = Field(None, ge=0.1, le=10)
+    # Fixed-length answers, as vLLM names them: no <eos> before min_tokens, or none at all.
+    min_tokens: int = Field(0, ge=0)
+    ignore_eos: bool = False
     modalities: list[str] | None = Field(None, max_length=8)
     stream: bool = False
     stream_options: StreamOptions | None = None
