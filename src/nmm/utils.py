@@ -1,4 +1,4 @@
-"""Small helpers shared across nmm: atomic writes, seeding, devices."""
+"""Small helpers shared across nmm: atomic writes, safetensors, seeding."""
 
 from __future__ import annotations
 
@@ -51,7 +51,3 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

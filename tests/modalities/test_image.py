@@ -8,6 +8,7 @@ import torch
 
 from nmm.data.shapes import COLOURS, Scene, Shape, ShapesWorld
 from nmm.errors import CheckpointError, ConfigError
+from nmm.eval.judge import ShapesJudge
 from nmm.modalities.image import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -134,7 +135,8 @@ def test_config_is_plain_data():
 def test_short_training_lowers_loss(world):
     calls = []
     config = ImageTokenizerConfig(steps=150, warmup_steps=10, **SMALL)
-    model, stats = train_image_tokenizer(world, config, seed=0, progress=lambda *a: calls.append(a))
+    model, stats = train_image_tokenizer(world, config, seed=0, progress=lambda *a: calls.append(a),
+                                         judge=ShapesJudge(world))
     assert stats["steps"] == 150 and len(calls) == 150 and calls[-1][:2] == (150, 150)
     assert stats["final_loss"] < 0.8 * stats["initial_loss"]
     for key in ("psnr_db", "codebook_usage", "codebook_usage_shape", "codebook_usage_colour",
@@ -147,11 +149,13 @@ def test_time_budget_stops_early(world):
     config = ImageTokenizerConfig(steps=10_000, **SMALL)
     _, stats = train_image_tokenizer(world, config, time_budget_s=2.0)
     assert stats["steps"] < 10_000
+    # No judge given: the stats say how well the training pool is reconstructed, nothing judged.
+    assert "psnr_db" in stats and "judge_exact" not in stats
 
 
 @pytest.mark.slow
 def test_default_training_reconstructs_exactly(world):
     """The real default recipe (about 1.5 minutes on 2 CPU cores, more when the machine is busy)."""
-    _, stats = train_image_tokenizer(world, ImageTokenizerConfig(), seed=0)
+    _, stats = train_image_tokenizer(world, ImageTokenizerConfig(), seed=0, judge=ShapesJudge(world))
     assert stats["judge_exact"] >= 0.97
     assert stats["judge_exact_heldout_combo"] >= 0.97

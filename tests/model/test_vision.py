@@ -12,7 +12,6 @@ from nmm.model.vision import (
     ImageProjector,
     VisionEncoder,
     VisionEncoderConfig,
-    cell_labels,
     cell_overlap,
     code_latents,
     freeze,
@@ -135,7 +134,7 @@ def test_frozen_or_trainable_is_a_matter_of_requires_grad():
 # ---- pretraining --------------------------------------------------------------------------------
 def test_cell_labels_and_overlap():
     scene = Scene((Shape("cross", "green", "small", 0), Shape("circle", "red", "large", 8)))
-    labels = cell_labels([scene])
+    labels = WORLD.cell_labels([scene])  # the world says what is in each cell
     assert labels.shape == (1, 9, 3)
     assert labels[0, 0].tolist() == [4, 2, 1] and labels[0, 8].tolist() == [1, 1, 2]  # 0 is "empty"
     assert (labels[0, 1:8] == 0).all()
@@ -203,3 +202,31 @@ def test_pretraining_rejects_vocabulary_ids(pool):
         pretrain_vision_encoder(encoder, table, codes[:10] + len(table), scenes[:10], WORLD, steps=1)
     with pytest.raises(ValueError, match="matching the scenes"):
         pretrain_vision_encoder(encoder, table, codes[:10], scenes[:9], WORLD, steps=1)
+
+
+class QuadrantWorld:
+    """Not the shapes world: a 2x2 grid of 16 px cells, each empty, dim or bright. All that
+    pretraining needs from a world is its cells and their labels."""
+
+    image_size, n_cells, cell_px = 32, 4, 16
+    cell_classes = {"brightness": ("empty", "dim", "bright")}
+
+    def cell_origin(self, cell: int) -> tuple[int, int]:
+        return divmod(cell, 2)[0] * 16, divmod(cell, 2)[1] * 16
+
+    def cell_labels(self, scenes) -> np.ndarray:
+        return np.asarray(scenes, dtype=np.int64)[..., None]  # a scene is its 4 cell classes
+
+
+def test_pretraining_takes_its_cells_and_labels_from_the_world():
+    world = QuadrantWorld()
+    rng = np.random.default_rng(0)
+    scenes = rng.integers(0, 3, size=(40, 4)).tolist()
+    overlap = cell_overlap(world, 8).view(4, 8, 8)
+    torch.testing.assert_close(overlap.sum((1, 2)), torch.full((4,), 16.0))  # 16x16 px = 16 patches
+    table = code_latents(tokenizer())
+    codes = rng.integers(0, len(table), size=(40, 64))
+    encoder = VisionEncoder(table.shape[1], 8, SMALL)
+    stats = pretrain_vision_encoder(encoder, table, codes, scenes, world, steps=3, batch=8)
+    assert stats["steps"] == 3 and "heldout_brightness_accuracy" in stats
+    assert 0 <= stats["heldout_cell_accuracy"] <= 1

@@ -43,6 +43,9 @@ NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight
 PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses"}
 MOVES = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}  # (d_row, d_col)
 SPLITS = ("train", "heldout_combo", "any")
+# What a vision encoder learns to tell in every grid cell; class 0 of each attribute is "empty"
+# (most cells of a 1-3 shape scene hold nothing).
+CELL_CLASSES = {"kind": ("empty", *KINDS), "colour": ("empty", *COLOURS), "size": ("empty", *SIZES)}
 
 
 @dataclass(frozen=True)
@@ -189,6 +192,20 @@ class ShapesWorld:
             y, x = y + s.dy, x + s.dx
             image[y:y + px, x:x + px][self._masks[(s.kind, s.size)]] = COLOURS[s.colour]
         return image
+
+    # ----- per-cell labels (supervision for a vision encoder) -----
+
+    n_cells = len(POSITIONS)
+    cell_classes = CELL_CLASSES
+
+    def cell_labels(self, scenes) -> np.ndarray:
+        """scenes -> (N, 9, 3) int64: the class of the shape's kind, colour and size in every grid
+        cell, as indices into `cell_classes` (0 = empty)."""
+        labels = np.zeros((len(scenes), self.n_cells, len(CELL_CLASSES)), dtype=np.int64)
+        for i, scene in enumerate(scenes):
+            for s in scene.shapes:
+                labels[i, s.cell] = [CELL_CLASSES[name].index(getattr(s, name)) for name in CELL_CLASSES]
+        return labels
 
     # ----- text -----
 

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from nmm.data.shapes import COLOURS, KINDS, SIZES, ShapesWorld
+from nmm.optim import lr_at, set_lr
 from nmm.utils import atomic_write_json
 
 ARCH_VERSION = 2
@@ -115,8 +116,8 @@ def train_feature_net(world: ShapesWorld, cfg: FeatureNetConfig = FeatureNetConf
                        for k in HEADS)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            for group in opt.param_groups:  # cosine decay: a short run still ends settled
-                group["lr"] = cfg.lr * 0.5 * (1 + np.cos(np.pi * (step + 1) / cfg.steps))
+            # Cosine decay to 0, no warmup, steps counted from 1: a short run still ends settled.
+            set_lr(opt, lr_at(step + 1, cfg.lr, 0, cfg.steps))
             opt.step()
     net.eval()
     test = world.scenes(512, 78_000 + cfg.seed, "any")

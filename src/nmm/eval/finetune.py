@@ -5,8 +5,8 @@
 A copy of the run's transformer (the tokenizers stay as they are) is trained for a fixed number
 of steps on captioning and generation documents built from (image, caption) pairs, with the
 training loop's own pieces: `ImagePool` / `DocumentMixture` / `PackedBatches` for the data,
-`LossModule`, `make_optimizer` and `lr_at` for the update. Everything is a pure function of the
-seed (batches are drawn from (seed, step), the model starts from the run's weights), so the
+`LossModule`, `make_optimizer` and the schedule `nmm.optim.lr_at` for the update. Everything is a
+pure function of the seed (batches are drawn from (seed, step), the model starts from the run's weights), so the
 adapted weights are cached under `cache_dir/finetune/`, keyed by the run's weights, the data and
 the settings: a second evaluation loads them instead of training again.
 """
@@ -28,7 +28,8 @@ from safetensors.torch import load_file
 
 from nmm.data.mixture import DocumentMixture, ImagePool, PackedBatches
 from nmm.errors import InputError
-from nmm.train.trainer import LossModule, lr_at, make_optimizer
+from nmm.optim import lr_at, set_lr
+from nmm.train.trainer import LossModule, make_optimizer
 from nmm.utils import atomic_write_json, save_safetensors
 
 VERSION = 1  # bump when the procedure changes, so cached fine-tunes are not reused
@@ -81,8 +82,7 @@ def finetune(pipe, cfg, images: np.ndarray, captions: list[str], ft: FinetuneCon
     net = LossModule(model, train_cfg.loss_weights, train_cfg.z_loss)
     losses = []
     for step in range(ft.steps):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, train_cfg, ft.steps)
+        set_lr(optimizer, lr_at(step, train_cfg.lr, train_cfg.warmup_steps, ft.steps, train_cfg.min_lr_ratio))
         batch = batches.batch(step).to(device)
         loss, _ = net(batch.ids, batch.targets, batch.positions, batch.doc_ids, batch.generated)
         loss.backward()

@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from nmm.eval.real_data import FORMAT_VERSION, RealDataset, lit_mask
+from nmm.optim import lr_at, set_lr
 from nmm.utils import atomic_write_json, save_safetensors
 
 ARCH_VERSION = 1
@@ -96,8 +97,8 @@ def train_judge(data: RealDataset, cfg: JudgeConfig = JudgeConfig()) -> tuple[Ju
             loss = nn.functional.cross_entropy(net(_shift(masks[idx], cfg.max_shift, gen)), targets[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            for group in opt.param_groups:  # cosine decay: a short run still ends settled
-                group["lr"] = cfg.lr * 0.5 * (1 + np.cos(np.pi * (step + 1) / cfg.steps))
+            # Cosine decay to 0, no warmup, steps counted from 1: a short run still ends settled.
+            set_lr(opt, lr_at(step + 1, cfg.lr, 0, cfg.steps))
             opt.step()
     net.eval()
     accuracy = float((judge_predict(net, data.test_images) == data.test_labels).mean())

@@ -24,7 +24,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -34,41 +34,16 @@ from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 
+from nmm.config import ImageTokenizerConfig  # defined with the other run configs
 from nmm.errors import CheckpointError, ConfigError
 from nmm.modalities.base import ModalitySpec, join_codes, register_modality, split_codes
+from nmm.optim import lr_at, set_lr
 from nmm.utils import atomic_write_text, save_safetensors
 
 WEIGHTS_FILE = "image_tokenizer.safetensors"
 CONFIG_FILE = "image_tokenizer.json"
 CENTRE_PRIOR = 4.0  # logit bonus for a pixel picking its own position's colour
 LIT_THRESHOLD = 0.25  # a pixel whose brightest channel exceeds this is part of a shape
-
-
-@dataclass
-class ImageTokenizerConfig:
-    image_size: int = 32
-    downsample: int = 4  # 32 / 4 -> 8x8 = 64 codes per image
-    factorised: bool = True
-    shape_levels: list[int] = field(default_factory=lambda: [8, 5, 5])  # 200 shape codes
-    # 16 colour codes for black + 6 colours: with only 8 (e.g. [2,2,2]) two colours can get stuck
-    # sharing a code, because every free corner of the cube is a neighbour of a taken one.
-    colour_levels: list[int] = field(default_factory=lambda: [4, 4])
-    levels: list[int] = field(default_factory=lambda: [8, 5, 5, 5])  # non-factorised: 1000 codes
-    channels: int = 64  # conv width of the shape / RGB branch (the colour branch uses half)
-    steps: int = 1200  # ~80-90 s on 2 CPU cores; judge exact >= 0.99 (1500 steps: ~0.995-0.999)
-    batch_size: int = 64
-    lr: float = 4e-3
-    warmup_steps: int = 50
-    lit_weight: float = 4.0  # shapes are sparse: up-weight lit pixels so the model does not settle on black
-    pool_size: int = 20_000  # training images rendered once, then re-shuffled every epoch
-    eval_images: int = 1000  # per split, for the judge / PSNR / usage stats
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ImageTokenizerConfig:
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ConfigError(f"unknown image tokenizer config keys: {sorted(unknown)}")
-        return cls(**d)
 
 
 class FSQ(nn.Module):
@@ -356,9 +331,11 @@ def _render(world, scenes) -> np.ndarray:  # -> (n, H, W, 3) uint8
 def train_image_tokenizer(world, config: ImageTokenizerConfig | None = None, seed: int = 0,
                           progress: Callable[[int, int, float], None] | None = None,
                           time_budget_s: float | None = None,
-                          images: np.ndarray | None = None) -> tuple[ImageTokenizer, dict]:
+                          images: np.ndarray | None = None, judge=None) -> tuple[ImageTokenizer, dict]:
     """Train on a pool of split="train" scenes of `world`, or on `images` ((N, H, W, 3) uint8, e.g.
-    a user's folder); returns the model (eval mode) and its stats."""
+    a user's folder); returns the model (eval mode) and its stats. With a `judge` for the world's
+    images (the shapes world's `ShapesJudge`), the stats include how often reconstructions are
+    judged exactly right (`evaluate_image_tokenizer`); without one, PSNR on the training pool."""
     config = config or ImageTokenizerConfig()
     torch.set_flush_denormal(True)  # denormals in the tiny late-training gradients slow CPU 1.4-2x
     torch.manual_seed(seed)
@@ -368,15 +345,6 @@ def train_image_tokenizer(world, config: ImageTokenizerConfig | None = None, see
     pool = torch.from_numpy(np.ascontiguousarray(images))
     model = ImageTokenizer(config)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.99), weight_decay=0.0)
-
-    def lr_at(step: int) -> float:  # linear warmup, then cosine down to 5% of the peak
-        if step < config.warmup_steps:
-            return config.lr * (step + 1) / config.warmup_steps
-        t = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-        if time_budget_s:  # under a time budget, decay on whichever runs out first
-            t = max(t, (time.perf_counter() - start) / time_budget_s)
-        return config.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
-
     gen = torch.Generator().manual_seed(seed)
     order, cursor, losses = torch.randperm(len(pool), generator=gen), 0, []
     model.train()
@@ -388,8 +356,9 @@ def train_image_tokenizer(world, config: ImageTokenizerConfig | None = None, see
         batch = pool[order[cursor:cursor + config.batch_size]]
         cursor += config.batch_size
         x = batch.permute(0, 3, 1, 2).float().div(255)  # (B, 3, H, W)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step)
+        # Warmup, then cosine down to 5% of the peak; under a time budget, on whichever runs out first.
+        elapsed = (time.perf_counter() - start) / time_budget_s if time_budget_s else 0.0
+        set_lr(opt, lr_at(step, config.lr, config.warmup_steps, config.steps, 0.05, elapsed))
         loss = model.loss(x)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -400,9 +369,9 @@ def train_image_tokenizer(world, config: ImageTokenizerConfig | None = None, see
     train_seconds = time.perf_counter() - start
     model.eval()
     window = max(1, len(losses) // 10)
-    if world is not None:
-        stats = evaluate_image_tokenizer(model, world, n=config.eval_images, seed=seed + 1_000_003)
-    else:  # no judge for arbitrary images: report reconstruction quality on the training pool
+    if world is not None and judge is not None:
+        stats = evaluate_image_tokenizer(model, world, judge, n=config.eval_images, seed=seed + 1_000_003)
+    else:  # no judge (arbitrary images): report reconstruction quality on the training pool
         sample = images[: config.eval_images]
         codes = model.encode(sample)
         stats = {"psnr_db": psnr(model.decode(codes), sample),
@@ -417,12 +386,12 @@ def psnr(recon: np.ndarray, images: np.ndarray) -> float:
     return float(10 * np.log10(255**2 / max(mse, 1e-10)))
 
 
-def evaluate_image_tokenizer(model: ImageTokenizer, world, n: int = 1000, seed: int = 1_000_003) -> dict:
+def evaluate_image_tokenizer(model: ImageTokenizer, world, judge, n: int = 1000, seed: int = 1_000_003) -> dict:
     """PSNR and code usage on split "any"; judge exact-match of reconstructions on "any" and
-    "heldout_combo" (the seed should differ from the training seed)."""
-    from nmm.eval.judge import ShapesJudge
-
-    judge, stats = ShapesJudge(world), {}
+    "heldout_combo" (the seed should differ from the training seed). `judge.score(image, scene)`
+    scores one image of `world` against the scene it should show (`{"exact": ...}`): the caller
+    brings the judge, so this module needs no world of its own."""
+    stats = {}
     for split, key in (("any", "judge_exact"), ("heldout_combo", "judge_exact_heldout_combo")):
         scenes = world.scenes(n, seed=seed, split=split)
         images = _render(world, scenes)

@@ -13,14 +13,15 @@ The encoder has two stages:
   2. latents (N, 64, latent_dim) -> features (N, 64, width): `VisionEncoder`, a small conv net over
      the 8x8 latent grid, pretrained by `pretrain_vision_encoder` on a supervised "what is in each
      grid cell" objective (our stand-in for CLIP's contrastive pretraining), then frozen by default
-     like LLaVA's vision tower. Features stay per position, like CLIP patch features.
+     like LLaVA's vision tower. Features stay per position, like CLIP patch features. The cells and
+     their labels come from the world passed in (the shapes world's `cell_labels`): this module
+     knows no world of its own.
 
 `ImageProjector` is LLaVA-1.5's two-layer MLP from the encoder's width to the language model's.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
 
@@ -30,14 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from nmm.config import VisionEncoderConfig
-from nmm.data.shapes import COLOURS, KINDS, SIZES
 from nmm.modalities.image import ImageTokenizer
+from nmm.optim import lr_at, set_lr
 
-# Class 0 of every per-cell label is "empty": most cells of a 1-3 shape scene hold nothing.
-KIND_CLASSES = ("empty", *KINDS)  # 5
-COLOUR_CLASSES = ("empty", *COLOURS)  # 7
-SIZE_CLASSES = ("empty", *SIZES)  # 3
-N_CELLS = 9  # the shapes world's 3x3 grid
 EVAL_BATCH = 512
 MAX_TRAIN_EVAL = 1024  # training accuracy is measured on at most this many training images (speed)
 
@@ -144,20 +140,14 @@ class ImageProjector(nn.Module):
 
 
 # ---- supervised pretraining ---------------------------------------------------------------------
-def cell_labels(scenes: Sequence) -> np.ndarray:
-    """scenes -> (N, 9, 3) int64 class ids of (kind, colour, size) in every grid cell; 0 = empty."""
-    labels = np.zeros((len(scenes), N_CELLS, 3), dtype=np.int64)
-    for i, scene in enumerate(scenes):
-        for s in scene.shapes:
-            labels[i, s.cell] = (KIND_CLASSES.index(s.kind), COLOUR_CLASSES.index(s.colour),
-                                 SIZE_CLASSES.index(s.size))
-    return labels
-
-
+# The world is any object with the shapes world's cell interface: `image_size`, `n_cells` square
+# cells of `cell_px` pixels at `cell_origin(cell)` (top-left y, x), per-cell attribute classes
+# `cell_classes` ({attribute: class names}, 0 = empty) and `cell_labels(scenes)` ->
+# (N, n_cells, n_attributes) class ids.
 def cell_overlap(world, grid: int) -> torch.Tensor:
-    """(9, grid*grid): the fraction of each latent position's pixel patch that lies inside each
-    cell. At 32 px a cell is 10 px and a patch 4 px, so a cell touches 3-4 positions per axis and
-    shares the edge ones with its neighbours."""
+    """(n_cells, grid*grid): the fraction of each latent position's pixel patch that lies inside
+    each cell. At 32 px a shapes-world cell is 10 px and a patch 4 px, so a cell touches 3-4
+    positions per axis and shares the edge ones with its neighbours."""
     patch = world.image_size / grid
     edges = np.arange(grid + 1) * patch  # patch boundaries along one axis, in pixels
 
@@ -167,14 +157,15 @@ def cell_overlap(world, grid: int) -> torch.Tensor:
         return np.clip(hi - lo, 0, None) / patch
 
     rows = []
-    for cell in range(N_CELLS):
+    for cell in range(world.n_cells):
         y, x = world.cell_origin(cell)
         rows.append(np.outer(along_axis(y), along_axis(x)).ravel())
     return torch.tensor(np.stack(rows), dtype=torch.float32)
 
 
 class _CellHeads(nn.Module):
-    """Temporary pretraining heads: features (N, P, width) -> logits per cell for kind, colour, size.
+    """Temporary pretraining heads: features (N, P, width) -> logits per cell for each attribute
+    (kind, colour, size in the shapes world), `n_classes[k]` of them for attribute k.
 
     Each cell attention-pools the positions that overlap it: a learned score per position plus log
     overlap, so positions mostly outside the cell count less and positions outside it not at all.
@@ -182,29 +173,30 @@ class _CellHeads(nn.Module):
     pushes the encoder to describe every position in the same terms, which is what the language
     model will read."""
 
-    def __init__(self, width: int, overlap: torch.Tensor):
+    def __init__(self, width: int, overlap: torch.Tensor, n_classes: Sequence[int]):
         super().__init__()
-        self.register_buffer("log_overlap", overlap.log())  # (9, P), -inf outside the cell
+        self.register_buffer("log_overlap", overlap.log())  # (cells, P), -inf outside the cell
         self.score = nn.Linear(width, 1)
-        self.cell = nn.Parameter(torch.zeros(N_CELLS, width))
-        self.heads = nn.ModuleList(nn.Linear(width, len(c)) for c in (KIND_CLASSES, COLOUR_CLASSES, SIZE_CLASSES))
+        self.cell = nn.Parameter(torch.zeros(len(overlap), width))
+        self.heads = nn.ModuleList(nn.Linear(width, n) for n in n_classes)
 
     def forward(self, features: torch.Tensor) -> list[torch.Tensor]:
-        scores = self.score(features).transpose(1, 2) + self.log_overlap  # (N, 9, P)
-        pooled = scores.softmax(-1) @ features + self.cell  # (N, 9, width)
-        return [head(pooled) for head in self.heads]  # kind, colour, size: (N, 9, n_classes)
+        scores = self.score(features).transpose(1, 2) + self.log_overlap  # (N, cells, P)
+        pooled = scores.softmax(-1) @ features + self.cell  # (N, cells, width)
+        return [head(pooled) for head in self.heads]  # one per attribute: (N, cells, n_classes)
 
 
 @torch.no_grad()
-def _accuracy(encoder: VisionEncoder, heads: _CellHeads, latents: torch.Tensor, labels: torch.Tensor) -> dict:
-    """Accuracy of each attribute over all (image, cell) pairs, and cell accuracy: all three right."""
+def _accuracy(encoder: VisionEncoder, heads: _CellHeads, latents: torch.Tensor, labels: torch.Tensor,
+              attributes: Sequence[str]) -> dict:
+    """Accuracy of each attribute over all (image, cell) pairs, and cell accuracy: all of them right."""
     right = []
     for i in range(0, len(latents), EVAL_BATCH):
         logits = heads(encoder(latents[i:i + EVAL_BATCH]))
-        predicted = torch.stack([l.argmax(-1) for l in logits], -1)  # (B, 9, 3)
+        predicted = torch.stack([l.argmax(-1) for l in logits], -1)  # (B, cells, attributes)
         right.append(predicted == labels[i:i + EVAL_BATCH])
     right = torch.cat(right).float()
-    acc = {f"{name}_accuracy": right[..., k].mean().item() for k, name in enumerate(("kind", "colour", "size"))}
+    acc = {f"{name}_accuracy": right[..., k].mean().item() for k, name in enumerate(attributes)}
     acc["cell_accuracy"] = right.all(-1).float().mean().item()
     return acc
 
@@ -214,8 +206,9 @@ def pretrain_vision_encoder(encoder: VisionEncoder, latents_table: torch.Tensor,
                             lr: float | None = None, seed: int = 0,
                             progress: Callable[[int, int], None] | None = None,
                             heldout_fraction: float = 0.1) -> dict:
-    """Train `encoder` in place to tell the kind, colour and size of the shape in each of the 9 grid
-    cells (or "empty"), through temporary heads that are thrown away afterwards.
+    """Train `encoder` in place to tell what is in each grid cell of `world` (in the shapes world:
+    the kind, colour and size of the shape in each of the 9 cells, or "empty"), through temporary
+    heads that are thrown away afterwards. The labels are `world.cell_labels(scenes)`.
 
     latents_table: `code_latents(tokenizer)`. pool_codes: (N, grid*grid) code indices in
     [0, codebook_size), *not* vocabulary ids (use `vocab.codes("image", ids)` on an ImagePool's
@@ -246,24 +239,19 @@ def pretrain_vision_encoder(encoder: VisionEncoder, latents_table: torch.Tensor,
     start = time.perf_counter()
     device = next(encoder.parameters()).device
     latents = latents_table.to(device)[codes.to(device)]  # (N, P, latent_dim): the pool is small
-    labels = torch.from_numpy(cell_labels(scenes)).to(device)  # (N, 9, 3)
+    attributes = list(world.cell_classes)  # e.g. kind, colour, size
+    labels = torch.from_numpy(world.cell_labels(scenes)).to(device)  # (N, cells, attributes)
     train_x, train_y = latents[:n_train], labels[:n_train]
     held_x, held_y = latents[n_train:], labels[n_train:]
 
     with torch.random.fork_rng(devices=[]):  # seed the heads without disturbing the caller's RNG
         torch.manual_seed(seed)
-        heads = _CellHeads(encoder.width, cell_overlap(world, encoder.grid)).to(device)
+        n_classes = [len(world.cell_classes[a]) for a in attributes]
+        heads = _CellHeads(encoder.width, cell_overlap(world, encoder.grid), n_classes).to(device)
     encoder.set_trainable(True)
     opt = torch.optim.AdamW([*encoder.parameters(), *heads.parameters()], lr=lr, betas=(0.9, 0.99),
                             weight_decay=0.01)
     warmup = max(1, steps // 20)
-
-    def lr_at(step: int) -> float:  # short linear warmup, then cosine down to 5% of the peak
-        if step < warmup:
-            return lr * (step + 1) / warmup
-        t = (step - warmup) / max(1, steps - warmup)
-        return lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
-
     gen = torch.Generator().manual_seed(seed)
     order, cursor, losses = torch.randperm(n_train, generator=gen), 0, []
     encoder.train()
@@ -272,10 +260,9 @@ def pretrain_vision_encoder(encoder: VisionEncoder, latents_table: torch.Tensor,
             order, cursor = torch.randperm(n_train, generator=gen), 0
         idx = order[cursor:cursor + batch].to(device)
         cursor += batch
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step)
+        set_lr(opt, lr_at(step, lr, warmup, steps, 0.05))  # short warmup, cosine down to 5% of the peak
         logits = heads(encoder(train_x[idx]))
-        y = train_y[idx]  # (B, 9, 3)
+        y = train_y[idx]  # (B, cells, attributes)
         loss = sum(F.cross_entropy(l.flatten(0, 1), y[..., k].flatten()) for k, l in enumerate(logits))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -287,8 +274,8 @@ def pretrain_vision_encoder(encoder: VisionEncoder, latents_table: torch.Tensor,
     encoder.set_trainable(cfg.trainable)
     seconds = time.perf_counter() - start
 
-    train_acc = _accuracy(encoder, heads, train_x[:MAX_TRAIN_EVAL], train_y[:MAX_TRAIN_EVAL])
-    held_acc = _accuracy(encoder, heads, held_x, held_y)
+    train_acc = _accuracy(encoder, heads, train_x[:MAX_TRAIN_EVAL], train_y[:MAX_TRAIN_EVAL], attributes)
+    held_acc = _accuracy(encoder, heads, held_x, held_y, attributes)
     window = max(1, len(losses) // 10)
     return {
         "steps": steps,

@@ -52,14 +52,6 @@ def broadcast_int(info: DistInfo, value: int) -> int:
     return int(t.item())
 
 
-def all_reduce_mean(info: DistInfo, value: float) -> float:
-    if not info.enabled:
-        return value
-    t = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(t)
-    return float(t.item()) / info.world_size
-
-
 def teardown(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()

@@ -23,6 +23,7 @@ from nmm.config import RunConfig, save_config, to_dict
 from nmm.data.mixture import PackedBatches
 from nmm.errors import CheckpointError, ConfigError
 from nmm.model.model import NativeMultimodalModel
+from nmm.optim import lr_at, set_lr
 from nmm.train import distributed as dist
 from nmm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from nmm.train.prepare import prepare_codecs, prepare_mixture
@@ -32,14 +33,6 @@ from nmm.utils import (
     save_safetensors,
     seed_everything,
 )
-
-
-def lr_at(step: int, cfg, max_steps: int) -> float:
-    """Linear warmup, then cosine decay to min_lr_ratio * lr."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps))
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def check_roles(cfg: RunConfig, model: NativeMultimodalModel) -> None:
@@ -162,9 +155,8 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, show_progre
     step = start_step
     loss_ema = None
     for step in range(start_step, max_steps):
-        lr = lr_at(step, cfg.train, max_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        # Linear warmup, then cosine decay to min_lr_ratio * lr at max_steps.
+        lr = set_lr(optimizer, lr_at(step, cfg.train.lr, cfg.train.warmup_steps, max_steps, cfg.train.min_lr_ratio))
         stats_sum: dict[str, float] = {}
         for micro in range(cfg.train.grad_accum):
             batch = batches.batch(step * cfg.train.grad_accum + micro).to(info.device)
@@ -180,14 +172,7 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, show_progre
                     stats_sum[k] = stats_sum.get(k, 0.0) + float(v) / cfg.train.grad_accum
             tokens_window += int((batch.doc_ids >= 0).sum()) * info.world_size
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip).item()
-        if not math.isfinite(grad_norm):
-            # A non-finite gradient would poison AdamW's moments: skip the update, keep going.
-            optimizer.zero_grad(set_to_none=True)
-            say(f"step {step}: non-finite gradient norm, update skipped")
-            continue
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
+        # Timing comes before the skip below: a skipped update must not skip the measurement.
         if step == start_step + 10:
             t_steady = time.time()  # the first steps are slow (allocation, caches): time from here
         if cfg.train.time_budget_min and step == start_step + 40 and ckpt is None:
@@ -197,6 +182,13 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, show_progre
             max_steps = dist.broadcast_int(info, max(step + 2, min(cfg.train.max_steps, budget_steps)))
             bar.set_total(max_steps)
             say(f"time budget {cfg.train.time_budget_min} min at {per_step:.3f} s/step -> {max_steps} steps")
+        if not math.isfinite(grad_norm):
+            # A non-finite gradient would poison AdamW's moments: skip the update, keep going.
+            optimizer.zero_grad(set_to_none=True)
+            say(f"step {step}: non-finite gradient norm, update skipped")
+            continue
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         loss_ema = stats_sum["loss"] if loss_ema is None else 0.95 * loss_ema + 0.05 * stats_sum["loss"]
         spike = stats_sum["loss"] > 2.0 * loss_ema and step > start_step + 20
         if (step + 1) % cfg.train.log_every == 0 or step == max_steps - 1 or spike:

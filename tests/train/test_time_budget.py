@@ -1,0 +1,43 @@
+"""train.time_budget_min: the run length is fixed from the speed measured over steps 10-40."""
+
+import shutil
+
+import pytest
+import torch
+
+from nmm.config import load_config
+from nmm.train.trainer import train
+
+
+def copy_codecs(tiny_run, run_dir):
+    """Reuse the session's trained tokenizers: only the language model trains here."""
+    run_dir.mkdir()
+    for f in tiny_run.iterdir():
+        if f.suffix in (".json", ".safetensors") and f.name not in ("model.json", "model.safetensors",
+                                                                    "train_summary.json"):
+            shutil.copy(f, run_dir / f.name)
+
+
+@pytest.mark.parametrize("bad_steps", [(10,), (10, 40)], ids=["step10", "steps10+40"])
+def test_a_skipped_update_at_a_timing_step_keeps_the_budget(tiny_run, tmp_path, monkeypatch, bad_steps):
+    """Regression: a non-finite gradient exactly at step 10 skipped starting the clock, and step 40
+    then failed with UnboundLocalError; one at step 40 skipped the budget altogether."""
+    real_clip = torch.nn.utils.clip_grad_norm_
+    calls = []
+
+    def clip_with_bad_steps(parameters, max_norm, *args, **kwargs):
+        norm = real_clip(parameters, max_norm, *args, **kwargs)
+        calls.append(len(calls))
+        return torch.tensor(float("inf")) if calls[-1] in bad_steps else norm
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_with_bad_steps)
+    run = tmp_path / "run"
+    copy_codecs(tiny_run, run)
+    # A budget far too small for 200 steps: the run is cut to the minimum, step 40 + 2.
+    cfg = load_config("shapes-tiny", ["train.max_steps=200", "train.time_budget_min=0.0001", "train.log_every=100"])
+    lines = []
+    summary = train(cfg, run, show_progress=False, log=lines.append)
+    assert [line for line in lines if "non-finite" in line] == [
+        f"step {step}: non-finite gradient norm, update skipped" for step in bad_steps]
+    assert any(line.startswith("time budget 0.0001 min") and line.endswith("-> 42 steps") for line in lines), lines
+    assert summary["steps"] == 42
