@@ -4,7 +4,7 @@ import io
 import re
 import sys
 
-from nmm.cli_progress import TrainProgress, format_duration, format_losses, plain_stream, progress_callback
+from nmm.progress import TrainProgress, format_duration, format_losses, plain_stream, progress_callback
 
 
 class Log(io.StringIO):

@@ -256,7 +256,7 @@ def _progress_bars(enabled: bool | None):
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from nmm.cli_progress import console
+    from nmm.progress import console
 
     class Bars:
         def __init__(self, progress: Progress):

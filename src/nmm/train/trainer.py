@@ -105,7 +105,7 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, show_progre
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
-        from nmm.cli_progress import progress_callback
+        from nmm.progress import progress_callback
 
         codecs, tok_stats = prepare_codecs(cfg, run_dir, progress=progress_callback("image tokenizer", show_progress), log=say)
     dist.barrier(info)
@@ -148,7 +148,7 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, show_progre
     )
     metrics = MetricsLog(run_dir / "metrics.jsonl", info.is_main, start_step)
 
-    from nmm.cli_progress import TrainProgress
+    from nmm.progress import TrainProgress
 
     bar = TrainProgress(max_steps, start_step, enabled=info.is_main and show_progress)
     t_start, tokens_window, t_window = time.time(), 0, time.time()
