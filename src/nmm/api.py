@@ -19,6 +19,7 @@ from nmm.errors import CheckpointError, InputError
 from nmm.infer.engine import Engine
 from nmm.infer.sampling import SamplingConfig
 from nmm.modalities.codecs import Codecs
+from nmm.modalities.document import Document, ItemSegment, TextSegment
 from nmm.model.model import NativeMultimodalModel
 from nmm.train.checkpoint import load_state_dict_into, load_weights
 
@@ -43,27 +44,32 @@ class Pipeline:
                              f"model's context of {limit} tokens")
 
     def image_prompt(self, caption: str) -> list[int]:
-        v = self.vocab
-        return [v.bos, *self.codecs.encode_text(caption), v.boi]
+        """`<bos> caption <boi>`: the prompt that has the model draw `caption`."""
+        return self.codecs.prompt([caption], open_item="image")
+
+    def uncond_image_prompt(self) -> list[int]:
+        """`<bos> <boi>`: an image with no caption, what classifier-free guidance steers away from."""
+        return self.codecs.prompt([], open_item="image")
 
     # ---- tasks ----------------------------------------------------------------------------------
     def generate_images(self, prompts: list[str], cfg_scale: float = 2.0, temperature: float = 0.3,
                         top_k: int | None = None, top_p: float | None = None, seed: int | None = 0,
                         batch_size: int = 32) -> np.ndarray:
         """Text -> images (N, H, W, 3) uint8, with classifier-free guidance against an empty caption."""
-        v, n_img = self.vocab, self.vocab.tokens_per_image
+        n_img = self.vocab.tokens_per_image
         sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale, seed=seed)
         out = []
         for i in range(0, len(prompts), batch_size):
             chunk = [self.image_prompt(p) for p in prompts[i : i + batch_size]]
             for p in chunk:
                 self._check_length(p, n_img + 1)
-            out.append(self._image_codes(chunk, sampling, uncond=[v.bos, v.boi]))
+            out.append(self.image_codes(chunk, sampling, uncond=self.uncond_image_prompt()))
         return self.codecs.decode_images(np.concatenate(out))
 
-    def _image_codes(self, prompts: list[list[int]], sampling: SamplingConfig, uncond: list[int] | None) -> np.ndarray:
+    def image_codes(self, prompts: list[list[int]], sampling: SamplingConfig, uncond: list[int] | None) -> np.ndarray:
         """Prompts ending in `<boi>` -> (B, N) image ids: sampled code by code by the engine, or by the
-        variant's own sampler (a flow for continuous images)."""
+        variant's own sampler (a flow for continuous images). `uncond`: the unconditional prompt of
+        classifier-free guidance (used when `sampling.cfg_scale` != 1)."""
         images, n_img = self.model.images, self.vocab.tokens_per_image
         if "M2G" not in images.capabilities:
             raise InputError(f"this model ({self.model.cfg.variant} fusion) reads images but cannot generate them")
@@ -75,6 +81,8 @@ class Pipeline:
         res = self.engine.generate(prompts, n_img + 1, sampling, uncond_prompts=[uncond] * len(prompts) if guided else None,
                                    stop_after_image=True)
         return np.stack([t[:n_img] for t in res.tokens])
+
+    _image_codes = image_codes  # the former private name
 
     def complete_text(self, prompts: list[list[int]], max_new_tokens: int = 48, temperature: float = 0.0,
                       seed: int | None = 0, batch_size: int = 64, **kw) -> list[str]:
@@ -91,31 +99,27 @@ class Pipeline:
 
     def caption(self, images: np.ndarray, **kw) -> list[str]:
         """Images (N, H, W, 3) uint8 -> captions."""
-        v = self.vocab
-        prompts = [[v.bos, v.boi, *map(int, c), v.eoi] for c in self._image_ids(images)]
+        prompts = [self.codecs.prompt([ItemSegment("image", codes=c)]) for c in self._image_ids(images)]
         return self.complete_text(prompts, **kw)
 
     def answer(self, images: np.ndarray, questions: list[str], **kw) -> list[str]:
-        v = self.vocab
-        prompts = [[v.bos, v.boi, *map(int, c), v.eoi, *self.codecs.encode_text(q)]
+        prompts = [self.codecs.prompt([ItemSegment("image", codes=c), q])
                    for c, q in zip(self._image_ids(images), questions)]
         return self.complete_text(prompts, max_new_tokens=8, **kw)
 
     def edit(self, images: np.ndarray, instructions: list[str], cfg_scale: float = 1.0, temperature: float = 0.3,
              seed: int | None = 0) -> np.ndarray:
-        v = self.vocab
-        prompts = [[v.bos, v.boi, *map(int, c), v.eoi, *self.codecs.encode_text(t), v.boi]
+        prompts = [self.codecs.prompt([ItemSegment("image", codes=c), t], open_item="image")
                    for c, t in zip(self._image_ids(images), instructions)]
         sampling = SamplingConfig(temperature=temperature, seed=seed, cfg_scale=cfg_scale)
-        return self.codecs.decode_images(self._image_codes(prompts, sampling, uncond=None))
+        return self.codecs.decode_images(self.image_codes(prompts, sampling, uncond=None))
 
     @torch.no_grad()
     def perplexity(self, texts: list[str]) -> float:
         """Per-token perplexity of plain text documents (<bos> text <eos>)."""
-        v = self.vocab
         nll, count = 0.0, 0
         for text in texts:
-            ids = [v.bos, *self.codecs.encode_text(text), v.eos][: self.model.cfg.max_seq_len]
+            ids = self.codecs.encode_document(Document([TextSegment(text)]))[0][: self.model.cfg.max_seq_len]
             x = torch.tensor([ids], device=self.engine.device)
             logits = self.model.text_head(self.model.hidden(x))[0, :-1].float()
             nll += torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="sum").item()

@@ -182,10 +182,11 @@ def test_factored_greedy_equals_the_joint_argmax():
     h = torch.randn(20000, 32) * 3
     with torch.no_grad():
         joint = model.images.logits(h).float()
-        assert torch.equal(engine.image_greedy(h, len(h), None), joint.argmax(-1) + WIDE.start("image"))
+        assert torch.equal(engine.picker.image_greedy(h, len(h), None), joint.argmax(-1) + WIDE.start("image"))
         n, scale = len(h) // 2, 2.5
         mixed = joint[n:] + scale * (joint[:n] - joint[n:])
-        assert torch.equal(engine.image_greedy(h, n, torch.tensor(scale)), mixed.argmax(-1) + WIDE.start("image"))
+        assert torch.equal(engine.picker.image_greedy(h, n, torch.tensor(scale)),
+                           mixed.argmax(-1) + WIDE.start("image"))
     prompts = [[WIDE.bos, i, WIDE.boi] for i in range(8)]
     uncond = [[WIDE.bos, WIDE.boi]] * 8
     for sampling, kw in [(SamplingConfig(temperature=0), {}),
@@ -201,8 +202,8 @@ def _well_formed_wide(tokens):
 
 
 def test_factored_sampling_has_the_joint_distribution():
-    """With temperature (and CFG), sampling each factor from its own softmax draws codes from the joint softmax:
-    exactly (the product of the factor softmaxes is the joint softmax), and empirically (60,000 draws)."""
+    """With temperature (and CFG), sampling factor by factor draws codes from the joint softmax: exactly (the
+    product of the factor softmaxes is the joint softmax), and empirically (60,000 draws through the picker)."""
     model = wide_model(1)
     engine = Engine(model)
     h = torch.randn(2, 32) * 3  # a conditional and an unconditional row
@@ -210,18 +211,21 @@ def test_factored_sampling_has_the_joint_distribution():
     with torch.no_grad():
         joint = model.images.logits(h).float()
         target = ((joint[1:] + scale * (joint[:1] - joint[1:])) / T).softmax(-1)[0]  # (96,)
-        parts = engine.factor_logits(h, 1, torch.tensor(scale))
+        parts = engine.picker.factor_logits(h, 1, torch.tensor(scale))
         product = torch.einsum("a,b->ab", *[(p[0] / T).softmax(-1) for p in parts]).flatten()
         assert torch.allclose(product, target, atol=1e-6)
-        # The engine's sampler, on 60,000 copies of the pair (conditional rows first, then unconditional).
+        # The shared picker, on 60,000 copies of the pair (conditional rows first, then unconditional).
         N = 60000
-        from nmm.infer.engine import IMAGE, _Call
+        from nmm.infer.decoding import codes_phase
+        from nmm.infer.picker import Row
+        from nmm.infer.sampling import SamplingRows, draw_uniforms
 
-        call = _Call(n=N, B=2 * N, P=0, guided=True, sampling=SamplingConfig(temperature=T, cfg_scale=scale),
-                     greedy=False, factored=True, penalty=False, valid=None, next_pos=None, caches=None,
-                     bias_eos=None, bias_no_eos=None, min_new_tokens=0,
-                     gen=torch.Generator().manual_seed(0), history=None, scale=torch.tensor(scale))
-        ids = engine._pick(h.repeat_interleave(N, 0), IMAGE, call, 0, [IMAGE] * N)
+        sampling = SamplingConfig(temperature=T, cfg_scale=scale, seed=0)
+        plan = engine.picker.plan([Row(i, codes_phase(1), sampling, companion=N + i) for i in range(N)], N)
+        assert [g.factored for g in plan.codes] == [True]
+        settings = SamplingRows(N, 1, WIDE.size, "cpu", penalty=False)
+        settings.set(slice(0, N), sampling, draw_uniforms(sampling, N, 1))
+        ids = engine.picker.pick(h.repeat_interleave(N, 0), plan, settings, settings.uniforms[:, 0])
     freq = torch.bincount(ids - WIDE.start("image"), minlength=96).float() / N
     assert (freq - target).abs().sum() / 2 < 0.02  # total variation: sampling noise here is about 0.01
     assert (freq[target < 1e-4] == 0).all() or freq[target < 1e-4].sum() < 1e-3
@@ -275,14 +279,14 @@ def test_models_without_a_code_head_never_open_an_image(variant):
     res = engine.generate([[vocab.bos, 2]] * 3, 20, SamplingConfig(temperature=1.5, seed=0))
     assert all(t < vocab.n_text for row in res.tokens for t in row if t != vocab.eos)
     assert all(len(row) > 0 for row in res.tokens)
-    with pytest.raises(CannotGenerateImages, match="cannot generate images"):
+    with pytest.raises(CannotGenerateImages, match="cannot generate image"):
         engine.generate([[vocab.bos, 2, vocab.boi]], 6)
     scheduler = Scheduler(engine)
     try:
         handles = scheduler.generate([Request([vocab.bos, 2], 20, SamplingConfig(temperature=1.5, seed=i))
                                       for i in range(3)])
         assert all(t < vocab.n_text for h in handles for t in h.tokens)
-        with pytest.raises(ValueError, match="cannot generate images"):
+        with pytest.raises(ValueError, match="cannot generate image"):
             scheduler.submit(Request([vocab.bos, vocab.boi], 6))
     finally:
         scheduler.close()

@@ -254,7 +254,7 @@ def test_mid_fusion_rows_keep_their_images(scheduler):
 def test_factor_by_factor_inverse_cdf_is_the_joint_one():
     """The scheduler draws a sampled image code factor by factor with the row's one uniform: the same code as
     the joint grid's inverse CDF (codes are ordered factor by factor), for 4,000 evenly spaced uniforms."""
-    from nmm.infer.scheduler import _inverse_cdf_residual
+    from nmm.infer.sampling import inverse_cdf_residual as _inverse_cdf_residual
 
     torch.manual_seed(0)
     a, b = torch.randn(1, 12) * 2, torch.randn(1, 8) * 2
@@ -271,3 +271,43 @@ def test_factor_by_factor_inverse_cdf_is_the_joint_one():
     assert not (i == 3).any()
     counts = torch.bincount(picked, minlength=96).float()
     assert torch.allclose(counts, joint[0].softmax(-1) * N, atol=1.5)
+
+
+def test_a_seed_samples_the_same_in_engine_and_scheduler(model, scheduler):
+    """One sampler: a seeded request draws what Engine.generate draws for that prompt alone with that seed (text,
+    repetition penalty and top-k; CFG images factor by factor and, with top-p, from the joint grid)."""
+    engine, s = Engine(model), scheduler(max_batch=8)
+    cases = [([VOCAB.bos, 3, 8], 20, SamplingConfig(temperature=0.9, top_k=8, repetition_penalty=1.3, seed=4), None),
+             ([VOCAB.bos, 7, VOCAB.boi], VOCAB.tokens_per_image + 1, SamplingConfig(temperature=1.0, cfg_scale=2.5, seed=1),
+              [VOCAB.bos, VOCAB.boi]),
+             ([VOCAB.bos, 7, VOCAB.boi], VOCAB.tokens_per_image + 1,
+              SamplingConfig(temperature=1.0, top_p=0.8, cfg_scale=2.5, seed=2), [VOCAB.bos, VOCAB.boi])]
+    refs = [engine.generate([p], n, cfg, uncond_prompts=None if u is None else [u],
+                            stop_after_image=u is not None).tokens[0] for p, n, cfg, u in cases]
+    crowd = [Request(p, 20, SamplingConfig(temperature=0.7, seed=10 + i)) for i, p in enumerate(prompts(4, seed=5))]
+    handles = s.generate(crowd[:2] + [Request(p, n, cfg, u, stop_after_image=u is not None) for p, n, cfg, u in cases]
+                         + crowd[2:])
+    assert [h.tokens for h in handles[2:5]] == refs
+
+
+def test_the_allowed_token_tables_have_one_hook(model, monkeypatch):
+    """Engine.bias_table is the one source of the masks both loops add (the server benchmark patches it to
+    disallow <eos>)."""
+    import copy
+
+    model = copy.deepcopy(model)
+    with torch.no_grad():  # <eos> is by far the likeliest token
+        model.text_head.proj.weight[VOCAB.eos] += 5 * model.text_head.proj.weight.std()
+    inner = Engine.bias_table
+    free = Engine(model).generate([[VOCAB.bos, 3]], 25, GREEDY, allow_images=False)
+    monkeypatch.setattr(Engine, "bias_table", lambda self, allow_images=True, allow_eos=True:
+                        inner(self, allow_images, False))
+    text = Engine(model).generate([[VOCAB.bos, 3]], 25, GREEDY, allow_images=False)
+    assert free.finished[0] and len(free.tokens[0]) < 25  # left alone, it ends at <eos>
+    assert len(text.tokens[0]) == 25 and not text.finished[0]
+    s = Scheduler(Engine(model))
+    try:
+        h = s.generate([Request([VOCAB.bos, 3], 25, GREEDY, allow_images=False)])[0]
+    finally:
+        s.close()
+    assert h.tokens == text.tokens[0] and not h.finished

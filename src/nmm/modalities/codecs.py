@@ -1,18 +1,21 @@
 """`Codecs`: the text tokenizer, one codec per modality, and the vocabulary that joins them.
 
-This is the only place that turns a `Document` into token ids and back, so training, generation
-and evaluation agree on the sequence format:
+This is the only place that turns a `Document` (training) or a prompt (generation: `prompt`) into
+token ids and back, so training, generation and evaluation agree on the sequence format:
 
     <bos> text ids ... <boi> image ids (exactly tokens_per_image) <eoi> text ids ... <eos>
 
-and the same for every other modality, with its own begin / end tokens.
+and the same for every other modality, with its own begin / end tokens. A prompt is the same layout
+without the final `<eos>`, optionally ending in a begin token to have the model write that item.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,6 +27,17 @@ from nmm.modalities.document import Document, ItemSegment, TextSegment
 from nmm.modalities.text import TextTokenizer
 from nmm.modalities.vocab import Vocabulary, VocabularyError
 from nmm.utils import atomic_write_json
+
+PromptSegment = str | TextSegment | ItemSegment | tuple[str, Any]  # see `Codecs.prompt`
+
+
+def _batch(items: list):
+    """Items of one modality -> one batch for its codec: stacked when they are arrays."""
+    if all(isinstance(x, np.ndarray) for x in items):
+        return np.stack(items)
+    if all(torch.is_tensor(x) for x in items):
+        return torch.stack(items)
+    return items
 
 
 class Codecs:
@@ -78,11 +92,16 @@ class Codecs:
         """(B, tokens_per_image) vocabulary ids -> (B, H, W, 3) uint8."""
         return self.decode_items("image", ids)
 
-    # ---- documents ------------------------------------------------------------------------------
+    # ---- documents and prompts ------------------------------------------------------------------
+    def block(self, name: str, ids) -> list[int]:
+        """One item of modality `name` in the token stream: `begin`, its vocabulary ids, `end`. The one place
+        this layout is written (documents and prompts both use it)."""
+        return [self.vocab.begin(name), *map(int, ids), self.vocab.end(name)]
+
     def item_block(self, seg: ItemSegment) -> list[int]:
         """`begin`, the item's ids, `end`."""
         codes = seg.codes if seg.codes is not None else self.encode_items(seg.modality, [seg.item])[0]
-        return [self.vocab.begin(seg.modality), *map(int, codes), self.vocab.end(seg.modality)]
+        return self.block(seg.modality, codes)
 
     def encode_document(self, doc: Document) -> tuple[list[int], list[bool]]:
         """Document -> (ids, is_target). is_target[i] says whether ids[i] is predicted (gets loss)."""
@@ -94,6 +113,66 @@ class Codecs:
         ids.append(self.vocab.eos)
         target.append(bool(doc.segments) and doc.segments[-1].loss)
         return ids, target
+
+    def prompt(self, segments: Iterable[PromptSegment], open_item: str | None = None) -> list[int]:
+        """Prompt segments -> ids: `<bos>`, then each segment (text as its ids, an item as `begin` ids `end`),
+        then, with `open_item="image"` (any modality's name), that modality's begin token, so that the model
+        writes such an item next. No `<eos>`: the answer follows. A segment is
+
+            "some text"                      text (encoded), as is ("text", "some text")
+            ("text", [ids])                  text ids, as they are
+            ("image", item)                  an item of that modality, encoded by its codec (e.g. an
+                                             (H, W, 3) uint8 image); a prompt's items of one modality are
+                                             encoded in one batch
+            TextSegment / ItemSegment        as in documents (`ItemSegment(name, codes=ids)`: an item
+                                             already encoded, its vocabulary ids)
+
+        E.g. captioning `prompt([("image", img)])`, question answering `prompt([("image", img), question])`,
+        text to image `prompt([caption], open_item="image")`, its unconditional prompt
+        `prompt([], open_item="image")` (`<bos> <boi>`)."""
+        v = self.vocab
+        parts: list = []  # per segment: ids, or (name, index into that modality's items to encode)
+        raw: dict[str, list] = {}
+        for seg in segments:
+            if isinstance(seg, str):
+                parts.append(self.encode_text(seg))
+            elif isinstance(seg, TextSegment):
+                parts.append(self.encode_text(seg.text))
+            elif isinstance(seg, ItemSegment):
+                if seg.codes is not None:
+                    parts.append(self.block(seg.modality, self._checked_ids(seg.modality, seg.codes)))
+                else:
+                    parts.append((seg.modality, self._queue_item(raw, seg.modality, seg.item)))
+            elif isinstance(seg, tuple) and len(seg) == 2 and isinstance(seg[0], str):
+                name, x = seg
+                if name == "text":
+                    parts.append(self.encode_text(x) if isinstance(x, str) else [int(i) for i in x])
+                else:
+                    parts.append((name, self._queue_item(raw, name, x)))
+            else:
+                raise TypeError(f"a prompt segment is text, (modality, item) or a Text/ItemSegment, not {seg!r}")
+        encoded = {name: self.encode_items(name, _batch(items)) for name, items in raw.items()}
+        ids = [v.bos]
+        for part in parts:
+            ids += self.block(part[0], encoded[part[0]][part[1]]) if isinstance(part, tuple) else part
+        if open_item is not None:
+            ids.append(v.begin(open_item))
+        return ids
+
+    def _queue_item(self, raw: dict[str, list], name: str, item) -> int:
+        self.codec(name)  # KeyError for a modality without a codec
+        raw.setdefault(name, []).append(item)
+        return len(raw[name]) - 1
+
+    def _checked_ids(self, name: str, ids) -> np.ndarray:
+        """An encoded item's ids, refused (ValueError) unless they are ids of `name` of the right length."""
+        ids = np.asarray(ids.cpu() if torch.is_tensor(ids) else ids)
+        spec, (lo, hi) = self.vocab.spec(name), self.vocab.range(name)
+        if ids.ndim != 1 or (spec.tokens_per_item is not None and len(ids) != spec.tokens_per_item):
+            raise ValueError(f"a {name} item is {spec.tokens_per_item} ids, got shape {ids.shape}")
+        if len(ids) and (ids.min() < lo or ids.max() >= hi):
+            raise ValueError(f"{name} ids must be in [{lo}, {hi}) (the vocabulary's {name} range)")
+        return ids
 
     # ---- persistence ----------------------------------------------------------------------------
     def save(self, run_dir: str | Path) -> None:

@@ -242,12 +242,12 @@ def create_app(pipe: Pipeline, model_name: str, api_key: str | None = None, limi
         if not can_draw:
             raise ApiError(400, f"this model cannot generate images (a {pipe.model.cfg.variant} model reads images "
                            "and writes text)", code="images_not_supported")
-        v, prompt = pipe.vocab, pipe.image_prompt(caption)
+        prompt = pipe.image_prompt(caption)
         if len(prompt) + per_image + 1 > context:
             raise ApiError(400, f"the prompt is {len(prompt)} tokens; with an image of {per_image + 1} tokens it "
                            f"exceeds the model's context of {context}", code="context_length_exceeded")
         return [Request(prompt, per_image + 1, _sampling(req, 0.3, i, cfg_scale=_or(req.cfg_scale, 2.0)),
-                        uncond_prompt=[v.bos, v.boi], stop_after_image=True) for i in range(n)], len(prompt)
+                        uncond_prompt=pipe.uncond_image_prompt(), stop_after_image=True) for i in range(n)], len(prompt)
 
     async def start_pictures(requests: list[Request], req, stream: bool) -> tuple[list[Handle], _Updates]:
         """Pictures from the scheduler, code by code; or, for models whose images are not codes (continuous
@@ -257,13 +257,12 @@ def create_app(pipe: Pipeline, model_name: str, api_key: str | None = None, limi
             return submit(requests, stream)
         first = requests[0]
         sampling = SamplingConfig(cfg_scale=first.sampling.cfg_scale, seed=req.seed)
-        codes = await run_in_threadpool(pipe._image_codes, [r.prompt for r in requests], sampling,
+        codes = await run_in_threadpool(pipe.image_codes, [r.prompt for r in requests], sampling,
                                         first.uncond_prompt)
         handles = []
         for r, row in zip(requests, codes):
-            handle = Handle(r, None, lambda: None)
-            handle.tokens = [*map(int, row), pipe.vocab.eoi]
-            handle._finish(True)
+            handle = Handle(r)
+            handle.finish(True, tokens=[*map(int, row), pipe.vocab.end("image")])
             handles.append(handle)
         return handles, _Updates(every_token=stream)
 
@@ -426,13 +425,9 @@ def _text_only_and_short(messages, limit: int = 4000) -> bool:
 
 
 def _prompt_ids(pipe: Pipeline, segments: list) -> list[int]:
-    """Prompt segments -> ids: <bos>, then each text, and each image as <boi> codes <eoi>."""
-    v, images = pipe.vocab, [x for kind, x in segments if kind == "image"]
-    codes = iter(pipe.codecs.encode_images(np.stack(images)) if images else [])
-    ids = [v.bos]
-    for kind, x in segments:
-        ids += [v.boi, *map(int, next(codes)), v.eoi] if kind == "image" else x
-    return ids
+    """Prompt segments, ("text", ids) and ("image", uint8 array), -> ids (`Codecs.prompt`: <bos>, each text,
+    each image as <boi> codes <eoi>, its images encoded in one batch)."""
+    return pipe.codecs.prompt(segments)
 
 
 class _TextStream:
@@ -506,11 +501,12 @@ def build_random_pipeline(preset: str, seed: int = 0) -> Pipeline:
     The text tokenizer is trained on the shapes world's captions, questions and edits (a second or so);
     the image tokenizer and the transformer are left at their random initialisation."""
     from nmm.config import load_config
+    from nmm.data.sources import world_texts
     from nmm.modalities.codecs import Codecs
     from nmm.modalities.image import ImageTokenizer
     from nmm.modalities.text import TextTokenizer
     from nmm.model.model import NativeMultimodalModel
-    from nmm.train.prepare import make_world, world_texts
+    from nmm.train.prepare import make_world
 
     cfg = load_config(preset)
     world = make_world(cfg)
