@@ -72,7 +72,6 @@ def test_image_codes_is_public(pipe):
                              uncond=pipe.uncond_image_prompt())
     assert codes.shape == (2, v.tokens_per_image) and bool(v.is_modality("image", torch.as_tensor(codes)).all())
     assert (codes[0] == codes[1]).all()  # greedy: the same prompt, the same image
-    assert Pipeline._image_codes is Pipeline.image_codes  # the former private name still works
 
 
 def test_generate_images_and_perplexity_run(pipe):

@@ -169,12 +169,8 @@ def _server_quick(tmp_path):
 
 
 def _check_server(d, stream: bool):
-    from nmm.bench.server import server_has_fixed_length
-
     n = d["config"]["max_tokens"]
     assert n == 8 and d["config"]["stream"] is stream
-    via = "request fields" if server_has_fixed_length() else "server without <eos>"
-    assert d["config"]["fixed_length_via"] == via
     assert [lvl["clients"] for lvl in d["levels"]] == [1, 2]
     for lvl in d["levels"]:
         assert lvl["ok"] == lvl["requests"] == 4 and lvl["errors"] == 0

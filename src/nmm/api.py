@@ -82,7 +82,6 @@ class Pipeline:
                                    stop_after_image=True)
         return np.stack([t[:n_img] for t in res.tokens])
 
-    _image_codes = image_codes  # the former private name
 
     def complete_text(self, prompts: list[list[int]], max_new_tokens: int = 48, temperature: float = 0.0,
                       seed: int | None = 0, batch_size: int = 64, **kw) -> list[str]:

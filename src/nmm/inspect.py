@@ -42,7 +42,7 @@ def reference_batch(vocab: Vocabulary, seq_len: int, generate: bool, seed: int =
 
     def image():
         codes = vocab.ids("image", torch.randint(0, vocab.image_codes, (vocab.tokens_per_image,), generator=g))
-        return [vocab.boi, *codes.tolist(), vocab.eoi]
+        return [vocab.begin("image"), *codes.tolist(), vocab.end("image")]
 
     ids, targets, doc_ids, generated, positions = [], [], [], [], []
     doc = 0
@@ -59,7 +59,7 @@ def reference_batch(vocab: Vocabulary, seq_len: int, generate: bool, seed: int =
             break
         ids += toks
         targets += [t if flag else -100 for t, flag in zip(toks[1:], tgt[1:])] + [-100]
-        generated += [gen_doc and t >= vocab.text_size for t in toks]
+        generated += (vocab.is_code(torch.tensor(toks)) & gen_doc).tolist()
         positions += list(range(len(toks)))
         doc_ids += [doc] * len(toks)
         doc += 1

@@ -264,7 +264,7 @@ def test_models_without_a_code_head_never_open_an_image(variant):
     """Late fusion and continuous images cannot write codes: <boi> is never offered (even when the text head
     favours it), and a prompt that ends in <boi> is refused."""
     from nmm.config import VisionEncoderConfig
-    from nmm.infer.engine import CannotGenerateImages
+    from nmm.infer.engine import CannotGenerate
     from nmm.infer.scheduler import Request, Scheduler
 
     vocab = Vocabulary(40, (image_spec(12, (4, 3), 4, ((4,), (3,))),))
@@ -279,7 +279,7 @@ def test_models_without_a_code_head_never_open_an_image(variant):
     res = engine.generate([[vocab.bos, 2]] * 3, 20, SamplingConfig(temperature=1.5, seed=0))
     assert all(t < vocab.n_text for row in res.tokens for t in row if t != vocab.eos)
     assert all(len(row) > 0 for row in res.tokens)
-    with pytest.raises(CannotGenerateImages, match="cannot generate image"):
+    with pytest.raises(CannotGenerate, match="cannot generate image"):
         engine.generate([[vocab.bos, 2, vocab.boi]], 6)
     scheduler = Scheduler(engine)
     try:

@@ -290,24 +290,20 @@ def test_a_seed_samples_the_same_in_engine_and_scheduler(model, scheduler):
     assert [h.tokens for h in handles[2:5]] == refs
 
 
-def test_the_allowed_token_tables_have_one_hook(model, monkeypatch):
-    """Engine.bias_table is the one source of the masks both loops add (the server benchmark patches it to
-    disallow <eos>)."""
+def test_ignore_eos_runs_the_answer_to_its_length_in_both_loops(model):
+    """Fixed-length decoding (the server benchmark's `ignore_eos`): the same tokens from Engine and Scheduler."""
     import copy
 
     model = copy.deepcopy(model)
     with torch.no_grad():  # <eos> is by far the likeliest token
         model.text_head.proj.weight[VOCAB.eos] += 5 * model.text_head.proj.weight.std()
-    inner = Engine.bias_table
     free = Engine(model).generate([[VOCAB.bos, 3]], 25, GREEDY, allow_images=False)
-    monkeypatch.setattr(Engine, "bias_table", lambda self, allow_images=True, allow_eos=True:
-                        inner(self, allow_images, False))
-    text = Engine(model).generate([[VOCAB.bos, 3]], 25, GREEDY, allow_images=False)
+    text = Engine(model).generate([[VOCAB.bos, 3]], 25, GREEDY, allow_images=False, ignore_eos=True)
     assert free.finished[0] and len(free.tokens[0]) < 25  # left alone, it ends at <eos>
     assert len(text.tokens[0]) == 25 and not text.finished[0]
     s = Scheduler(Engine(model))
     try:
-        h = s.generate([Request([VOCAB.bos, 3], 25, GREEDY, allow_images=False)])[0]
+        h = s.generate([Request([VOCAB.bos, 3], 25, GREEDY, allow_images=False, ignore_eos=True)])[0]
     finally:
         s.close()
     assert h.tokens == text.tokens[0] and not h.finished

@@ -120,3 +120,40 @@ def test_a_model_over_text_image_and_toy_trains_two_steps(codecs):
         losses.append(loss.item())
         assert {"loss_text", "loss_toy"} <= set(stats) and stats["tokens_toy"] == toy_targets.sum()
     assert all(np.isfinite(losses)) and losses[1] < losses[0]
+
+
+def test_the_decoder_writes_well_formed_toy_items(codecs):
+    """After <bot> only toy codes, exactly 3 of them, then a forced <eot>; free generation keeps every
+    item of every modality well formed."""
+    from nmm.infer.engine import Engine
+    from nmm.infer.sampling import SamplingConfig
+
+    v = codecs.vocab
+    torch.manual_seed(0)
+    model = NativeMultimodalModel(load_config("shapes-tiny").model, v).eval()
+    prompt = codecs.prompt(["the numbers"], open_item="toy")
+    assert prompt[-1] == v.begin("toy")
+    res = Engine(model).generate([prompt] * 2, 4, SamplingConfig(temperature=1.0, seed=0), stop_after_image=True)
+    for toks in res.tokens:
+        assert v.is_modality("toy", torch.tensor(toks[:3])).all() and toks[3] == v.end("toy")
+    with torch.no_grad():  # make the text head open items often
+        for name in ("image", "toy"):
+            model.text_head.proj.weight[v.begin(name)] += 2 * model.text_head.proj.weight.std()
+    res = Engine(model).generate([codecs.prompt(["go"])] * 4, 120, SamplingConfig(temperature=1.0, seed=1))
+    opened = set()
+    for toks in res.tokens:
+        i = 0
+        while i < len(toks):
+            name = v.begins().get(toks[i])
+            if name is None:
+                assert not v.is_code(torch.tensor(toks[i])), f"a code outside an item at {i}: {toks}"
+                i += 1
+                continue
+            n = v.spec(name).tokens_per_item
+            item = toks[i + 1 : i + 1 + n]
+            assert v.is_modality(name, torch.tensor(item)).all()
+            if i + 1 + n < len(toks):
+                assert toks[i + 1 + n] == v.end(name)
+            opened.add(name)
+            i += n + 2
+    assert opened == {"image", "toy"}

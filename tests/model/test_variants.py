@@ -153,7 +153,7 @@ def test_a_model_that_cannot_generate_says_so(tmp_path):
     pipe = Pipeline.__new__(Pipeline)
     Pipeline.__init__(pipe, model, codecs=type("C", (), {"vocab": VOCAB})())
     with pytest.raises(InputError, match="cannot generate"):
-        pipe._image_codes([[VOCAB.bos, VOCAB.boi]], SamplingConfig(), None)
+        pipe.image_codes([[VOCAB.bos, VOCAB.boi]], SamplingConfig(), None)
     assert nmm  # imported for the side effect of registering everything
 
 

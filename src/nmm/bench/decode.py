@@ -77,7 +77,7 @@ def run_decode(pipe, batches=(1, 8), new_tokens: int = 64, repeats: int = 5, war
     quiet_transformers()
     model, v = pipe.model, pipe.vocab
     device = next(model.parameters()).device
-    prompts = [[v.bos, *pipe.codecs.encode_text(t)] for t in TEXT_PROMPTS]
+    prompts = [pipe.codecs.prompt([t]) for t in TEXT_PROMPTS]
     longest = max(len(p) for p in prompts)
     if longest + new_tokens > model.cfg.max_seq_len:
         raise NmmError(f"decode bench: {longest} prompt + {new_tokens} new tokens exceed the model's context of "

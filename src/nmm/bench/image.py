@@ -67,7 +67,7 @@ def run_image(pipe, batches=(1, 8), cfg_scale: float = 2.0, repeats: int = 5, wa
     model, v = pipe.model, pipe.vocab
     device = next(model.parameters()).device
     hf = nmm_to_hf(model)
-    text_prompts = [[v.bos, *pipe.codecs.encode_text(t)] for t in TEXT_PROMPTS]
+    text_prompts = [pipe.codecs.prompt([t]) for t in TEXT_PROMPTS]
     parity = logits_parity(model, hf, parity_ids(v, text_prompts).to(device), atol)  # raises ParityError
     log(f"parity nmm -> {parity['hf_arch']}: max |logit diff| {parity['max_abs_diff']:.2e} (< {atol:g})")
 
@@ -113,9 +113,9 @@ def _run_batch(pipe, engines: dict, hf, batch: int, cfg_scale: float, repeats: i
         raise NmmError(f"image bench: prompt + {n_new} image tokens exceed the context of {model.cfg.max_seq_len}")
     ids, mask = left_pad(prompts, v.pad, device)
     width = ids.shape[1]
-    uncond = torch.tensor([[v.bos, v.boi]] * batch, device=device)
+    uncond = torch.tensor([pipe.uncond_image_prompt()] * batch, device=device)
     # batched CFG: the unconditional prompts as rows batch..2*batch-1, left-padded to the same width
-    both_ids, both_mask = left_pad(prompts + [[v.bos, v.boi]] * batch, v.pad, device)
+    both_ids, both_mask = left_pad(prompts + [pipe.uncond_image_prompt()] * batch, v.pad, device)
     base = {"max_new_tokens": n_new, "min_new_tokens": n_new, "do_sample": False, "pad_token_id": v.pad,
             "eos_token_id": None, "use_cache": True}
     stock_cfg = GenerationConfig(**base, guidance_scale=cfg_scale)

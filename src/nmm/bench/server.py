@@ -12,12 +12,7 @@ adds no dependency) that sends the same request again and again:
 **Fixed-length answers.** Every answer is exactly `max_tokens` tokens long, so a level measures
 batched decoding and not only request overhead (left to itself, an answer of a random-weights preset
 stops at `<eos>` after about 4 tokens). This is what vLLM's serving benchmark does with its
-`ignore_eos` / `min_tokens` request fields, which the body above sends. Where the server's request
-schema has neither field (`ChatRequest` ignores unknown fields), the benchmark serves with
-`python -m nmm.bench.server TARGET ...`: `nmm serve` itself with `<eos>` removed from the Engine's
-allowed-token tables (`Engine.bias_table`, which the scheduler's text rows use), so the same HTTP
-stack, scheduler and model run, only never stop early. The JSON says which (`fixed_length_via`), and
-the benchmark checks every answer: `completion_tokens == max_tokens`, `finish_reason == "length"`
+`ignore_eos` / `min_tokens` request fields, which the body above sends and `nmm serve` honours.The benchmark checks every answer: `completion_tokens == max_tokens`, `finish_reason == "length"`
 (`wrong_length` counts any that are not, and the warm-up stops the benchmark if the server does not
 comply).
 
@@ -60,13 +55,11 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """`nmm serve TARGET` in a subprocess, stopped (terminate, then kill) on exit. `no_eos`: serve through
-    `serve_without_eos` (`python -m nmm.bench.server`), whose answers never end at `<eos>`."""
+    """`nmm serve TARGET` in a subprocess, stopped (terminate, then kill) on exit."""
 
-    def __init__(self, target: str, port: int | None = None, startup_timeout: float = 180.0, env: dict | None = None,
-                 no_eos: bool = False):
+    def __init__(self, target: str, port: int | None = None, startup_timeout: float = 180.0, env: dict | None = None):
         self.target, self.port = target, port or free_port()
-        self.startup_timeout, self.env, self.no_eos = startup_timeout, env, no_eos
+        self.startup_timeout, self.env = startup_timeout, env
         self.proc: subprocess.Popen | None = None
         self.log_path: Path | None = None
 
@@ -82,7 +75,7 @@ class ServerProcess:
         log = tempfile.NamedTemporaryFile("w+b", prefix="nmm-bench-serve-", suffix=".log", delete=False)
         self.log_path = Path(log.name)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", *(("nmm.bench.server",) if self.no_eos else ("nmm.cli", "serve")), self.target,
+            [sys.executable, "-m", "nmm.cli", "serve", self.target,
              "--host", "127.0.0.1", "--port", str(self.port)],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
         )
@@ -257,29 +250,6 @@ def run_level(port: int, clients: int, n_requests: int, body: dict, timeout: flo
     return level
 
 
-def server_has_fixed_length() -> bool:
-    """Does `nmm serve`'s chat schema take a field that forces the answer's length?"""
-    from nmm.serve.schemas import ChatRequest
-
-    return bool({"ignore_eos", "min_tokens"} & set(ChatRequest.model_fields))
-
-
-def serve_without_eos(argv: list[str]) -> None:
-    """`nmm serve ARGV` whose text never chooses `<eos>` (the benchmark's fixed-length answers on a server
-    without `ignore_eos` / `min_tokens`): the Engine's allowed-token tables, which the scheduler's text
-    rows add to their logits, are built with `<eos>` disallowed. Everything else is `nmm serve`."""
-    from nmm.cli import app
-    from nmm.infer.engine import Engine
-
-    bias_table = Engine.bias_table
-
-    def without_eos(self, allow_images: bool = True, allow_eos: bool = True):
-        return bias_table(self, allow_images, False)
-
-    Engine.bias_table = without_eos
-    app(["serve", *argv], prog_name="nmm")
-
-
 def run_server(target: str, clients=(1, 8, 32), requests_per_level: int = 64, max_tokens: int = 32,
                warmup_requests: int = 2, threads: int | None = 1, stream: bool = False, log=lambda *a: None) -> dict:
     """`threads`: torch threads of the server process (OMP_NUM_THREADS / MKL_NUM_THREADS), one by default like
@@ -288,12 +258,8 @@ def run_server(target: str, clients=(1, 8, 32), requests_per_level: int = 64, ma
     body = chat_body(max_tokens, stream)
     levels = []
     env = None if threads is None else {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    by_request = server_has_fixed_length()
-    via = "request fields" if by_request else "server without <eos>"
-    note = ("the requests' min_tokens / ignore_eos" if by_request else "ChatRequest has no min_tokens / ignore_eos "
-            "field: served by python -m nmm.bench.server, nmm serve with <eos> disallowed")
-    with ServerProcess(target, env=env, no_eos=not by_request) as server:
-        log(f"nmm serve {target} on 127.0.0.1:{server.port}; fixed-length answers: {note}")
+    with ServerProcess(target, env=env) as server:
+        log(f"nmm serve {target} on 127.0.0.1:{server.port}; fixed-length answers (min_tokens / ignore_eos)")
         conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=300)
         try:
             for _ in range(max(warmup_requests, 1)):  # one-off costs (allocations, lazy imports); checks the length
@@ -304,7 +270,7 @@ def run_server(target: str, clients=(1, 8, 32), requests_per_level: int = 64, ma
                 if n != max_tokens or reply["choices"][0]["finish_reason"] != "length":
                     raise NmmError(f"server bench: asked for exactly {max_tokens} tokens, the server answered {n} "
                                    f"(finish_reason {reply['choices'][0]['finish_reason']!r}); it does not honour "
-                                   f"the fixed-length request ({note})")
+                                   f"the fixed-length request (min_tokens / ignore_eos)")
         finally:
             conn.close()
         for c in clients:
@@ -325,7 +291,7 @@ def run_server(target: str, clients=(1, 8, 32), requests_per_level: int = 64, ma
                  f"{', streamed' if stream else ''}), {requests_per_level} requests per level; "
                  "requests/s and tokens/s = answered requests and their completion tokens / wall time"),
         "config": {"target": target, "clients": list(clients), "requests_per_level": requests_per_level,
-                   "max_tokens": max_tokens, "fixed_length_via": via, "fixed_length_note": note, "stream": stream,
+                   "max_tokens": max_tokens, "fixed_length_via": "request fields min_tokens / ignore_eos", "stream": stream,
                    "prompt": PROMPT,
                    "warmup_requests": max(warmup_requests, 1), "server_threads": threads},
         "levels": levels,
@@ -335,7 +301,3 @@ def run_server(target: str, clients=(1, 8, 32), requests_per_level: int = 64, ma
         "goal": goal(f"requests/s at {top['clients']} clients / at {levels[0]['clients']}", scaling, GOAL_SCALING_32),
         "env": env_info(),  # of this process: the load generator shares the machine with the server
     }
-
-
-if __name__ == "__main__":  # `python -m nmm.bench.server TARGET [nmm serve options]`: see serve_without_eos
-    serve_without_eos(sys.argv[1:])

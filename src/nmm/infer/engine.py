@@ -32,12 +32,11 @@ from nmm.infer.picker import Picker, Plan, Row, code_interfaces
 from nmm.infer.sampling import SamplingConfig, SamplingRows, draw_uniforms, record_text
 from nmm.model.model import NativeMultimodalModel
 
-__all__ = ["DTYPES", "NEG_INF", "CannotGenerateImages", "Engine", "GenerationResult", "resolve_dtype"]
+__all__ = ["DTYPES", "NEG_INF", "CannotGenerate", "Engine", "GenerationResult", "resolve_dtype"]
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
 
-CannotGenerateImages = CannotGenerate  # the name callers catch: a prompt opens an image the model cannot write
 CONTINUOUS_HINT = " (continuous images are sampled by Pipeline.generate_images)"
 
 
@@ -90,8 +89,7 @@ class Engine:
         self.emits_codes = "image" in emits  # (late and mid fusion, continuous images: no head over image codes)
         self.text_size = self.vocab.text_size  # outputs of the text head: text ids and specials
         self.decoder = Decoder(self.vocab, emits=emits, device=self.device)
-        # The allowed-token tables go through `bias_table`, so both Engine and Scheduler read one hook.
-        self.picker = Picker(model, self.decoder, table=lambda allow, eos: self.bias_table(allow, eos))
+        self.picker = Picker(model, self.decoder, table=self.decoder.table)
         # Prefill stays eager: it runs once per request, with ever different shapes.
         self.decode_step = self._compile(self._decode_step) if compile else self._decode_step
         self._fused = {}  # compiled whole greedy steps, by kind
@@ -123,13 +121,8 @@ class Engine:
         # Keywords: model.hidden() may gain optional arguments.
         return self.model.hidden(ids, positions=positions, mask=mask, caches=caches, start=start)
 
-    def bias_table(self, allow_images=True, allow_eos: bool = True) -> torch.Tensor:
-        """(phases, V) float: 0 where an id is allowed, -inf where not, one row per decoding phase
-        (`Decoder.table`). `allow_images`: True, False or the modalities a request may open."""
-        return self.decoder.table(allow_images, allow_eos)
-
     def check_prompt(self, prompt: list[int]):
-        """The decoding state a prompt leaves; CannotGenerateImages if it opens an image this model cannot write."""
+        """The decoding state a prompt leaves; CannotGenerate if it opens an image this model cannot write."""
         return self.decoder.check_prompt(prompt, f"this model ({self.model.cfg.variant})", CONTINUOUS_HINT)
 
     # ---- compiled whole steps -------------------------------------------------------------------

@@ -112,7 +112,7 @@ class Scheduler:
                 raise ValueError(f"{name} ({len(prompt)} tokens) + max_new_tokens ({request.max_new_tokens}) "
                                  f"exceeds the context of {self.max_len} tokens")
         if request.prompt:
-            self.engine.check_prompt(request.prompt)  # CannotGenerateImages: it opens an item the model cannot write
+            self.engine.check_prompt(request.prompt)  # CannotGenerate: it opens an item the model cannot write
         if request.rows > self.rows:
             raise ValueError(f"the request needs {request.rows} rows (CFG); this scheduler has {self.rows}")
         s = request.sampling

@@ -374,8 +374,8 @@ def create_app(pipe: Pipeline, model_name: str, api_key: str | None = None, limi
             max_new = token_budget(req, prompt_tokens, context, limits)  # before encoding any image
             ids = _prompt_ids(pipe, segments) if light else await run_in_threadpool(_prompt_ids, pipe, segments)
             penalty = _or(req.repetition_penalty, 1.0)
-            requests = [Request(ids, max_new, _sampling(req, 0.0, i, repetition_penalty=penalty), allow_images=False)
-                        for i in range(req.n)]
+            requests = [Request(ids, max_new, _sampling(req, 0.0, i, repetition_penalty=penalty), allow_images=False,
+                                min_new_tokens=req.min_tokens, ignore_eos=req.ignore_eos) for i in range(req.n)]
             handles, updates = submit(requests, req.stream)  # a 429 or 400 is still plain JSON, never a half-stream
 
         def usage() -> dict:

@@ -77,7 +77,7 @@ class ShapesInterleaved(Task):
         v, n_img = pipe.vocab, pipe.vocab.tokens_per_image
         out: list[Interleaved] = []
         for i, chunk in enumerate(ctx.chunks(items)):
-            prompts = [[v.bos, *pipe.codecs.encode_text(self.prompt(ctx, it))] for it in chunk]
+            prompts = [pipe.codecs.prompt([self.prompt(ctx, it)]) for it in chunk]
             new = min(TEXT_BUDGET + n_img + 1, pipe.model.cfg.max_seq_len - max(map(len, prompts)))
             sampling = SamplingConfig(temperature=ec.temperature, top_k=ec.top_k, top_p=ec.top_p, seed=ec.seed + i)
             res = pipe.engine.generate(prompts, new, sampling, allow_images=True, stop_after_image=True)
