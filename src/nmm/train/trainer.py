@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,6 +25,7 @@ from nmm.data.mixture import PackedBatches
 from nmm.errors import CheckpointError, ConfigError
 from nmm.model.model import NativeMultimodalModel
 from nmm.optim import lr_at, set_lr
+from nmm.progress import TrainProgress, progress_callback
 from nmm.train import distributed as dist
 from nmm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from nmm.train.prepare import prepare_codecs, prepare_mixture
@@ -37,7 +39,7 @@ from nmm.utils import (
 
 def check_roles(cfg: RunConfig, model: NativeMultimodalModel) -> None:
     """A model that cannot write images must not be given documents that teach it to."""
-    if "M2G" in model.images.capabilities:
+    if all("M2G" in interface.capabilities for interface in model.modalities.values()):
         return
     bad = [r for r in ("generation", "edit") if cfg.data.roles.get(r, 0) > 0]
     if bad:
@@ -90,23 +92,29 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
 
 
-def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, show_progress: bool = True, log=print) -> dict:
-    run_dir = Path(run_dir)
-    info = dist.setup()
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    torch.set_flush_denormal(True)  # denormals made CPU training up to 2x slower
-    seed_everything(cfg.train.seed)
-    say = log if info.is_main else (lambda *a, **k: None)
+@dataclass
+class Run:
+    """Everything the loop needs, built by `setup_run`."""
 
+    model: NativeMultimodalModel
+    net: torch.nn.Module  # the model + loss, wrapped by DDP and torch.compile as configured
+    optimizer: torch.optim.Optimizer
+    batches: PackedBatches
+    autocast: contextlib.AbstractContextManager
+    start_step: int
+    max_steps: int
+    resumed: bool
+    tokenizer_stats: dict
+
+
+def setup_run(cfg: RunConfig, run_dir: Path, resume: bool, show_progress: bool, info, say) -> Run:
+    """Codecs (trained or loaded), data, model (pretrained parts, or the checkpoint's weights), optimizer."""
     ckpt = latest_checkpoint(run_dir) if resume else None
     if resume and ckpt is None:
         raise CheckpointError(f"{run_dir}: --resume given but no checkpoint found in {run_dir / 'checkpoints'}")
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
-        from nmm.progress import progress_callback
-
         codecs, tok_stats = prepare_codecs(cfg, run_dir, progress=progress_callback("image tokenizer", show_progress), log=say)
     dist.barrier(info)
     if not info.is_main:
@@ -122,21 +130,23 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, show_progre
     model = NativeMultimodalModel(cfg.model, codecs.vocab).to(info.device)
     check_roles(cfg, model)
     if ckpt is None:
-        t_pre = time.time()
-        pre = model.images.pretrain(mixture.pool, mixture.world, cfg.train.seed)
-        if pre:
-            say(f"vision encoder pretrained: held-out cell accuracy {pre.get('heldout_cell_accuracy', float('nan')):.3f} "
-                f"({time.time() - t_pre:.1f}s)")
-            if info.is_main:
-                atomic_write_json(run_dir / "vision_encoder.json", pre)
+        for name, interface in model.modalities.items():  # one-off pretraining (a vision encoder)
+            t_pre = time.time()
+            pre = interface.pretrain(mixture.pool, mixture.world, cfg.train.seed)
+            if pre:
+                say(f"{name} encoder pretrained: held-out cell accuracy "
+                    f"{pre.get('heldout_cell_accuracy', float('nan')):.3f} ({time.time() - t_pre:.1f}s)")
+                if info.is_main:
+                    atomic_write_json(run_dir / ("vision_encoder.json" if name == "image" else f"{name}_encoder.json"), pre)
     optimizer = make_optimizer(model, cfg.train)
     start_step, max_steps = 0, cfg.train.max_steps
     if ckpt is not None:
         state = load_checkpoint(ckpt, model, optimizer)
         start_step, max_steps = state["step"], state["max_steps"]
         say(f"resumed from {ckpt} at step {start_step}")
-    say(f"model: {model.num_params() / 1e6:.2f}M parameters, vocabulary {codecs.vocab.size} "
-        f"({codecs.vocab.n_text} text, {codecs.vocab.image_codes} image codes)")
+    v = codecs.vocab
+    say(f"model: {model.num_params() / 1e6:.2f}M parameters, vocabulary {v.size} "
+        f"({', '.join([f'{v.n_text} text'] + [f'{m.codes} {m.name} codes' for m in v.modalities])})")
 
     net = LossModule(model, cfg.train.loss_weights, cfg.train.z_loss)
     # Experts, modality-specific weights and frozen encoders may get no gradient in a given step.
@@ -146,9 +156,42 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, show_progre
     autocast = (
         torch.autocast(info.device.type, dtype=torch.bfloat16) if cfg.train.dtype == "bf16" else contextlib.nullcontext()
     )
-    metrics = MetricsLog(run_dir / "metrics.jsonl", info.is_main, start_step)
+    return Run(model, net, optimizer, batches, autocast, start_step, max_steps, ckpt is not None, tok_stats)
 
-    from nmm.progress import TrainProgress
+
+def forward_backward(run: Run, step: int, cfg: RunConfig, info) -> tuple[dict[str, float], int, float]:
+    """One optimisation step's gradients: `grad_accum` micro-batches, then clipping.
+    -> (mean losses by name, tokens seen by all ranks, gradient norm before clipping)."""
+    stats_sum: dict[str, float] = {}
+    tokens = 0
+    for micro in range(cfg.train.grad_accum):
+        batch = run.batches.batch(step * cfg.train.grad_accum + micro).to(info.device)
+        sync = contextlib.nullcontext()
+        if info.enabled and micro < cfg.train.grad_accum - 1:
+            sync = run.net.no_sync()
+        with sync, run.autocast:
+            loss, stats = run.net(batch.ids, batch.targets, batch.positions, batch.doc_ids, batch.generated)
+            (loss / cfg.train.grad_accum).backward()
+        stats_sum["loss"] = stats_sum.get("loss", 0.0) + loss.item() / cfg.train.grad_accum
+        for k, v in stats.items():
+            if k.startswith("loss_"):
+                stats_sum[k] = stats_sum.get(k, 0.0) + float(v) / cfg.train.grad_accum
+        tokens += int((batch.doc_ids >= 0).sum()) * info.world_size
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.train.grad_clip).item()
+    return stats_sum, tokens, grad_norm
+
+
+def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, show_progress: bool = True, log=print) -> dict:
+    run_dir = Path(run_dir)
+    info = dist.setup()
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    torch.set_flush_denormal(True)  # denormals made CPU training up to 2x slower
+    seed_everything(cfg.train.seed)
+    say = log if info.is_main else (lambda *a, **k: None)
+    run = setup_run(cfg, run_dir, resume, show_progress, info, say)
+    model, optimizer, start_step, max_steps = run.model, run.optimizer, run.start_step, run.max_steps
+    metrics = MetricsLog(run_dir / "metrics.jsonl", info.is_main, start_step)
 
     bar = TrainProgress(max_steps, start_step, enabled=info.is_main and show_progress)
     t_start, tokens_window, t_window = time.time(), 0, time.time()
@@ -157,25 +200,12 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, show_progre
     for step in range(start_step, max_steps):
         # Linear warmup, then cosine decay to min_lr_ratio * lr at max_steps.
         lr = set_lr(optimizer, lr_at(step, cfg.train.lr, cfg.train.warmup_steps, max_steps, cfg.train.min_lr_ratio))
-        stats_sum: dict[str, float] = {}
-        for micro in range(cfg.train.grad_accum):
-            batch = batches.batch(step * cfg.train.grad_accum + micro).to(info.device)
-            sync = contextlib.nullcontext()
-            if info.enabled and micro < cfg.train.grad_accum - 1:
-                sync = net.no_sync()
-            with sync, autocast:
-                loss, stats = net(batch.ids, batch.targets, batch.positions, batch.doc_ids, batch.generated)
-                (loss / cfg.train.grad_accum).backward()
-            stats_sum["loss"] = stats_sum.get("loss", 0.0) + loss.item() / cfg.train.grad_accum
-            for k, v in stats.items():
-                if k.startswith("loss_"):
-                    stats_sum[k] = stats_sum.get(k, 0.0) + float(v) / cfg.train.grad_accum
-            tokens_window += int((batch.doc_ids >= 0).sum()) * info.world_size
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip).item()
+        stats_sum, tokens, grad_norm = forward_backward(run, step, cfg, info)
+        tokens_window += tokens
         # Timing comes before the skip below: a skipped update must not skip the measurement.
         if step == start_step + 10:
             t_steady = time.time()  # the first steps are slow (allocation, caches): time from here
-        if cfg.train.time_budget_min and step == start_step + 40 and ckpt is None:
+        if cfg.train.time_budget_min and step == start_step + 40 and not run.resumed:
             # Fix the schedule length from the measured speed: the run then fits the budget.
             per_step = (time.time() - t_steady) / 30
             budget_steps = int(cfg.train.time_budget_min * 60 / per_step)
@@ -219,7 +249,7 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, show_progre
         "train_minutes": round((time.time() - t_start) / 60, 3),
         "params": model.num_params(),
         "final_loss": loss_ema,
-        "tokenizer": tok_stats,
+        "tokenizer": run.tokenizer_stats,
         "world_size": info.world_size,
     }
     if info.is_main:
