@@ -1,0 +1,174 @@
+"""The routes: GET /v1/models[/{model}], POST /v1/chat/completions, POST /v1/images/generations,
+GET /health, GET /metrics and the playground (GET /, its files under /static).
+
+Each handler is a module-level function on `router`; it gets the app's `ServerState` through the
+`server` dependency. A request is checked here (model, n, sizes, the token budget) before anything is
+queued, so a refusal is always a plain JSON 4xx, never half a stream. docs/server.md describes the formats.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Depends
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse, PlainTextResponse, StreamingResponse
+
+from nmm.api import Pipeline
+from nmm.infer.sampling import SamplingConfig
+from nmm.infer.scheduler import Request
+from nmm.serve.schemas import ApiError, ChatRequest, ImageRequest, picture_caption, prompt_segments, token_budget
+from nmm.serve.state import ServerState, server
+from nmm.serve.streaming import collect, progress, sse, start_pictures, submit
+
+STATIC = Path(__file__).parent / "static"  # the playground: plain HTML/JS, no build step
+
+router = APIRouter()
+State = Annotated[ServerState, Depends(server)]
+
+
+# ---- health, metrics, playground -----------------------------------------------------------------
+@router.get("/health")
+async def health(state: State):
+    return {"status": "ok", "model": state.model_name}
+
+
+@router.get("/metrics", response_class=PlainTextResponse)
+async def prometheus(state: State):
+    return PlainTextResponse(state.metrics.render(state.scheduler), media_type="text/plain; version=0.0.4")
+
+
+@router.get("/", include_in_schema=False)
+async def playground():
+    return FileResponse(STATIC / "index.html")
+
+
+# ---- the OpenAI API ------------------------------------------------------------------------------
+@router.get("/v1/models")
+async def list_models(state: State):
+    return {"object": "list", "data": [_model_card(state)]}
+
+
+@router.get("/v1/models/{model}")
+async def get_model(model: str, state: State):
+    _check_common(state, model, 1)
+    return _model_card(state)
+
+
+@router.post("/v1/images/generations")
+async def images(req: ImageRequest, state: State):
+    _check_common(state, req.model, req.n)
+    size = state.image_size
+    if req.response_format not in (None, "b64_json"):
+        raise ApiError(400, "only response_format 'b64_json' is supported", param="response_format",
+                       code="invalid_value")
+    if req.size not in (None, "auto", f"{size}x{size}"):
+        raise ApiError(400, f"size must be '{size}x{size}' (the model's image size)", param="size",
+                       code="invalid_value")
+    requests, _ = _picture_requests(state, req.prompt, req.n, req)
+    answers = await collect(state, *await start_pictures(state, requests, req, stream=False), picture=True)
+    pngs = [content[0]["image_url"]["url"].split(",", 1)[1] for content, _ in answers]
+    return {"created": int(time.time()), "data": [{"b64_json": p, "revised_prompt": req.prompt} for p in pngs],
+            "output_format": "png", "size": f"{size}x{size}"}
+
+
+@router.post("/v1/chat/completions")
+async def chat(req: ChatRequest, state: State):
+    _check_common(state, req.model, req.n)
+    pipe, limits, per_image = state.pipe, state.limits, state.per_image
+    light = _text_only_and_short(req.messages)  # tokenised in place: a thread hop would cost more than that
+    args = (req.messages, pipe.codecs.encode_text, limits, state.image_size)
+    segments, last_user = prompt_segments(*args) if light else await run_in_threadpool(prompt_segments, *args)
+    base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.model_name}
+    caption = picture_caption(last_user, req.modalities)
+    if caption is not None:  # the answer is a picture
+        requests, prompt_tokens = _picture_requests(state, caption, req.n, req)
+        handles, updates = await start_pictures(state, requests, req, req.stream)
+    else:
+        prompt_tokens = 1 + sum(per_image + 2 if kind == "image" else len(x) for kind, x in segments)
+        max_new = token_budget(req, prompt_tokens, state.context, limits)  # before encoding any image
+        ids = _prompt_ids(pipe, segments) if light else await run_in_threadpool(_prompt_ids, pipe, segments)
+        penalty = _or(req.repetition_penalty, 1.0)
+        requests = [Request(ids, max_new, _sampling(req, 0.0, i, repetition_penalty=penalty), allow_images=False,
+                            min_new_tokens=req.min_tokens, ignore_eos=req.ignore_eos) for i in range(req.n)]
+        handles, updates = submit(state, requests, req.stream)  # a 429 or 400 is still plain JSON, never a half-stream
+
+    def usage() -> dict:  # read after generation: the handles' tokens are final by then
+        completion = sum(len(h.tokens) + h.finished for h in handles) if caption is None else \
+            req.n * (per_image + 1)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                "total_tokens": prompt_tokens + completion}
+
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        events = sse(base, req.n, progress(state, handles, updates, picture=caption is not None),
+                     usage if include_usage else None)
+        return StreamingResponse(events, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    answers = await collect(state, handles, updates, picture=caption is not None)
+    choices = [{"index": i, "message": {"role": "assistant", "content": content},
+                "finish_reason": finish, "logprobs": None} for i, (content, finish) in enumerate(answers)]
+    return {**base, "object": "chat.completion", "choices": choices, "usage": usage()}
+
+
+# ---- checks and scheduler requests ---------------------------------------------------------------
+def _model_card(state: ServerState) -> dict:
+    return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "nmm",
+            "context_length": state.context, "image_size": state.image_size}
+
+
+def _check_common(state: ServerState, model: str | None, n: int) -> None:
+    if model is not None and model != state.model_name:
+        raise ApiError(404, f"model '{model}' does not exist; this server has '{state.model_name}'", param="model",
+                       code="model_not_found")
+    if n > state.limits.max_n:
+        raise ApiError(400, f"n is {n}; at most {state.limits.max_n}", param="n", code="invalid_value")
+
+
+def _picture_requests(state: ServerState, caption: str, n: int, req) -> tuple[list[Request], int]:
+    """n requests for pictures of `caption` (CFG against an empty caption, as Pipeline.generate_images),
+    and the prompt's length."""
+    pipe, per_image, context = state.pipe, state.per_image, state.context
+    if not state.can_draw:
+        raise ApiError(400, f"this model cannot generate images (a {pipe.model.cfg.variant} model reads images "
+                       "and writes text)", code="images_not_supported")
+    prompt = pipe.image_prompt(caption)
+    if len(prompt) + per_image + 1 > context:
+        raise ApiError(400, f"the prompt is {len(prompt)} tokens; with an image of {per_image + 1} tokens it "
+                       f"exceeds the model's context of {context}", code="context_length_exceeded")
+    return [Request(prompt, per_image + 1, _sampling(req, 0.3, i, cfg_scale=_or(req.cfg_scale, 2.0)),
+                    uncond_prompt=pipe.uncond_image_prompt(), stop_after_image=True) for i in range(n)], len(prompt)
+
+
+def _or(value, default):
+    return default if value is None else value
+
+
+def _sampling(req, default_temperature: float, choice: int, **kw) -> SamplingConfig:
+    t = _or(req.temperature, default_temperature)
+    t = 0.0 if t < 1e-3 else t  # dividing logits by a tinier temperature overflows: that is greedy anyway
+    # Each choice has its own random stream; with a seed, choice i uses seed + i (reproducible, yet different).
+    seed = None if req.seed is None else req.seed + choice
+    return SamplingConfig(temperature=t, top_k=req.top_k, top_p=req.top_p, seed=seed, **kw)
+
+
+def _text_only_and_short(messages, limit: int = 4000) -> bool:
+    """No images and little text: preparing the prompt takes microseconds, so it can run on the event loop."""
+    chars = 0
+    for m in messages:
+        if isinstance(m.content, list):
+            if any(p.type != "text" for p in m.content):
+                return False
+            chars += sum(len(p.text) for p in m.content)
+        elif m.content is not None:
+            chars += len(m.content)
+    return chars <= limit
+
+
+def _prompt_ids(pipe: Pipeline, segments: list) -> list[int]:
+    """Prompt segments, ("text", ids) and ("image", uint8 array), -> ids (`Codecs.prompt`: <bos>, each text,
+    each image as <boi> codes <eoi>, its images encoded in one batch)."""
+    return pipe.codecs.prompt(segments)

@@ -1,0 +1,47 @@
+"""What one server holds: the pipeline, its scheduler, its counters and the model facts routes check against.
+
+`create_app` builds one `ServerState` and puts it on `app.state.server`; every route reaches it through
+the `server` dependency, so handlers are plain module-level functions instead of closures.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from fastapi import Request as HTTPRequest
+
+from nmm.api import Pipeline
+from nmm.infer.scheduler import Scheduler
+from nmm.serve.metrics import Metrics
+from nmm.serve.schemas import Limits
+
+
+@dataclass(frozen=True)
+class ServerState:
+    pipe: Pipeline
+    model_name: str
+    limits: Limits
+    scheduler: Scheduler  # all generation goes through it (continuous batching on its own thread)
+    metrics: Metrics
+    created: int  # unix time the app was built: the model card's "created"
+    image_size: int  # pixels per side of the images the model reads and draws
+    context: int  # the model's max_seq_len (prompt + answer)
+    per_image: int  # codes per image (an image in a prompt is <boi> codes <eoi>)
+    can_draw: bool  # late and mid fusion read images but cannot draw them
+
+    @classmethod
+    def create(cls, pipe: Pipeline, model_name: str, limits: Limits) -> ServerState:
+        """Raises ValueError when the limits leave no room for one batch row (e.g. a tiny max_cache_mb)."""
+        max_cache = None if limits.max_cache_mb is None else int(limits.max_cache_mb * 2**20)
+        scheduler = Scheduler(pipe.engine, max_batch=limits.max_batch, max_cache_bytes=max_cache,
+                              max_queue=limits.max_queue)
+        return cls(pipe, model_name, limits, scheduler, Metrics(), int(time.time()),
+                   image_size=pipe.codecs.image.config.image_size, context=pipe.model.cfg.max_seq_len,
+                   per_image=pipe.vocab.tokens_per_image, can_draw="M2G" in pipe.model.images.capabilities)
+
+
+async def server(request: HTTPRequest) -> ServerState:
+    """FastAPI dependency: the state of the app serving `request`. Async on purpose: FastAPI runs a plain
+    `def` dependency on its thread pool, a thread hop per request for one attribute read."""
+    return request.app.state.server
