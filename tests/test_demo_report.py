@@ -105,3 +105,13 @@ def test_report_without_eval_report_has_no_link(tmp_path):
 def test_machine_info_names_the_machine():
     info = machine_info()
     assert info["cpu"] and info["cpu_count"] >= 1 and info["torch_threads"] >= 1 and info["torch"]
+
+
+def test_terminal_summary_rows_carry_intervals_n_and_targets(tmp_path):
+    from nmm.eval.report import headline_rows
+
+    run, metrics = make_run(tmp_path, eval_report=False)
+    rows = {name: (held, combo, target) for name, held, combo, target in headline_rows(run, metrics)}
+    held, combo, target = rows["Caption exact match (M2T)"]
+    assert held == "0.822 [0.786, 0.855] n=500" and combo == "0.140 [0.110, 0.171] n=500" and target == "≥ 0.90"
+    assert rows["Question answering accuracy"][0] == "-"  # not evaluated in this run: shown as missing

@@ -54,9 +54,18 @@ def demo(
     """
     from nmm.demo import run_demo
 
+    from nmm.eval.report import headline_rows
+
     metrics = run_demo(out, quick=quick, overrides=overrides)
-    out_console.print(_metrics_table({k: v for k, v in metrics.items() if k != "all"}, "nmm demo"))
-    out_console.print(f"report: {metrics['report']}")
+    table = Table(title=f"nmm demo: {metrics.get('steps')} steps, {metrics.get('params', 0) / 1e6:.2f}M parameters, "
+                        f"{metrics.get('demo_minutes', 0):.1f} min", title_justify="left")
+    for column in ("metric", "held-out scenes", "unseen combinations", "target"):
+        table.add_column(column, justify="left" if column in ("metric", "target") else "right")
+    for row in headline_rows(out, metrics):
+        table.add_row(*row)
+    out_console.print(table)
+    out_console.print(f"values [95% interval] n=items; every number: {out / 'metrics.json'}; "
+                      f"pictures and curves: {metrics['report']}")
 
 
 @app.command("train")

@@ -224,6 +224,25 @@ def _estimate(records: dict, metrics: dict, key: str) -> tuple:
     return (value if isinstance(value, (int, float)) and not isinstance(value, bool) else None), None, None, None
 
 
+def headline_rows(run_dir: Path, metrics: dict) -> list[tuple[str, str, str, str]]:
+    """The headline metrics as text for a terminal: (name, held-out [95% CI] n, combinations, target)."""
+    records, _ = _records(Path(run_dir))
+
+    def cell(key):
+        value, low, high, n = _estimate(records, metrics, key)
+        if value is None:
+            return "-"
+        if low is None:
+            return _num(value, key)
+        return f"{_num(value, key)} [{_num(low, key)}, {_num(high, key)}] n={n}"
+
+    rows = []
+    for key, name, _, target in HEADLINE_METRICS:
+        combo = f"heldout_combo_{key}"
+        rows.append((name, cell(key), cell(combo) if combo in records or combo in metrics else "-", target))
+    return rows
+
+
 def _target(target: str) -> str:
     # "≥ 0.97; combos: ≥ ½ of held-out": the held-out target, then the combinations' on its own line.
     return "<br>".join(_esc(part.strip()) for part in target.split(";"))
