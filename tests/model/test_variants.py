@@ -91,7 +91,7 @@ def test_loss_is_finite_and_trains(name):
             if gen_doc:
                 assert "loss_image" in stats or "loss_flow" in stats
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     assert losses[-1] < losses[0] * 0.9, losses
 
 
