@@ -84,3 +84,12 @@ def test_codecs_refuse_a_vocab_json_that_disagrees_with_the_tokenizers(tiny_run,
     (run / "vocab.json").write_text(json.dumps(d))
     with pytest.raises(CheckpointError, match="vocabulary layout.*text ids"):
         Codecs.load(run)
+
+
+def test_the_layout_lookups_trace_into_a_compiled_graph():
+    """No lock (functools.cached_property) or host sync in the lookups the model's loss calls."""
+    v = Vocabulary(50, (IMAGE, AUDIO))
+    torch._dynamo.reset()
+    explain = torch._dynamo.explain(lambda ids: v.modality_of(ids) + v.is_modality("audio", ids) + v.is_code(ids))(
+        torch.arange(91))
+    assert explain.graph_break_count == 0 and explain.graph_count == 1

@@ -16,7 +16,6 @@ position (0 = text or a special, k = the k-th modality) in one vectorised call.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
 
 import torch
 
@@ -39,14 +38,20 @@ class Vocabulary:
         names = [m.name for m in self.modalities]
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate modality names in {names}")
-        specials = self.specials
+        specials = BASE_SPECIALS + tuple(tok for m in self.modalities for tok in (m.begin, m.end))
         if len(set(specials)) != len(specials):
             raise ValueError(f"duplicate special tokens in {specials}")
+        # The derived layout, computed once. Plain attributes, not cached_property: its lock would break
+        # a torch.compile graph that calls `modality_of` / `is_modality`.
+        starts, at = {}, self.n_text + len(specials)
+        for m in self.modalities:
+            starts[m.name] = at
+            at += m.codes
+        object.__setattr__(self, "specials", specials)
+        object.__setattr__(self, "_starts", starts)
+        object.__setattr__(self, "_boundaries", torch.tensor(list(starts.values()), dtype=torch.long))
 
     # ---- layout ---------------------------------------------------------------------------
-    @cached_property
-    def specials(self) -> tuple[str, ...]:
-        return BASE_SPECIALS + tuple(tok for m in self.modalities for tok in (m.begin, m.end))
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -57,14 +62,6 @@ class Vocabulary:
     def text_size(self) -> int:
         """Ids the text head predicts: text ids and specials (everything before the first modality)."""
         return self.n_text + len(self.specials)
-
-    @cached_property
-    def _starts(self) -> dict[str, int]:
-        starts, at = {}, self.text_size
-        for m in self.modalities:
-            starts[m.name] = at
-            at += m.codes
-        return starts
 
     @property
     def size(self) -> int:
@@ -108,10 +105,6 @@ class Vocabulary:
     def is_code(self, ids: torch.Tensor) -> torch.Tensor:
         """True where an id is the code of any (non-text) modality."""
         return ids >= self.text_size
-
-    @cached_property
-    def _boundaries(self) -> torch.Tensor:
-        return torch.tensor([self._starts[m.name] for m in self.modalities], dtype=torch.long)
 
     def modality_of(self, ids: torch.Tensor) -> torch.Tensor:
         """(…) ids -> (…) long modality label: 0 for text and specials, k for the k-th modality."""
