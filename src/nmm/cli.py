@@ -26,7 +26,8 @@ from nmm.errors import NmmError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="nmm: native multimodal models. One transformer over interleaved text and image tokens.")
-out_console = Console()
+# A log file gets 120 columns (rich falls back to 80 when stdout is not a terminal: tables wrap badly).
+out_console = Console() if sys.stdout.isatty() else Console(width=120)
 
 Overrides = Annotated[Optional[list[str]], typer.Argument(help="Config overrides as dot-list: train.max_steps=200 model.d_model=128")]
 
