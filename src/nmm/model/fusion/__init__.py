@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from nmm.config import ModelConfig
 from nmm.modalities.vocab import Vocabulary
-from nmm.model.fusion.base import ImageInterface, LossTerm, ModalityInterface
+from nmm.model.fusion.base import LossTerm, ModalityInterface
 from nmm.model.fusion.continuous import ContinuousImages
 from nmm.model.fusion.decoupled import DecoupledImages
 from nmm.model.fusion.discrete import DiscreteCodes
@@ -35,4 +35,4 @@ def build_interfaces(cfg: ModelConfig, vocab: Vocabulary) -> dict[str, ModalityI
     return out
 
 
-__all__ = ["VARIANTS", "ImageInterface", "LossTerm", "ModalityInterface", "build_interfaces"]
+__all__ = ["VARIANTS", "LossTerm", "ModalityInterface", "build_interfaces"]

@@ -153,5 +153,3 @@ class EncoderFeatures(nn.Module):
         self.encoder.requires_grad_(cfg.trainable)
         return stats
 
-
-ImageInterface = ModalityInterface  # the name the image variants were written against

@@ -19,7 +19,7 @@ import math
 import torch
 from torch import nn
 
-from nmm.model.fusion.base import ImageInterface, LossTerm
+from nmm.model.fusion.base import ModalityInterface, LossTerm
 
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -30,7 +30,7 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([angles.cos(), angles.sin()], dim=-1)
 
 
-class ContinuousImages(ImageInterface):
+class ContinuousImages(ModalityInterface):
     fusion, representation = "early", "continuous"
     capabilities = ("M2T", "M2G", "M2M")
     bidirectional = True

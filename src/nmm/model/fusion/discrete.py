@@ -37,5 +37,3 @@ class DiscreteCodes(ModalityInterface):
         ce, zl = self.head.loss(h[sel], self.vocab.codes(self.name, targets[sel]), z_loss)
         return {self.name: LossTerm(ce.sum() + zl.sum(), ce.mean().detach(), sel.sum())}
 
-
-DiscreteImages = DiscreteCodes  # early-discrete images are discrete codes like any other

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import torch
 
-from nmm.model.fusion.base import EncoderFeatures, ImageInterface, at_positions
+from nmm.model.fusion.base import EncoderFeatures, ModalityInterface, at_positions
 
 
-class LateFusionImages(ImageInterface):
+class LateFusionImages(ModalityInterface):
     fusion, representation = "late", "continuous"
     capabilities = ("M2T",)
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nmm.model.fusion.base import EncoderFeatures, ImageInterface
+from nmm.model.fusion.base import EncoderFeatures, ModalityInterface
 
 
-class MidFusionImages(ImageInterface):
+class MidFusionImages(ModalityInterface):
     fusion, representation = "mid", "continuous"
     capabilities = ("M2T",)
 
