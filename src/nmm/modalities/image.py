@@ -1,8 +1,7 @@
 """Image tokenizer: a small FSQ autoencoder mapping a 32x32 image to an 8x8 grid of discrete codes.
 
-Codes come from finite scalar quantisation (FSQ, Mentzer et al. 2023): each latent channel is squashed
-with tanh onto L levels and rounded with a straight-through gradient, so there is no codebook to
-collapse and code ids are just mixed-radix numbers.
+Codes come from finite scalar quantisation (`nmm.modalities.fsq`): no codebook to collapse, and
+code ids are just mixed-radix numbers.
 
 The default model is *factorised*: every position's code is a pair (shape_code, colour_code).
   - the shape branch sees only the "lit" mask (brightest channel above a threshold), so it is blind
@@ -37,6 +36,7 @@ from torch import nn
 from nmm.config import ImageTokenizerConfig  # defined with the other run configs
 from nmm.errors import CheckpointError, ConfigError
 from nmm.modalities.base import ModalitySpec, join_codes, register_modality, split_codes
+from nmm.modalities.fsq import FSQ
 from nmm.optim import lr_at, set_lr
 from nmm.utils import atomic_write_text, save_safetensors
 
@@ -44,40 +44,6 @@ WEIGHTS_FILE = "image_tokenizer.safetensors"
 CONFIG_FILE = "image_tokenizer.json"
 CENTRE_PRIOR = 4.0  # logit bonus for a pixel picking its own position's colour
 LIT_THRESHOLD = 0.25  # a pixel whose brightest channel exceeds this is part of a shape
-
-
-class FSQ(nn.Module):
-    """Finite scalar quantiser over channel dim 1: (B, D, h, w) -> values in [-1, 1] and ids (B, h, w)."""
-
-    def __init__(self, levels: list[int], noise: bool = False):
-        super().__init__()
-        if not levels or min(levels) < 2:
-            raise ConfigError(f"FSQ levels must be integers >= 2, got {levels}")
-        basis = np.cumprod([1] + list(levels[:-1]))  # mixed radix, first channel least significant
-        self.register_buffer("levels", torch.tensor(levels).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("basis", torch.tensor(basis).view(1, -1, 1, 1), persistent=False)
-        self.n_codes = int(np.prod(levels))
-        # Training with uniform noise instead of rounding (as in learned compression) gives true
-        # gradients through the bins; it keeps small codes (colour) from parking two inputs in one bin.
-        self.noise = noise
-
-    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        L = self.levels
-        u = (torch.tanh(z) + 1) / 2 * L - 0.5  # (-0.5, L-0.5): every level gets an equal-width bin
-        rounded = u.round().clamp(min=0).minimum(L - 1)
-        codes = (rounded.detach().long() * self.basis).sum(1)  # (B, h, w)
-        if self.training and self.noise:
-            q = u + torch.rand_like(u) - 0.5
-        else:
-            q = u + (rounded - u).detach()  # straight-through rounding
-        return self._normalise(q), codes
-
-    def values(self, codes: torch.Tensor) -> torch.Tensor:  # (B, h, w) -> (B, D, h, w)
-        digits = (codes.unsqueeze(1) // self.basis) % self.levels
-        return self._normalise(digits.float())
-
-    def _normalise(self, q: torch.Tensor) -> torch.Tensor:
-        return q * 2 / (self.levels - 1) - 1
 
 
 class _Branch(nn.Module):
