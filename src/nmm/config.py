@@ -102,6 +102,47 @@ class ImageTokenizerConfig:
 
 
 @dataclass
+class AudioCodecConfig:
+    """The audio codec (nmm.modalities.audio): 16 kHz waveform -> log-mel -> conv encoder -> FSQ
+    groups at `frame_rate` frames/s -> tokens; a conv decoder back to log-mel, Griffin-Lim to a
+    waveform. Its training recipe is here too."""
+
+    sample_rate: int = 16_000
+    n_fft: int = 512
+    hop: int = 160  # 10 ms mel frames (100 frames/s)
+    n_mels: int = 64
+    stride: int = 4  # mel frames per code frame: 100 / 4 = 25 code frames/s
+    # FSQ levels of each quantiser group. layout=factored: one token per code frame whose code joins
+    # the groups (the model embeds and predicts each group as a factor, MusicGen's "parallel" pattern);
+    # layout=flat: one token per group per frame, frame-major (all groups need equal levels).
+    groups: list[list[int]] = field(default_factory=lambda: [[8, 5, 5], [8, 5, 5]])
+    layout: str = "factored"  # factored | flat
+    channels: int = 128  # conv width
+    max_seconds: float = 6.0  # longest item the codec (and the model) takes; longer is an error
+    griffin_lim_iters: int = 32
+    steps: int = 1500
+    batch_size: int = 32
+    segment_seconds: float = 1.0  # training crops
+    lr: float = 2e-3
+    warmup_steps: int = 50
+
+    def __post_init__(self):
+        if self.layout not in ("factored", "flat"):
+            raise ConfigError(f"config key 'audio.layout': '{self.layout}' is not one of factored, flat")
+        if not self.groups or any(len(g) == 0 for g in self.groups):
+            raise ConfigError("config key 'audio.groups': needs at least one non-empty list of FSQ levels")
+        if self.layout == "flat" and any(g != self.groups[0] for g in self.groups):
+            raise ConfigError(f"config key 'audio.groups': layout=flat needs equal levels in every group, got {self.groups}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> AudioCodecConfig:
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ConfigError(f"unknown audio codec config keys: {sorted(unknown)}")
+        return cls(**d)
+
+
+@dataclass
 class ModelConfig:
     # ---- the design-space axes (seed 001, sections 2-3) ----------------------------------------
     fusion: str = "early"  # early (image tokens in the sequence) | mid (cross-attention) | late (encoder+projector)
@@ -206,6 +247,7 @@ class RunConfig:
     name: str = "run"
     model: ModelConfig = field(default_factory=ModelConfig)
     image: ImageTokenizerConfig = field(default_factory=ImageTokenizerConfig)
+    audio: AudioCodecConfig = field(default_factory=AudioCodecConfig)
     text: TextCodecConfig = field(default_factory=TextCodecConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
