@@ -43,45 +43,77 @@ class Pipeline:
             raise InputError(f"prompt is {len(prompt)} tokens; with {new_tokens} new tokens it exceeds the "
                              f"model's context of {limit} tokens")
 
+    def item_prompt(self, name: str, text: str) -> list[int]:
+        """`<bos> text <begin(name)>`: the prompt that has the model write an item of `name` for `text`
+        (`<boi>` for an image of a caption, `<boa>` for speech of a sentence)."""
+        return self.codecs.prompt([text] if text else [], open_item=name)
+
     def image_prompt(self, caption: str) -> list[int]:
-        """`<bos> caption <boi>`: the prompt that has the model draw `caption`."""
-        return self.codecs.prompt([caption], open_item="image")
+        return self.item_prompt("image", caption)
 
     def uncond_image_prompt(self) -> list[int]:
         """`<bos> <boi>`: an image with no caption, what classifier-free guidance steers away from."""
-        return self.codecs.prompt([], open_item="image")
+        return self.item_prompt("image", "")
 
     # ---- tasks ----------------------------------------------------------------------------------
+    def generate_items(self, name: str, prompts: list[str], cfg_scale: float = 2.0, temperature: float = 0.3,
+                       top_k: int | None = None, top_p: float | None = None, seed: int | None = 0,
+                       batch_size: int = 32, max_tokens: int | None = None):
+        """Text -> items of modality `name` (images (N, H, W, 3) uint8; waveforms, a list of 1-D float32
+        arrays), with classifier-free guidance against an empty prompt. `max_tokens` caps a
+        variable-length item (default: what the context leaves)."""
+        sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale, seed=seed)
+        out: list = []
+        for i in range(0, len(prompts), batch_size):
+            chunk = [self.item_prompt(name, p) for p in prompts[i : i + batch_size]]
+            ids = self.item_codes(name, chunk, sampling, uncond=self.item_prompt(name, ""), max_tokens=max_tokens)
+            out += list(ids)
+        if self.vocab.spec(name).fixed_length:
+            return self.codecs.decode_items(name, np.stack(out) if out else np.zeros((0, self.vocab.spec(name).tokens_per_item), np.int64))
+        return self.codecs.decode_items(name, out)
+
     def generate_images(self, prompts: list[str], cfg_scale: float = 2.0, temperature: float = 0.3,
                         top_k: int | None = None, top_p: float | None = None, seed: int | None = 0,
                         batch_size: int = 32) -> np.ndarray:
         """Text -> images (N, H, W, 3) uint8, with classifier-free guidance against an empty caption."""
-        n_img = self.vocab.tokens_per_image
-        sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale, seed=seed)
-        out = []
-        for i in range(0, len(prompts), batch_size):
-            chunk = [self.image_prompt(p) for p in prompts[i : i + batch_size]]
-            for p in chunk:
-                self._check_length(p, n_img + 1)
-            out.append(self.image_codes(chunk, sampling, uncond=self.uncond_image_prompt()))
-        return self.codecs.decode_images(np.concatenate(out))
+        return self.generate_items("image", prompts, cfg_scale, temperature, top_k, top_p, seed, batch_size)
 
-    def image_codes(self, prompts: list[list[int]], sampling: SamplingConfig, uncond: list[int] | None) -> np.ndarray:
-        """Prompts ending in `<boi>` -> (B, N) image ids: sampled code by code by the engine, or by the
-        variant's own sampler (a flow for continuous images). `uncond`: the unconditional prompt of
-        classifier-free guidance (used when `sampling.cfg_scale` != 1)."""
-        images, n_img = self.model.images, self.vocab.tokens_per_image
-        if "M2G" not in images.capabilities:
-            raise InputError(f"this model ({self.model.cfg.variant} fusion) reads images but cannot generate them")
-        if not images.emits_codes:
-            codes = images.sample(self.model, prompts, cfg_scale=sampling.cfg_scale, seed=sampling.seed,
-                                  uncond_prompt=uncond)
-            return self.vocab.ids("image", codes.cpu().numpy())
+    def speak(self, texts: list[str], cfg_scale: float = 1.0, temperature: float = 0.3, seed: int | None = 0,
+              batch_size: int = 32, **kw) -> list[np.ndarray]:
+        """Text -> speech: 1-D float32 waveforms at the audio codec's sample rate."""
+        return self.generate_items("audio", texts, cfg_scale, temperature, seed=seed, batch_size=batch_size, **kw)
+
+    def item_codes(self, name: str, prompts: list[list[int]], sampling: SamplingConfig, uncond: list[int] | None,
+                   max_tokens: int | None = None) -> np.ndarray | list[np.ndarray]:
+        """Prompts ending in `name`'s begin token -> the items' ids: (B, N) for a fixed length, else one
+        1-D array per prompt (its codes up to the sampled end token). Sampled code by code by the
+        engine, or by the interface's own sampler (a flow for continuous images). `uncond`: the
+        unconditional prompt of classifier-free guidance (used when `sampling.cfg_scale` != 1)."""
+        interface, spec = self.model.modalities[name], self.vocab.spec(name)
+        if "M2G" not in interface.capabilities:
+            raise InputError(f"this model ({self.model.cfg.variant} fusion) reads {name} items but cannot generate them")
+        if not interface.emits_codes:
+            codes = interface.sample(self.model, prompts, cfg_scale=sampling.cfg_scale, seed=sampling.seed,
+                                     uncond_prompt=uncond)
+            return self.vocab.ids(name, codes.cpu().numpy())
+        room = self.model.cfg.max_seq_len - max(len(p) for p in prompts)
+        if spec.fixed_length:
+            new = spec.tokens_per_item + 1
+            for p in prompts:
+                self._check_length(p, new)
+        else:
+            new = min(room, (max_tokens or room) + 1)
+            if new < 2:
+                raise InputError(f"a prompt of {max(len(p) for p in prompts)} tokens leaves no room for a {name} item "
+                                 f"in the model's context of {self.model.cfg.max_seq_len} tokens")
         guided = uncond is not None and sampling.cfg_scale != 1.0
-        res = self.engine.generate(prompts, n_img + 1, sampling, uncond_prompts=[uncond] * len(prompts) if guided else None,
-                                   stop_after_image=True)
-        return np.stack([t[:n_img] for t in res.tokens])
-
+        res = self.engine.generate(prompts, new, sampling, uncond_prompts=[uncond] * len(prompts) if guided else None,
+                                   stop_after_image=True, allow_images=(name,))
+        if spec.fixed_length:
+            return np.stack([t[: spec.tokens_per_item] for t in res.tokens])
+        end = self.vocab.end(name)
+        # After the begin token the decoder allows only this modality's codes and its end token.
+        return [np.asarray(t[: t.index(end)] if end in t else t, dtype=np.int64) for t in res.tokens]
 
     def complete_text(self, prompts: list[list[int]], max_new_tokens: int = 48, temperature: float = 0.0,
                       seed: int | None = 0, batch_size: int = 64, **kw) -> list[str]:
@@ -101,6 +133,11 @@ class Pipeline:
         prompts = [self.codecs.prompt([ItemSegment("image", codes=c)]) for c in self._image_ids(images)]
         return self.complete_text(prompts, **kw)
 
+    def transcribe(self, waves: list[np.ndarray], **kw) -> list[str]:
+        """Speech (1-D float32 waveforms at the codec's rate) -> text."""
+        ids = self.codecs.encode_items("audio", list(waves))
+        return self.complete_text([self.codecs.prompt([ItemSegment("audio", codes=c)]) for c in ids], **kw)
+
     def answer(self, images: np.ndarray, questions: list[str], **kw) -> list[str]:
         prompts = [self.codecs.prompt([ItemSegment("image", codes=c), q])
                    for c, q in zip(self._image_ids(images), questions)]
@@ -111,7 +148,7 @@ class Pipeline:
         prompts = [self.codecs.prompt([ItemSegment("image", codes=c), t], open_item="image")
                    for c, t in zip(self._image_ids(images), instructions)]
         sampling = SamplingConfig(temperature=temperature, seed=seed, cfg_scale=cfg_scale)
-        return self.codecs.decode_images(self.image_codes(prompts, sampling, uncond=None))
+        return self.codecs.decode_images(self.item_codes("image", prompts, sampling, uncond=None))
 
     @torch.no_grad()
     def perplexity(self, texts: list[str]) -> float:

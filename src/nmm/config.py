@@ -118,6 +118,7 @@ class AudioCodecConfig:
     groups: list[list[int]] = field(default_factory=lambda: [[8, 5, 5], [8, 5, 5]])
     layout: str = "factored"  # factored | flat
     channels: int = 128  # conv width
+    depth: int = 3  # residual conv blocks in the encoder and in the decoder (at most 6)
     max_seconds: float = 6.0  # longest item the codec (and the model) takes; longer is an error
     griffin_lim_iters: int = 32
     steps: int = 1500
@@ -125,6 +126,7 @@ class AudioCodecConfig:
     segment_seconds: float = 1.0  # training crops
     lr: float = 2e-3
     warmup_steps: int = 50
+    eval_items: int = 100  # held-out waveforms the training stats are measured on
 
     def __post_init__(self):
         if self.layout not in ("factored", "flat"):
@@ -198,6 +200,7 @@ class DataConfig:
     folder: str | None = None  # for source=folder: a directory with images and captions.jsonl
     seed: int = 0
     pool_size: int = 20000  # pre-tokenised scenes the LM samples from
+    speech_pool_size: int = 6000  # pre-tokenised utterances (data.source=speech)
     caption_dropout: float = 0.1  # empty caption before an image, so classifier-free guidance has an unconditional
     # Role mixture: documents of each role are drawn with these weights.
     roles: dict[str, float] = field(

@@ -37,6 +37,7 @@ def run_demo(out: Path, quick: bool = False, overrides: list[str] | None = None,
     real = np.stack([world.render(s) for s in world.scenes(8, 99, "any")])
     recon = pipe.codecs.image.decode(pipe.codecs.image.encode(real))
     tok = summary["tokenizer"]
+    tok = tok.get("image", tok)  # per-modality stats; runs before audio kept the image's at the top
     metrics = {
         **{k: metrics[k] for k in HEADLINE},
         **{f"heldout_combo_{k}": metrics[f"heldout_combo_{k}"] for k in HEADLINE},

@@ -101,13 +101,13 @@ def steps_for_budget(cfg, budget_flops: float) -> tuple[int, int]:
 
 def heldout_batches(cfg, codecs, n_batches: int = 4):
     """Captioning and QA documents on scenes the run never saw (another seed): text loss only."""
-    from nmm.data.mixture import DocumentMixture, PackedBatches, build_shapes_pool
+    from nmm.data.mixture import DocumentMixture, PackedBatches, build_shapes_pool, image_roles
     from nmm.train.prepare import make_world
 
     world = make_world(cfg)
     pool = build_shapes_pool(world, codecs, 256, seed=cfg.data.seed + 10_007, split="train")
     data = type(cfg.data)(**{**cfg.data.__dict__, "roles": {"captioning": 0.5, "qa": 0.5}})
-    mixture = DocumentMixture(data, codecs, pool, world=world)
+    mixture = DocumentMixture(data, codecs, image_roles(pool, world, data.caption_dropout), pool=pool, world=world)
     batches = PackedBatches(mixture, cfg.train.batch_size, cfg.train.seq_len, seed=99_991)
     return [batches.batch(i) for i in range(n_batches)]
 

@@ -13,6 +13,7 @@ exact stream, and each rank draws a different shard, without any loader state to
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,50 +70,81 @@ def build_folder_pool(source, codecs: Codecs, indices: list[int]) -> ImagePool:
     return ImagePool(codecs.encode_images(images), [source[i][1] for i in indices])
 
 
-class DocumentMixture:
-    """Draws documents of each role with the configured weights."""
+RoleSampler = Callable[[np.random.Generator], Document]  # draws one document of a role
 
-    def __init__(self, cfg: DataConfig, codecs: Codecs, pool: ImagePool, world=None, english: list[str] = ()):
+
+def image_roles(pool: ImagePool, world=None, caption_dropout: float = 0.1) -> dict[str, RoleSampler]:
+    """The image roles a pool supports: captioning and generation always; qa with a world that asks
+    questions about the pool's scenes; edit with edit pairs."""
+
+    def pick(rng) -> int:
+        return int(rng.integers(len(pool)))
+
+    def captioning(rng):
+        i = pick(rng)
+        return Document([ImageSegment(codes=pool.codes[i], loss=False), TextSegment(pool.captions[i])], "captioning")
+
+    def generation(rng):
+        i = pick(rng)
+        image = ImageSegment(codes=pool.codes[i])
+        if rng.random() < caption_dropout:
+            return Document([image], "generation")  # unconditional: what CFG subtracts at inference
+        return Document([TextSegment(pool.captions[i], loss=False), image], "generation")
+
+    def qa(rng):
+        i = pick(rng)
+        question, answer, _ = world.question_answer(pool.scenes[i], rng)
+        return Document([ImageSegment(codes=pool.codes[i], loss=False), TextSegment(question, loss=False),
+                         TextSegment(answer)], "qa")
+
+    def edit(rng):
+        src, instruction, edited = pool.edits[rng.integers(len(pool.edits))]
+        return Document([ImageSegment(codes=pool.codes[src], loss=False), TextSegment(instruction, loss=False),
+                         ImageSegment(codes=edited)], "edit")
+
+    roles = {"captioning": captioning, "generation": generation}
+    if world is not None and pool.scenes is not None:
+        roles["qa"] = qa
+    if pool.edits:
+        roles["edit"] = edit
+    return roles
+
+
+def text_role(english: list[str]) -> dict[str, RoleSampler]:
+    """Plain English paragraphs with loss on everything (keeps the language model a language model)."""
+    if not english:
+        return {}
+    return {"text": lambda rng: Document([TextSegment(english[rng.integers(len(english))])], "text")}
+
+
+# Every role a built-in source can offer. A weighted role missing from a run's sources is dropped
+# (a folder of images has no questions); a name outside this list and the run's roles is a typo.
+KNOWN_ROLES = ("captioning", "generation", "qa", "edit", "text",
+               "transcription", "synthesis", "spoken_qa", "tone_captioning", "tone_synthesis",
+               "spoken_generation")
+
+
+class DocumentMixture:
+    """Draws documents of each role with the configured weights (`DataConfig.roles`)."""
+
+    def __init__(self, cfg: DataConfig, codecs: Codecs, roles: dict[str, RoleSampler],
+                 english: list[str] = (), pool: ImagePool | None = None, world=None):
         self.cfg, self.codecs, self.pool, self.world = cfg, codecs, pool, world
-        self.english = list(english)
-        roles = {r: w for r, w in cfg.roles.items() if w > 0 and self._available(r)}
-        if not roles:
-            raise ValueError("data.roles leaves no role with data to train on")
-        self.roles = list(roles)
-        w = np.array([roles[r] for r in self.roles], dtype=np.float64)
+        available = {**roles, **text_role(list(english))}
+        for r in cfg.roles:
+            if r not in available and r not in KNOWN_ROLES:
+                raise ValueError(f"data.roles: unknown role '{r}' (known: {', '.join(sorted({*KNOWN_ROLES, *available}))})")
+        weighted = {r: w for r, w in cfg.roles.items() if w > 0 and r in available}
+        if not weighted:
+            raise ValueError(f"data.roles leaves no role with data to train on (this data offers: "
+                             f"{', '.join(sorted(available)) or 'nothing'})")
+        self.samplers = {r: available[r] for r in weighted}
+        self.roles = list(weighted)
+        w = np.array([weighted[r] for r in self.roles], dtype=np.float64)
         self.weights = w / w.sum()
 
-    def _available(self, role: str) -> bool:
-        known = {"captioning", "generation", "qa", "edit", "text"}
-        if role not in known:
-            raise ValueError(f"data.roles: unknown role '{role}' (known: {', '.join(sorted(known))})")
-        if role == "qa":
-            return self.world is not None and self.pool.scenes is not None
-        if role == "edit":
-            return bool(self.pool.edits)
-        if role == "text":
-            return bool(self.english)
-        return True
-
     def sample(self, rng: np.random.Generator) -> Document:
-        role = self.roles[rng.choice(len(self.roles), p=self.weights)]
-        if role == "text":
-            return Document([TextSegment(self.english[rng.integers(len(self.english))])], role)
-        if role == "edit":
-            src, instruction, edited = self.pool.edits[rng.integers(len(self.pool.edits))]
-            return Document(
-                [ImageSegment(codes=self.pool.codes[src], loss=False), TextSegment(instruction, loss=False),
-                 ImageSegment(codes=edited)], role)
-        i = int(rng.integers(len(self.pool)))
-        image = ImageSegment(codes=self.pool.codes[i], loss=role == "generation")
-        if role == "captioning":
-            return Document([image, TextSegment(self.pool.captions[i])], role)
-        if role == "generation":
-            if rng.random() < self.cfg.caption_dropout:
-                return Document([image], role)  # unconditional: what CFG subtracts at inference
-            return Document([TextSegment(self.pool.captions[i], loss=False), image], role)
-        question, answer, _ = self.world.question_answer(self.pool.scenes[i], rng)
-        return Document([image, TextSegment(question, loss=False), TextSegment(answer)], role)
+        return self.samplers[self.roles[rng.choice(len(self.roles), p=self.weights)]](rng)
 
 
 class PackedBatches:

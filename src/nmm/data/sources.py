@@ -2,20 +2,25 @@
 
 A data source gives the core everything it takes from outside itself:
 
-    texts()        text to train the text tokenizer on (captions, questions, edit instructions)
-    images()       (N, H, W, 3) uint8 images to train the image tokenizer on; None: render `world`'s
-    pool(codecs)   the language model's pre-tokenised images and captions (an `ImagePool`)
-    world          a generative world (scenes, render, caption, question_answer, edit, cell_labels),
-                   or None; the QA role and vision-encoder pretraining need one
-    judge          scores images of `world` against their scenes (`judge.score(image, scene)`), or
-                   None; the image tokenizer's evaluation uses it
+    modalities        the non-text modalities its documents hold, e.g. ("image",) or ("audio",): the
+                      run trains one codec for each (`nmm.train.prepare`)
+    texts()           text to train the text tokenizer on (captions, questions, transcripts)
+    roles(codecs, data_config)
+                      role name -> a sampler drawing one pre-tokenised `Document` of that role
+    world, judge      a generative world with exact ground truth and a judge of its items, or None
+    image_pool        the pool behind the image roles, or None (vision-encoder pretraining reads it)
+
+and, for each modality, what that modality's codec trainer asks for (the plugin's `train`): images()
+for images ((N, H, W, 3) uint8, or None to render `world`'s), waves() for audio (1-D float32 at 16 kHz).
 
 The core ships one source, "folder" (a user's images with a captions.jsonl, `nmm.data.folder`).
-The shapes world and its judge are an application built on the core, so no core module imports
-them: `PLUGINS` names the module that defines "shapes", and `data_source` imports it the first time
-that source is asked for; the module registers itself, the way Python entry points find plugins.
-`data.source=shapes` therefore works from the command line and the library with no extra import.
-Another source is one `register_source(name, factory)` call, where `factory(run_config)` builds it.
+The shapes world and the speech and tone worlds are applications built on the core, so no core
+module imports them: `PLUGINS` names the module that defines each, and `data_source` imports it
+the first time that source is asked for; the module registers itself, the way Python entry points
+find plugins. `data.source=shapes` therefore works from the command line and the library with no
+extra import. Sources join with "+": `data.source=shapes+speech` trains on both, with the roles,
+texts and modalities of each. Another source is one `register_source(name, factory)` call, where
+`factory(run_config)` builds it.
 """
 
 from __future__ import annotations
@@ -26,9 +31,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from nmm.config import RunConfig
+from nmm.config import DataConfig, RunConfig
 from nmm.data.folder import ImageFolderSource
-from nmm.data.mixture import ImagePool, build_folder_pool
+from nmm.data.mixture import ImagePool, RoleSampler, build_folder_pool, image_roles
 from nmm.errors import ConfigError
 from nmm.modalities.codecs import Codecs
 
@@ -36,21 +41,21 @@ from nmm.modalities.codecs import Codecs
 class DataSource(Protocol):
     """What `nmm.train.prepare` reads a run's data through (see the module docstring)."""
 
+    modalities: tuple[str, ...]
     world: Any | None
     judge: Any | None
+    image_pool: ImagePool | None
 
     def texts(self) -> list[str]: ...
 
-    def images(self) -> np.ndarray | None: ...
-
-    def pool(self, codecs: Codecs) -> ImagePool: ...
+    def roles(self, codecs: Codecs, cfg: DataConfig) -> dict[str, RoleSampler]: ...
 
 
 SourceFactory = Callable[[RunConfig], DataSource]
 
 SOURCES: dict[str, SourceFactory] = {}
 # Sources outside the core, by the module that registers them when imported.
-PLUGINS: dict[str, str] = {"shapes": "nmm.data.shapes_source"}
+PLUGINS: dict[str, str] = {"shapes": "nmm.data.shapes_source", "speech": "nmm.data.speech_source"}
 
 
 def register_source(name: str, factory: SourceFactory) -> None:
@@ -64,8 +69,10 @@ def register_source(name: str, factory: SourceFactory) -> None:
 
 
 def data_source(cfg: RunConfig, name: str | None = None) -> DataSource:
-    """The data source `name` (default: `cfg.data.source`) built for the run `cfg`."""
+    """The data source `name` (default: `cfg.data.source`; "a+b" joins sources) built for the run `cfg`."""
     name = cfg.data.source if name is None else name
+    if "+" in name:
+        return CompositeSource([data_source(cfg, part.strip()) for part in name.split("+")])
     if name not in SOURCES and name in PLUGINS:
         importlib.import_module(PLUGINS[name])
     if name not in SOURCES:
@@ -88,11 +95,43 @@ def world_texts(world, n: int, seed: int) -> list[str]:
     return texts
 
 
+class CompositeSource:
+    """Several sources as one (`data.source=shapes+speech`): their modalities, texts and roles
+    together. The world and judge are the first part's that has one; `part(modality)` is the source
+    that trains a modality's codec."""
+
+    def __init__(self, parts: list):
+        self.parts = parts
+        self.modalities = tuple(dict.fromkeys(m for p in parts for m in p.modalities))
+        self.world = next((p.world for p in parts if p.world is not None), None)
+        self.judge = next((p.judge for p in parts if p.judge is not None), None)
+        self.image_pool = None
+
+    def part(self, modality: str):
+        return next(p for p in self.parts if modality in p.modalities)
+
+    def texts(self) -> list[str]:
+        return [t for p in self.parts for t in p.texts()]
+
+    def roles(self, codecs: Codecs, cfg: DataConfig) -> dict[str, RoleSampler]:
+        roles: dict[str, RoleSampler] = {}
+        for p in self.parts:
+            roles.update(p.roles(codecs, cfg))
+        self.image_pool = next((p.image_pool for p in self.parts if p.image_pool is not None), None)
+        for p in self.parts:  # roles that need two sources at once (a spoken caption -> its image)
+            joint = getattr(p, "joint_roles", None)
+            if joint is not None:
+                roles.update(joint(self, codecs, cfg))
+        return roles
+
+
 class FolderSource:
     """`data.source=folder`: the images and captions of `data.folder`; no world, so no judge."""
 
+    modalities = ("image",)
     world = None
     judge = None
+    image_pool = None
 
     def __init__(self, cfg: RunConfig):
         if not cfg.data.folder:
@@ -106,9 +145,10 @@ class FolderSource:
     def images(self) -> np.ndarray:
         return np.stack([self.folder[i][0] for i in range(len(self.folder))])
 
-    def pool(self, codecs: Codecs) -> ImagePool:
+    def roles(self, codecs: Codecs, cfg: DataConfig) -> dict[str, RoleSampler]:
         train, _ = self.folder.split(heldout_fraction=0.1, seed=self.seed)  # the rest is for evaluation
-        return build_folder_pool(self.folder, codecs, train)
+        self.image_pool = build_folder_pool(self.folder, codecs, train)
+        return image_roles(self.image_pool, None, cfg.caption_dropout)
 
 
 register_source("folder", FolderSource)

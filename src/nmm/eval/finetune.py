@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from nmm.data.mixture import DocumentMixture, ImagePool, PackedBatches
+from nmm.data.mixture import DocumentMixture, ImagePool, PackedBatches, image_roles
 from nmm.errors import InputError
 from nmm.optim import lr_at, set_lr
 from nmm.train.trainer import LossModule, make_optimizer
@@ -67,7 +67,8 @@ def finetune(pipe, cfg, images: np.ndarray, captions: list[str], ft: FinetuneCon
     codecs = pipe.codecs
     pool = ImagePool(codecs.encode_images(np.ascontiguousarray(images)), list(captions))
     data_cfg = dataclasses.replace(cfg.data, roles=dict(ft.roles), caption_dropout=ft.caption_dropout)
-    mixture = DocumentMixture(data_cfg, codecs, pool)  # no world, no English: only the task's roles
+    # No world, no English: only the task's roles.
+    mixture = DocumentMixture(data_cfg, codecs, image_roles(pool, None, data_cfg.caption_dropout), pool=pool)
     seq_len = min(ft.seq_len, pipe.model.cfg.max_seq_len)
     longest = max(len(codecs.encode_text(c)) for c in set(captions)) + codecs.vocab.tokens_per_image + 4
     if longest > seq_len:

@@ -101,13 +101,13 @@ def weights_fingerprint(pipe) -> str:
 
 def model_modalities(pipe) -> frozenset[str]:
     """The modalities a pipeline reads and writes: text, plus one per non-text codec it carries."""
-    return frozenset({"text"} | {m for m in ("image", "audio", "video") if getattr(pipe.codecs, m, None) is not None})
+    return frozenset({"text", *pipe.codecs.modalities})
 
 
 def make_context(pipe, cfg, cache_dir: Path | None = None, log=print, options: dict | None = None) -> EvalContext:
     world_name = cfg.data.source
     world = judge = None
-    if world_name == "shapes":
+    if "shapes" in world_name.split("+"):
         from nmm.train.prepare import make_world
 
         world = make_world(cfg)

@@ -54,7 +54,7 @@ class Task:
     title: str = ""  # one line for listings and the report
     kind: str = ""  # M2T (to text), M2G (to image), M2M (mixed in/out), T2T (text only)
     modalities: tuple[str, ...] = ("text",)  # what the model must read/write
-    world: str | None = None  # "shapes" when items come from the built-in shapes world
+    world: str | None = None  # the data source its items come from ("shapes", "speech"); "a+b" runs have both
     splits: tuple[str, ...] = ("heldout",)
     version: int = 1  # bump when build/score change, so cached results are recomputed
     flat_prefix: str = ""  # flat metric keys: f"{split_prefix}{flat_prefix}_{metric}"
@@ -68,7 +68,7 @@ class Task:
         if missing:
             return (f"needs the {', '.join(missing)} modality; this model has "
                     f"{', '.join(sorted(ctx.modalities))}")
-        if self.world is not None and ctx.world_name != self.world:
+        if self.world is not None and self.world not in (ctx.world_name or "").split("+"):
             return f"needs the {self.world} world; this run was trained on data.source={ctx.world_name}"
         return None
 

@@ -32,7 +32,10 @@ PromptSegment = str | TextSegment | ItemSegment | tuple[str, Any]  # see `Codecs
 
 
 def _batch(items: list):
-    """Items of one modality -> one batch for its codec: stacked when they are arrays."""
+    """Items of one modality -> one batch for its codec: stacked when they are arrays of one shape
+    (images); a list otherwise (waveforms of different lengths)."""
+    if len({getattr(x, "shape", None) for x in items}) != 1:
+        return items
     if all(isinstance(x, np.ndarray) for x in items):
         return np.stack(items)
     if all(torch.is_tensor(x) for x in items):
@@ -72,17 +75,25 @@ class Codecs:
 
     # ---- items of any modality -------------------------------------------------------------------
     @torch.no_grad()
-    def encode_items(self, name: str, items, batch: int = 256) -> np.ndarray:
-        """A batch of items (e.g. (B, H, W, 3) uint8 images) -> (B, N) vocabulary ids (int64)."""
+    def encode_items(self, name: str, items, batch: int = 256) -> np.ndarray | list[np.ndarray]:
+        """A batch of items -> vocabulary ids (int64): (B, N) for a fixed-length modality (e.g. from
+        (B, H, W, 3) uint8 images), a list of B 1-D arrays for a variable-length one (waveforms)."""
         codec = self.codec(name)
-        out = [codec.encode(items[i : i + batch]).cpu().numpy() for i in range(0, len(items), batch)]
-        return self.vocab.ids(name, np.concatenate(out))
+        chunks = [codec.encode(items[i : i + batch]) for i in range(0, len(items), batch)]
+        if self.vocab.spec(name).fixed_length:
+            return self.vocab.ids(name, np.concatenate([c.cpu().numpy() for c in chunks]))
+        return [self.vocab.ids(name, np.asarray(c.cpu())) for chunk in chunks for c in chunk]
 
     @torch.no_grad()
-    def decode_items(self, name: str, ids: np.ndarray | torch.Tensor):
-        """(B, N) vocabulary ids of modality `name` -> items (out-of-range ids are clamped into it)."""
-        codes = self.vocab.codes(name, torch.as_tensor(np.asarray(ids)))
-        return self.codec(name).decode(codes.clamp(0, self.vocab.spec(name).codes - 1))
+    def decode_items(self, name: str, ids):
+        """Vocabulary ids of modality `name` ((B, N), or a list of 1-D id arrays for a variable-length
+        modality) -> items (out-of-range ids are clamped into the modality's range)."""
+        n = self.vocab.spec(name).codes
+        if isinstance(ids, (list, tuple)):
+            codes = [self.vocab.codes(name, torch.as_tensor(np.asarray(x))).clamp(0, n - 1) for x in ids]
+        else:
+            codes = self.vocab.codes(name, torch.as_tensor(np.asarray(ids))).clamp(0, n - 1)
+        return self.codec(name).decode(codes)
 
     def encode_images(self, images: np.ndarray, batch: int = 256) -> np.ndarray:
         """(B, H, W, 3) uint8 -> (B, tokens_per_image) vocabulary ids (int64)."""

@@ -373,4 +373,11 @@ def evaluate_image_tokenizer(model: ImageTokenizer, world, judge, n: int = 1000,
     return stats
 
 
-register_modality("image", ImageTokenizer, train_image_tokenizer)
+def train_for_run(cfg, source, progress=None) -> tuple[ImageTokenizer, dict]:
+    """The registry's trainer: a run's image tokenizer from its data source (`source.images()`, or
+    the source's world rendered; the world's judge scores reconstructions)."""
+    return train_image_tokenizer(source.world, cfg.image, seed=cfg.data.seed, progress=progress,
+                                 images=source.images(), judge=source.judge)
+
+
+register_modality("image", ImageTokenizer, train=train_for_run)

@@ -69,7 +69,7 @@ async def start_pictures(state: ServerState, requests: list[Request], req,
         return submit(state, requests, stream)
     first = requests[0]
     sampling = SamplingConfig(cfg_scale=first.sampling.cfg_scale, seed=req.seed)
-    codes = await run_in_threadpool(pipe.image_codes, [r.prompt for r in requests], sampling,
+    codes = await run_in_threadpool(pipe.item_codes, "image", [r.prompt for r in requests], sampling,
                                     first.uncond_prompt)
     handles = []
     for r, row in zip(requests, codes):

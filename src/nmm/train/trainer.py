@@ -115,7 +115,8 @@ def setup_run(cfg: RunConfig, run_dir: Path, resume: bool, show_progress: bool, 
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
-        codecs, tok_stats = prepare_codecs(cfg, run_dir, progress=progress_callback("image tokenizer", show_progress), log=say)
+        codecs, tok_stats = prepare_codecs(cfg, run_dir, log=say,
+                                         progress=lambda name: progress_callback(f"{name} tokenizer", show_progress))
     dist.barrier(info)
     if not info.is_main:
         codecs, tok_stats = prepare_codecs(cfg, run_dir, log=say)
@@ -124,7 +125,7 @@ def setup_run(cfg: RunConfig, run_dir: Path, resume: bool, show_progress: bool, 
     mixture = prepare_mixture(cfg, codecs)
     batches = PackedBatches(mixture, cfg.train.batch_size, cfg.train.seq_len, cfg.train.seed, info.rank)
     roles = ", ".join(f"{r} {w:.2f}" for r, w in zip(mixture.roles, mixture.weights))
-    say(f"data: {len(mixture.pool)} images pre-tokenised; roles {roles} ({time.time() - t_data:.1f}s)")
+    say(f"data: roles {roles} ({time.time() - t_data:.1f}s)")
 
     cfg.model.max_seq_len = max(cfg.model.max_seq_len, cfg.train.seq_len)
     model = NativeMultimodalModel(cfg.model, codecs.vocab).to(info.device)
