@@ -97,7 +97,9 @@ def gallery(samples: list[dict], images: np.ndarray) -> str:
     for s, img in zip(samples, images):
         verdict = {True: ("ok", "✓ "), False: ("bad", "✗ ")}.get(s.get("ok"), ("", ""))
         width = max(110, round(96 * img.shape[1] / img.shape[0]))  # pictures are shown 96 px high
-        cards.append(f"<figure class='{verdict[0]}' style='width:{width}px'><img src='{_png(img)}'>"
+        player = (f"<audio controls preload='none' src='{s['audio']}'></audio>"
+                  if str(s.get("audio", "")).startswith("data:audio/") else "")
+        cards.append(f"<figure class='{verdict[0]}' style='width:{width}px'><img src='{_png(img)}'>{player}"
                      f"<figcaption>{verdict[1]}{html.escape(_clean(s['title']))}</figcaption></figure>")
     return f"<div class='gallery'>{''.join(cards)}</div>"
 
@@ -171,7 +173,7 @@ table{{border-collapse:collapse;margin:0.5em 0}}td,th{{border-bottom:1px solid #
 .bar .ci{{position:absolute;top:7px;height:2px;background:#111}}
 .bar span{{position:absolute;right:4px;font-size:11px;line-height:16px}}
 .gallery{{display:flex;flex-wrap:wrap;gap:8px}}
-figure{{margin:0;font-size:11px}}figure img{{height:96px;image-rendering:pixelated;display:block}}
+figure{{margin:0;font-size:11px}}figure img{{height:96px;image-rendering:pixelated;display:block}}figure audio{{width:100%;height:28px}}
 figure.ok figcaption{{color:#17801f}}figure.bad figcaption{{color:#b3261e}}
 .row{{display:flex;flex-wrap:wrap;gap:24px}}.confusion td{{text-align:center;min-width:2.2em;font-size:12px}}
 .confusion th{{font-size:11px;font-weight:normal}}caption{{font-size:12px;text-align:left}}</style>

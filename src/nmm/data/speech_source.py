@@ -1,0 +1,121 @@
+"""`data.source=speech`: speech synthesised with eSpeak NG (nmm.data.speech) as a data source of
+the core; joined with shapes (`data.source=shapes+speech`) it adds spoken captions -> images.
+
+The core does not import this module: `nmm.data.sources.PLUGINS` names it, and the registry
+imports it the first time the source is asked for.
+
+Roles (`data.roles`):
+  transcription      <audio> transcript          loss on the text    (speech recognition, M2T)
+  synthesis          text <audio>                loss on the audio   (speech synthesis, M2G; text dropped
+                                                                      at data.caption_dropout for CFG)
+  spoken_generation  <audio of a caption> <image>  loss on the image (with shapes: M2M)
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from nmm.config import DataConfig, RunConfig
+from nmm.data.mixture import RoleSampler
+from nmm.data.sources import register_source
+from nmm.data.speech import SpeechWorld
+from nmm.modalities.codecs import Codecs
+from nmm.modalities.document import Document, ItemSegment, TextSegment
+
+TOKENIZER_UTTERANCES = 3000  # utterance texts that train the text tokenizer
+ENCODE_CHUNK = 256  # utterances rendered and encoded at a time (waveforms are not kept)
+
+
+class SpeechPool:
+    """Pre-tokenised utterances: their texts and audio ids (one 1-D array per utterance)."""
+
+    def __init__(self, texts: list[str], codes: list[np.ndarray]):
+        self.texts, self.codes = texts, codes
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+def build_speech_pool(world: SpeechWorld, codecs: Codecs, utterances: list[tuple[str, object]]) -> SpeechPool:
+    texts, codes = [], []
+    for i in range(0, len(utterances), ENCODE_CHUNK):
+        chunk = utterances[i : i + ENCODE_CHUNK]
+        texts += [t for t, _ in chunk]
+        codes += codecs.encode_items("audio", [world.render(t, v) for t, v in chunk])
+    return SpeechPool(texts, codes)
+
+
+class SpeechSource:
+    """Utterances of digits, numbers, words and sentences in many voices; held-out voices never
+    appear in training (`SpeechWorld.utterances(split="heldout")` is for evaluation)."""
+
+    modalities = ("audio",)
+    judge = None  # the recogniser that judges speech is trained by the evaluation (nmm.eval.speech_judge)
+    image_pool = None
+
+    def __init__(self, cfg: RunConfig, sentences: list[str] | None = None):
+        self.world = SpeechWorld(sentences=sentences)
+        self.seed, self.pool_size = cfg.data.seed, cfg.data.speech_pool_size
+        self.codec_items, self.codec_eval_items = cfg.audio.pool_size, cfg.audio.eval_items
+        self.speech_pool: SpeechPool | None = None
+
+    def texts(self) -> list[str]:
+        return [t for t, _ in self.world.utterances(TOKENIZER_UTTERANCES, self.seed, "train")]
+
+    def waves(self) -> list[np.ndarray]:
+        return [self.world.render(t, v) for t, v in self.world.utterances(self.codec_items, self.seed + 2, "train")]
+
+    def heldout_waves(self) -> list[np.ndarray]:
+        pairs = self.world.utterances(self.codec_eval_items, self.seed + 3, "heldout")
+        return [self.world.render(t, v) for t, v in pairs]
+
+    def roles(self, codecs: Codecs, cfg: DataConfig) -> dict[str, RoleSampler]:
+        t0 = time.time()
+        self.speech_pool = pool = build_speech_pool(self.world, codecs,
+                                                    self.world.utterances(self.pool_size, self.seed + 1, "train"))
+        self.build_seconds = time.time() - t0
+
+        def pick(rng) -> int:
+            return int(rng.integers(len(pool)))
+
+        def transcription(rng):
+            i = pick(rng)
+            return Document([ItemSegment("audio", codes=pool.codes[i], loss=False), TextSegment(pool.texts[i])],
+                            "transcription")
+
+        def synthesis(rng):
+            i = pick(rng)
+            audio = ItemSegment("audio", codes=pool.codes[i])
+            if rng.random() < cfg.caption_dropout:
+                return Document([audio], "synthesis")  # unconditional speech, for classifier-free guidance
+            return Document([TextSegment(pool.texts[i], loss=False), audio], "synthesis")
+
+        return {"transcription": transcription, "synthesis": synthesis}
+
+    def joint_roles(self, joined, codecs: Codecs, cfg: DataConfig) -> dict[str, RoleSampler]:
+        """With an image source beside it: a spoken caption -> that caption's image (M2M)."""
+        images = joined.image_pool
+        if images is None:
+            return {}
+        n = min(len(images), max(1, self.pool_size // 2))
+        rng = np.random.default_rng([self.seed, 11])
+        index = rng.choice(len(images), size=n, replace=False)
+        voices = self.world.voices("train")
+        spoken = build_speech_pool(self.world, codecs, [(images.captions[i], voices[rng.integers(len(voices))])
+                                                        for i in index])
+
+        def spoken_generation(rng):
+            j = int(rng.integers(n))
+            return Document([ItemSegment("audio", codes=spoken.codes[j], loss=False),
+                             ItemSegment("image", codes=images.codes[index[j]])], "spoken_generation")
+
+        return {"spoken_generation": spoken_generation}
+
+
+def speech_source(cfg: RunConfig) -> SpeechSource:
+    return SpeechSource(cfg)
+
+
+register_source("speech", speech_source)
