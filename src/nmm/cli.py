@@ -44,29 +44,45 @@ def _metrics_table(metrics: dict, title: str) -> Table:
 
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option(help="Run directory to create.")] = Path("runs/demo"),
-    quick: Annotated[bool, typer.Option(help="Smoke version in under a minute (same outputs, weak model).")] = False,
+    world: Annotated[str, typer.Argument(help="What the model learns: shapes (text + images) or speech "
+                                              "(text + speech, both directions).")] = "shapes",
+    out: Annotated[Path | None, typer.Option(help="Run directory to create (default runs/demo, runs/demo-speech).")] = None,
+    quick: Annotated[bool, typer.Option(help="Smoke version in about a minute (same outputs, weak model).")] = False,
     overrides: Overrides = None,
 ):
-    """Train a native early-fusion model on the built-in shapes world, evaluate it, write a report.
+    """Train a native multimodal model on built-in data, evaluate it, write a report.
 
-    Writes OUT/metrics.json and OUT/report.html (loss curves, reconstructions, generated images with
-    judge verdicts, captions of held-out images). About 15-20 minutes on 2 CPU cores; --quick < 1 min.
+    `nmm demo` (shapes): an early-fusion text + image model. Writes OUT/metrics.json and OUT/report.html
+    (loss curves, reconstructions, generated images with judge verdicts, captions of held-out images).
+    About 15-20 minutes on 2 CPU cores; --quick < 1 min.
+
+    `nmm demo speech`: one model that transcribes speech and speaks text, on eSpeak NG voices (some held out
+    for evaluation). Writes OUT/metrics.json and OUT/eval/report.html (audio players, spectrograms).
+    At most 30 minutes on 2 CPU cores, audio codec and evaluation included.
     """
-    from nmm.demo import run_demo
+    from nmm.demo import run_demo, run_speech_demo
+    from nmm.eval.report import SPEECH_HEADLINE_METRICS, headline_rows
 
-    from nmm.eval.report import headline_rows
-
-    metrics = run_demo(out, quick=quick, overrides=overrides)
-    table = Table(title=f"nmm demo: {metrics.get('steps')} steps, {metrics.get('params', 0) / 1e6:.2f}M parameters, "
-                        f"{metrics.get('demo_minutes', 0):.1f} min", title_justify="left")
-    for column in ("metric", "held-out scenes", "unseen combinations", "target"):
+    if world not in ("shapes", "speech"):
+        raise NmmError(f"nmm demo: unknown world '{world}' (shapes | speech)")
+    out = out or Path("runs/demo" if world == "shapes" else "runs/demo-speech")
+    if world == "shapes":
+        metrics = run_demo(out, quick=quick, overrides=overrides)
+        rows = headline_rows(out, metrics)
+    else:
+        metrics = run_speech_demo(out, quick=quick, overrides=overrides)
+        rows = headline_rows(out, metrics, SPEECH_HEADLINE_METRICS)
+    table = Table(title=f"nmm demo {world}: {metrics.get('steps')} steps, {metrics.get('params', 0) / 1e6:.2f}M "
+                        f"parameters, {metrics.get('demo_minutes', 0):.1f} min", title_justify="left")
+    columns = ("metric", "held-out scenes", "unseen combinations", "target") if world == "shapes" else \
+        ("metric", "held-out voices", "target")
+    for column in columns:
         table.add_column(column, justify="left" if column in ("metric", "target") else "right")
-    for row in headline_rows(out, metrics):
-        table.add_row(*row)
+    for row in rows:
+        table.add_row(*(row if world == "shapes" else (row[0], row[1], row[3])))
     out_console.print(table)
     out_console.print(f"values [95% interval] n=items; every number: {out / 'metrics.json'}; "
-                      f"pictures and curves: {metrics['report']}")
+                      f"pictures{', sound' if world == 'speech' else ''} and curves: {metrics['report']}")
 
 
 @app.command("train")

@@ -33,14 +33,18 @@ def recognizer(ctx: EvalContext) -> SpeechRecognizer:
     `ctx.cache_dir` (shared by every run on this machine, like the image feature network)."""
     if "recognizer" in ctx.memo:
         return ctx.memo["recognizer"]
-    folder = Path(ctx.cache_dir) / f"speech_recognizer_v{RECOGNIZER_VERSION}"
+    opts = dict(ctx.options.get("speech_recognizer", {}))  # tests: {"utterances": 64, "steps": 10}
+    utterances, steps = int(opts.get("utterances", RECOGNIZER_UTTERANCES)), opts.get("steps")
+    tag = "" if not opts else f"_{utterances}x{steps}"
+    folder = Path(ctx.cache_dir) / f"speech_recognizer_v{RECOGNIZER_VERSION}{tag}"
     if (folder / "recognizer.safetensors").exists():
         model = SpeechRecognizer.load(folder)
     else:
         world = speech_world(ctx)
-        pairs = world.utterances(RECOGNIZER_UTTERANCES, RECOGNIZER_SEED, "train")
+        pairs = world.utterances(utterances, RECOGNIZER_SEED, "train")
         ctx.log(f"training the speech recogniser (the judge of generated speech) on {len(pairs)} real utterances")
-        model, stats = train_recognizer([world.render(t, v) for t, v in pairs], [t for t, _ in pairs], seed=0)
+        kw = {} if steps is None else {"steps": int(steps)}
+        model, stats = train_recognizer([world.render(t, v) for t, v in pairs], [t for t, _ in pairs], seed=0, **kw)
         ctx.log(f"speech recogniser: {stats['steps']} steps in {stats['seconds']:.0f}s, loss {stats['last_loss']:.3f}")
         model.save(folder)
     ctx.memo["recognizer"] = model
