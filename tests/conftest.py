@@ -80,3 +80,20 @@ def tiny_pipe(tiny_run):
     import nmm
 
     return nmm.load(tiny_run)
+
+
+@pytest.fixture(scope="session")
+def speech_run(tmp_path_factory):
+    """A run directory trained with the speech-tiny preset: text <-> speech (shared, read-only)."""
+    from nmm.train.trainer import train
+
+    run_dir = tmp_path_factory.mktemp("speech_run")
+    train(load_config("speech-tiny"), run_dir, show_progress=False, log=lambda *a: None)
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def speech_pipe(speech_run):
+    import nmm
+
+    return nmm.load(speech_run)

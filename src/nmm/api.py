@@ -113,7 +113,8 @@ class Pipeline:
             return np.stack([t[: spec.tokens_per_item] for t in res.tokens])
         end = self.vocab.end(name)
         # After the begin token the decoder allows only this modality's codes and its end token.
-        return [np.asarray(t[: t.index(end)] if end in t else t, dtype=np.int64) for t in res.tokens]
+        # An item cut off by the budget keeps at most `new - 1` codes (the last step was reserved for the end).
+        return [np.asarray(t[: t.index(end)] if end in t else t[: new - 1], dtype=np.int64) for t in res.tokens]
 
     def complete_text(self, prompts: list[list[int]], max_new_tokens: int = 48, temperature: float = 0.0,
                       seed: int | None = 0, batch_size: int = 64, **kw) -> list[str]:

@@ -18,7 +18,7 @@ from nmm.eval.task import EvalContext
 from nmm.modalities.audio_features import SAMPLE_RATE, LogMel
 
 RECOGNIZER_VERSION = 1  # bump when the recogniser's data or recipe changes: the cache is rebuilt
-RECOGNIZER_UTTERANCES = 3000  # real eSpeak utterances of train voices it learns from
+RECOGNIZER_UTTERANCES = 4000  # real eSpeak utterances of train voices it learns from
 RECOGNIZER_SEED = 424_242  # its own utterances, not the language model's training pool
 
 
