@@ -113,6 +113,28 @@ def test_bench_decode_quick_writes_json(tmp_path):
     assert "--compile" in d["goal"]["note"]
 
 
+def test_bench_speech_quick_writes_json(speech_run, tmp_path):
+    out = tmp_path / "speech.json"
+    text = bench_cli("speech", "--quick", "--run", str(speech_run), "--out", out)
+    assert "RTF" in text and str(out.name) in text
+    d = json.loads(out.read_text())["speech"]
+    assert d["parity"]["max_abs_diff"] < 1e-4 and d["encode_rtf"] > 0
+    assert [(r["task"], r["batch"]) for r in d["rows"]] == [("recognition", 1), ("synthesis", 1),
+                                                           ("recognition", 2), ("synthesis", 2)]
+    for r in d["rows"]:
+        assert positive(r["nmm_rtf"], r["hf_rtf"], r["speedup"], r["audio_seconds"])
+        assert r["tokens_match"] == 1.0  # greedy decoding of the same weights gives the same tokens
+    assert all(r["vocoder_rtf"] > 0 for r in d["rows"] if r["task"] == "synthesis")
+
+
+def test_bench_speech_refuses_a_model_without_audio(tmp_path):
+    with pytest.raises(Exception, match="no audio modality"):
+        from nmm.bench.common import load_target
+        from nmm.bench.speech import run_speech
+
+        run_speech(load_target("shapes-tiny")[0])
+
+
 def test_bench_image_quick_writes_json(tmp_path):
     out = tmp_path / "image.json"
     bench_cli("image", "--quick", "--run", "shapes-tiny", "--out", out)
@@ -204,9 +226,9 @@ def test_server_process_reports_a_failed_start():
         pass
 
 
-@pytest.mark.parametrize("cmd", ["decode", "image", "server", "all"])
+@pytest.mark.parametrize("cmd", ["decode", "image", "server", "speech", "all"])
 def test_bench_help_says_what_is_measured(cmd):
     text = bench_cli(cmd, "--help")
     assert "--run" in text and "--out" in text and "--quick" in text
-    if cmd != "all":
+    if cmd not in ("all", "speech"):
         assert "Goal" in text

@@ -42,6 +42,8 @@ QUICK = {
     "decode": {"batches": (1, 2), "new_tokens": 8, "repeats": 1, "warmup": 0},
     "image": {"batches": (1,), "repeats": 1, "warmup": 0},
     "server": {"clients": (1, 2), "requests_per_level": 4, "warmup_requests": 1, "max_tokens": 8},
+    "speech": {"batches": (1, 2), "utterances": 2, "repeats": 1, "warmup": 0, "max_text_tokens": 8,
+               "max_audio_tokens": 8},
 }
 
 
@@ -134,6 +136,24 @@ def server(run: Run = "shapes-demo", out: Out = None, quick: Quick = False, thre
     requests/s at 32 clients >= 10x one client. The server runs with THREADS torch threads (default
     1, as decode and image). --quick: 1 and 2 clients, 4 requests of 8 tokens."""
     _finish({"server": _server(run, quick, requests, max_tokens, threads, stream)}, run, quick, out, "server")
+
+
+@bench_app.command("speech")
+def speech(run: Run = "speech-demo", out: Out = None, quick: Quick = False, threads: Threads = 1,
+           repeats: Repeats = None):
+    """Real-time factors of speech recognition and synthesis: nmm's Engine vs HF `generate`, same weights.
+
+    Held-out voices' speech is transcribed (audio codes -> text until <eos>), and their texts are spoken
+    (text -> audio codes until <eoa>), greedily on both sides at batch 1 and 8; the logits are checked to
+    match first and the table says whether both produced the same tokens. RTF = compute seconds / audio
+    seconds. The codec's encoder and the Griffin-Lim vocoder are timed on their own."""
+    from nmm.bench.speech import run_speech
+
+    kw = dict(QUICK["speech"]) if quick else {}
+    if repeats:
+        kw["repeats"] = repeats
+    result = run_speech(_load(run), threads=threads, log=console.print, **kw)
+    _finish({"speech": result}, run, quick, out, "speech")
 
 
 @bench_app.command("all")

@@ -37,20 +37,32 @@ class ParityError(NmmError):
 
 # ---- tables ---------------------------------------------------------------------------------------
 @torch.no_grad()
-def _image_table(model: NativeMultimodalModel) -> torch.Tensor:
-    """(image_codes, D) embedding of every image code (sum of its factor embeddings)."""
-    emb = model.image_embed
-    codes = torch.arange(model.vocab.image_codes, device=emb.tables[0].weight.device)
+def _code_table(interface) -> torch.Tensor:
+    """(codes, D) embedding of every code of one modality (the sum of its factor embeddings)."""
+    emb = interface.embed_codes
+    codes = torch.arange(interface.spec.codes, device=emb.tables[0].weight.device)
     return sum(t.weight[part] for t, part in zip(emb.tables, split_codes(codes, emb.factors)))
 
 
 @torch.no_grad()
-def _image_head_matrix(model: NativeMultimodalModel) -> torch.Tensor:
-    """(image_codes, D) weight whose rows give the logits of `model.image_head` (a sum of per-factor
+def _code_head_matrix(interface) -> torch.Tensor:
+    """(codes, D) weight whose rows give the logits of one modality's head (a sum of per-factor
     logits is linear in h, so a factorised head is an ordinary linear head with W[c] = sum_i W_i[c_i])."""
-    head = model.image_head
-    codes = torch.arange(model.vocab.image_codes, device=head.proj[0].weight.device)
+    head = interface.head
+    codes = torch.arange(interface.spec.codes, device=head.proj[0].weight.device)
     return sum(p.weight[part] for p, part in zip(head.proj, split_codes(codes, head.factors)))
+
+
+def _discrete(model: NativeMultimodalModel) -> list:
+    """The model's modality interfaces in vocabulary order; each must embed and predict codes."""
+    out = []
+    for spec in model.vocab.modalities:
+        interface = model.modalities[spec.name]
+        if getattr(interface, "embed_codes", None) is None or getattr(interface, "head", None) is None:
+            raise ValueError(f"HF conversion needs discrete {spec.name} codes (early fusion); this model's "
+                             f"{spec.name} interface is {type(interface).__name__}")
+        out.append(interface)
+    return out
 
 
 # ---- configs --------------------------------------------------------------------------------------
@@ -116,9 +128,9 @@ def _hf_state_dict(model: NativeMultimodalModel) -> dict[str, torch.Tensor]:
     hd = cfg.d_model // cfg.n_heads
     nq, nkv = cfg.n_heads * hd, cfg.n_kv_heads * hd
     sd = {
-        "model.embed_tokens.weight": torch.cat([model.text_embed.weight, _image_table(model)], 0),
+        "model.embed_tokens.weight": torch.cat([model.text_embed.weight, *map(_code_table, _discrete(model))], 0),
         "model.norm.weight": model.backbone.norm.weight,
-        "lm_head.weight": torch.cat([model.text_head.proj.weight, _image_head_matrix(model)], 0),
+        "lm_head.weight": torch.cat([model.text_head.proj.weight, *map(_code_head_matrix, _discrete(model))], 0),
     }
     for i, blk in enumerate(model.backbone.blocks):
         p = f"model.layers.{i}."

@@ -76,3 +76,21 @@ def server_table(result: dict) -> Table:
 
 
 TABLES = {"decode": decode_table, "image": image_table, "server": server_table}
+
+
+def speech_table(result: dict) -> Table:
+    p = result["parity"]
+    table = Table(title=f"speech: real-time factors, nmm vs HF {p['hf_arch']}.generate (same weights, max |logit diff| "
+                        f"{p['max_abs_diff']:.1e}); codec encode RTF {result['encode_rtf']:.4f}",
+                  caption="RTF = compute seconds / audio seconds (lower is faster); synthesis RTF is token "
+                          "generation, the vocoder (Griffin-Lim) apart")
+    for col in ("task", "batch", "audio s", "nmm RTF", "HF RTF", "HF/nmm", "best", "same tokens", "vocoder RTF"):
+        table.add_column(col, justify="right")
+    for r in result["rows"]:
+        table.add_row(r["task"], str(r["batch"]), f"{r['audio_seconds']:.1f}", f"{r['nmm_rtf']:.4f}",
+                      f"{r['hf_rtf']:.4f}", f"{r['speedup']:.2f}x", f"{r['speedup_best']:.2f}x",
+                      f"{r['tokens_match']:.0%}", f"{r['vocoder_rtf']:.4f}" if "vocoder_rtf" in r else "-")
+    return table
+
+
+TABLES["speech"] = speech_table
