@@ -1,4 +1,4 @@
-"""Fixtures shared by the server tests: a random-weight pipeline and a live uvicorn server."""
+"""Fixtures shared by the server tests: random-weight pipelines (shapes, speech) and a live uvicorn server."""
 
 from __future__ import annotations
 
@@ -17,6 +17,12 @@ from nmm.serve import load_pipeline
 def served():
     """(pipeline, model name) of the shapes-tiny preset with random weights."""
     return load_pipeline("shapes-tiny")
+
+
+@pytest.fixture(scope="module")
+def served_speech():
+    """(pipeline, model name) of the speech-tiny preset with random weights (text <-> speech, no images)."""
+    return load_pipeline("speech-tiny")
 
 
 @contextlib.contextmanager

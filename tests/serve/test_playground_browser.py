@@ -1,19 +1,24 @@
 """The playground in a real browser: headless Chromium (Debian's chromium + chromium-driver, driven by
 Selenium) opens `/`, sends a question and a "draw" request as a person would, and must show the
-streamed answer text and a generated <img>. A screenshot is saved as an artifact.
+streamed answer text and a generated <img>; on a speech model it uploads a WAV through the file input,
+gets its transcript, and asks for a spoken answer, which must play from an <audio>. Screenshots are
+saved as artifacts.
 
-The server runs random weights (shapes-tiny), so the text is gibberish; the test pins the seed in the
-settings panel and checks the page shows exactly what the API answers for the same request.
+The servers run random weights (shapes-tiny, speech-tiny), so the text is gibberish; the test pins the
+seed in the settings panel and checks the page shows exactly what the API answers for the same request.
 """
 
 from __future__ import annotations
 
 import base64
+import io
 import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
+import soundfile as sf
 
 import httpx
 import selenium.webdriver as webdriver
@@ -102,4 +107,59 @@ def test_playground_chat_and_picture(server_url, browser, tmp_path):
     shot = artifact_dir(tmp_path) / "playground.png"
     shot.write_bytes(base64.b64decode(browser.get_screenshot_as_base64()))
     assert shot.stat().st_size > 1000
+    print(f"playground screenshot: {shot}")
+
+
+@pytest.fixture(scope="module")
+def speech_url(served_speech, live):
+    with live(create_app(*served_speech)) as url:
+        yield url
+
+
+def test_playground_audio_upload_and_spoken_answer(speech_url, browser, tmp_path):
+    wait = WebDriverWait(browser, 60)
+    browser.get(speech_url + "/")
+    wait.until(lambda d: "speech-tiny-random" in d.find_element(By.ID, "model").text)
+    browser.find_element(By.ID, "seed").send_keys("7")
+    clip = tmp_path / "clip.wav"
+    t = np.arange(16_000) / 16_000
+    sf.write(clip, 0.3 * np.sin(2 * np.pi * 220 * t), 16_000, subtype="PCM_16")
+
+    def attach() -> None:  # through the (hidden) file input, as a person choosing a file would
+        file_input = browser.find_element(By.ID, "file")
+        browser.execute_script("arguments[0].hidden = false", file_input)  # WebDriver types only into shown inputs
+        file_input.send_keys(str(clip))
+        wait.until(lambda d: d.find_element(By.ID, "audio-attachment").is_displayed())
+
+    attach()  # the audio alone: the answer is its transcript, as the API gives it
+    send(browser, "")
+    wait.until(lambda d: len(finished_answers(d)) == 1)
+    reply = finished_answers(browser)[0]
+    assert "error" not in reply.get_attribute("class"), reply.text
+    part = {"type": "input_audio", "input_audio": {"data": base64.b64encode(clip.read_bytes()).decode(),
+                                                   "format": "wav"}}
+    api = httpx.post(speech_url + "/v1/chat/completions", timeout=60, json={
+        "messages": [{"role": "user", "content": [part, {"type": "text", "text": ""}]}], "temperature": 0.3,
+        "top_p": 1, "max_tokens": 48, "cfg_scale": 2, "seed": 7}).json()
+    expected = api["choices"][0]["message"]["content"] or "(empty answer)"
+    assert reply.find_element(By.TAG_NAME, "p").get_attribute("textContent") == expected
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#log .msg.user audio")) == 1
+
+    attach()
+    browser.find_element(By.ID, "speak").click()
+    send(browser, "water")
+    wait.until(lambda d: len(finished_answers(d)) == 2)
+    spoken = finished_answers(browser)[1]
+    assert "error" not in spoken.get_attribute("class"), spoken.text
+    players = spoken.find_elements(By.TAG_NAME, "audio")
+    assert len(players) == 1 and spoken.find_element(By.TAG_NAME, "p").get_attribute("textContent") == "water"
+    src = players[0].get_attribute("src")
+    assert src.startswith("data:audio/wav;base64,")
+    wave, rate = sf.read(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))
+    assert rate == 16_000 and wave.ndim == 1
+    # Chromium can load it: metadata (the duration) is read once the element has parsed the WAV.
+    wait.until(lambda d: d.execute_script("return arguments[0].readyState", players[0]) >= 1)
+
+    shot = artifact_dir(tmp_path) / "playground-audio.png"
+    shot.write_bytes(base64.b64decode(browser.get_screenshot_as_base64()))
     print(f"playground screenshot: {shot}")

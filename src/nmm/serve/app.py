@@ -2,10 +2,11 @@
 
     app = create_app(nmm.load("runs/demo"), "demo")      # or: nmm serve runs/demo
 
-Routes (nmm.serve.routes): GET /v1/models, POST /v1/chat/completions (text and image in, text or an
-image out, optional server-sent-event streaming), POST /v1/images/generations, GET /health, GET /metrics,
-GET / (playground). All generation goes through one continuous-batching `Scheduler` (nmm.infer.scheduler)
-on its own thread: concurrent requests share the running batch, tokens stream out as they are decoded
+Routes (nmm.serve.routes): GET /v1/models, POST /v1/chat/completions (text, images and audio in; text,
+an image or speech out; optional server-sent-event streaming), POST /v1/images/generations, GET /health,
+GET /metrics, GET / (playground); and (nmm.serve.audio) POST /v1/audio/transcriptions and
+POST /v1/audio/speech for models with an audio modality. All generation goes through one
+continuous-batching `Scheduler` (nmm.infer.scheduler) on its own thread: concurrent requests share the running batch, tokens stream out as they are decoded
 (nmm.serve.streaming), requests beyond the batch's rows wait in its queue, and a full queue answers 429.
 Two exceptions by model: pictures from continuous-image models (no code head: `images.emits_codes` False)
 come from the pipeline's flow sampler, called off the event loop; models that cannot draw at all (late and
@@ -13,7 +14,8 @@ mid fusion: no "M2G" in `images.capabilities`) answer a picture request with a 4
 
 The other modules: state (what the routes share, on `app.state.server`), gate (API key, body cap and
 request metrics, as ASGI middleware), errors (OpenAI's error shape for every failure), metrics (the
-Prometheus text), schemas (request bodies, `Limits`, chat -> prompt). docs/server.md describes the formats.
+Prometheus text), schemas (request bodies, `Limits`, chat -> prompt), checks (model name, `n`, sampling
+fields), audio (the audio routes, audio inputs and spoken answers). docs/server.md describes the formats.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from fastapi.staticfiles import StaticFiles
 
 from nmm.api import Pipeline
 from nmm.infer.engine import Engine
+from nmm.serve.audio import router as audio_router
 from nmm.serve.errors import add_error_handlers
 from nmm.serve.gate import Gate
 from nmm.serve.routes import STATIC, router
@@ -45,6 +48,7 @@ def create_app(pipe: Pipeline, model_name: str, api_key: str | None = None, limi
     app.add_middleware(Gate, metrics=state.metrics, api_key=api_key, max_body_bytes=limits.max_body_bytes)
     add_error_handlers(app)
     app.include_router(router)
+    app.include_router(audio_router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
 
@@ -53,22 +57,29 @@ def create_app(pipe: Pipeline, model_name: str, api_key: str | None = None, limi
 def build_random_pipeline(preset: str, seed: int = 0) -> Pipeline:
     """A pipeline with random (untrained) weights from a preset: for trying the API without training.
 
-    The text tokenizer is trained on the shapes world's captions, questions and edits (a second or so);
-    the image tokenizer and the transformer are left at their random initialisation."""
+    The text tokenizer is trained on the data source's texts (for the shapes world: its captions,
+    questions and edits; for speech: its sentences), a second or so; the modality codecs (an image
+    tokenizer, an audio codec) and the transformer are left at their random initialisation."""
     from nmm.config import load_config
-    from nmm.data.sources import world_texts
+    from nmm.data.sources import data_source, world_texts
+    from nmm.modalities.audio import AudioCodec
     from nmm.modalities.codecs import Codecs
     from nmm.modalities.image import ImageTokenizer
     from nmm.modalities.text import TextTokenizer
     from nmm.model.model import NativeMultimodalModel
-    from nmm.train.prepare import make_world
 
     cfg = load_config(preset)
-    world = make_world(cfg)
-    text = TextTokenizer.train(world_texts(world, 300, seed) + world.all_words(), vocab_size=cfg.text.vocab_size)
+    source = data_source(cfg)
+    world = getattr(source, "world", None)
+    if cfg.data.source == "shapes":  # as before: a sample of the world's texts and all of its words
+        texts = world_texts(world, 300, seed) + world.all_words()
+    else:
+        texts = source.texts()
+    text = TextTokenizer.train(texts, vocab_size=cfg.text.vocab_size)
+    build = {"image": lambda: ImageTokenizer(cfg.image), "audio": lambda: AudioCodec(cfg.audio)}
     with torch.random.fork_rng(devices=[]):  # seeded weights without touching the caller's RNG
         torch.manual_seed(seed)
-        codecs = Codecs(text, ImageTokenizer(cfg.image).eval())
+        codecs = Codecs(text, *(build[name]().eval() for name in source.modalities))
         model = NativeMultimodalModel(cfg.model, codecs.vocab).eval()
     return Pipeline(model, codecs, "cpu")
 

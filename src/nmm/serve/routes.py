@@ -1,5 +1,6 @@
 """The routes: GET /v1/models[/{model}], POST /v1/chat/completions, POST /v1/images/generations,
-GET /health, GET /metrics and the playground (GET /, its files under /static).
+GET /health, GET /metrics and the playground (GET /, its files under /static). The audio routes and
+the audio parts of chat are in nmm.serve.audio.
 
 Each handler is a module-level function on `router`; it gets the app's `ServerState` through the
 `server` dependency. A request is checked here (model, n, sizes, the token budget) before anything is
@@ -18,8 +19,9 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, PlainTextResponse, StreamingResponse
 
 from nmm.api import Pipeline
-from nmm.infer.sampling import SamplingConfig
 from nmm.infer.scheduler import Request
+from nmm.serve.audio import answer_audio, audio_tokens, input_audio_reader, speech_requests
+from nmm.serve.checks import check_common, or_default, sampling
 from nmm.serve.schemas import ApiError, ChatRequest, ImageRequest, picture_caption, prompt_segments, token_budget
 from nmm.serve.state import ServerState, server
 from nmm.serve.streaming import collect, progress, sse, start_pictures, submit
@@ -54,14 +56,16 @@ async def list_models(state: State):
 
 @router.get("/v1/models/{model}")
 async def get_model(model: str, state: State):
-    _check_common(state, model, 1)
+    check_common(state, model, 1)
     return _model_card(state)
 
 
 @router.post("/v1/images/generations")
 async def images(req: ImageRequest, state: State):
-    _check_common(state, req.model, req.n)
+    check_common(state, req.model, req.n)
     size = state.image_size
+    if size is None:
+        raise ApiError(400, "this model has no image modality", code="images_not_supported")
     if req.response_format not in (None, "b64_json"):
         raise ApiError(400, "only response_format 'b64_json' is supported", param="response_format",
                        code="invalid_value")
@@ -69,7 +73,7 @@ async def images(req: ImageRequest, state: State):
         raise ApiError(400, f"size must be '{size}x{size}' (the model's image size)", param="size",
                        code="invalid_value")
     requests, _ = _picture_requests(state, req.prompt, req.n, req)
-    answers = await collect(state, *await start_pictures(state, requests, req, stream=False), picture=True)
+    answers = await collect(state, *await start_pictures(state, requests, req, stream=False), item="image")
     pngs = [content[0]["image_url"]["url"].split(",", 1)[1] for content, _ in answers]
     return {"created": int(time.time()), "data": [{"b64_json": p, "revised_prompt": req.prompt} for p in pngs],
             "output_format": "png", "size": f"{size}x{size}"}
@@ -77,61 +81,78 @@ async def images(req: ImageRequest, state: State):
 
 @router.post("/v1/chat/completions")
 async def chat(req: ChatRequest, state: State):
-    _check_common(state, req.model, req.n)
+    check_common(state, req.model, req.n)
     pipe, limits, per_image = state.pipe, state.limits, state.per_image
     light = _text_only_and_short(req.messages)  # tokenised in place: a thread hop would cost more than that
-    args = (req.messages, pipe.codecs.encode_text, limits, state.image_size)
+    args = (req.messages, pipe.codecs.encode_text, limits, state.image_size, input_audio_reader(state))
     segments, last_user = prompt_segments(*args) if light else await run_in_threadpool(prompt_segments, *args)
     base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.model_name}
-    caption = picture_caption(last_user, req.modalities)
-    if caption is not None:  # the answer is a picture
+    spoken = bool(req.modalities and "audio" in req.modalities)
+    # "draw ..." asks for a picture only of a model with images; `modalities: ["image"]` always does.
+    caption = None if spoken else picture_caption(last_user, req.modalities, triggers=state.image_size is not None)
+    item = "audio" if spoken else "image" if caption is not None else None
+    if spoken:  # the answer is speech of the last user text (what `Pipeline.speak` does)
+        if req.audio is not None and req.audio.format != "wav":
+            raise ApiError(400, f"audio.format '{req.audio.format}' is not supported; use 'wav'",
+                           param="audio.format", code="invalid_value")
+        requests, prompt_tokens = speech_requests(state, last_user, req.n, req, "messages")
+        handles, updates = submit(state, requests, req.stream)
+    elif caption is not None:  # the answer is a picture
         requests, prompt_tokens = _picture_requests(state, caption, req.n, req)
         handles, updates = await start_pictures(state, requests, req, req.stream)
     else:
-        prompt_tokens = 1 + sum(per_image + 2 if kind == "image" else len(x) for kind, x in segments)
-        max_new = token_budget(req, prompt_tokens, state.context, limits)  # before encoding any image
+        prompt_tokens = 1 + sum(per_image + 2 if kind == "image" else audio_tokens(state, x) if kind == "audio"
+                                else len(x) for kind, x in segments)
+        max_new = token_budget(req, prompt_tokens, state.context, limits)  # before encoding any item
         ids = _prompt_ids(pipe, segments) if light else await run_in_threadpool(_prompt_ids, pipe, segments)
-        penalty = _or(req.repetition_penalty, 1.0)
-        requests = [Request(ids, max_new, _sampling(req, 0.0, i, repetition_penalty=penalty), allow_images=False,
+        penalty = or_default(req.repetition_penalty, 1.0)
+        requests = [Request(ids, max_new, sampling(req, 0.0, i, repetition_penalty=penalty), allow_images=False,
                             min_new_tokens=req.min_tokens, ignore_eos=req.ignore_eos) for i in range(req.n)]
         handles, updates = submit(state, requests, req.stream)  # a 429 or 400 is still plain JSON, never a half-stream
 
     def usage() -> dict:  # read after generation: the handles' tokens are final by then
-        completion = sum(len(h.tokens) + h.finished for h in handles) if caption is None else \
-            req.n * (per_image + 1)
+        if item == "image":
+            completion = req.n * (per_image + 1)
+        else:  # text counts its <eos>; speech its codes and <eoa>, which are among its tokens
+            completion = sum(len(h.tokens) + (h.finished and item is None) for h in handles)
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
                 "total_tokens": prompt_tokens + completion}
 
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        events = sse(base, req.n, progress(state, handles, updates, picture=caption is not None),
-                     usage if include_usage else None)
+        audio = [answer_audio("", last_user.strip()) for _ in handles] if spoken else None
+        events = sse(base, req.n, progress(state, handles, updates, item), usage if include_usage else None, audio)
         return StreamingResponse(events, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    answers = await collect(state, handles, updates, picture=caption is not None)
-    choices = [{"index": i, "message": {"role": "assistant", "content": content},
-                "finish_reason": finish, "logprobs": None} for i, (content, finish) in enumerate(answers)]
+    answers = await collect(state, handles, updates, item)
+    if spoken:  # OpenAI's shape: no content, the speech (and what it says) under `audio`
+        messages = [{"role": "assistant", "content": None, "audio": answer_audio(wav, last_user.strip())}
+                    for wav, _ in answers]
+    else:
+        messages = [{"role": "assistant", "content": content} for content, _ in answers]
+    choices = [{"index": i, "message": message, "finish_reason": finish, "logprobs": None}
+               for i, (message, (_, finish)) in enumerate(zip(messages, answers))]
     return {**base, "object": "chat.completion", "choices": choices, "usage": usage()}
 
 
 # ---- checks and scheduler requests ---------------------------------------------------------------
 def _model_card(state: ServerState) -> dict:
-    return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "nmm",
-            "context_length": state.context, "image_size": state.image_size}
-
-
-def _check_common(state: ServerState, model: str | None, n: int) -> None:
-    if model is not None and model != state.model_name:
-        raise ApiError(404, f"model '{model}' does not exist; this server has '{state.model_name}'", param="model",
-                       code="model_not_found")
-    if n > state.limits.max_n:
-        raise ApiError(400, f"n is {n}; at most {state.limits.max_n}", param="n", code="invalid_value")
+    card = {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "nmm",
+            "context_length": state.context, "modalities": ["text", *state.pipe.codecs.modalities]}
+    if state.image_size is not None:
+        card["image_size"] = state.image_size
+    if state.audio is not None:
+        card["audio"] = {"sample_rate": state.audio.config.sample_rate, "max_seconds": state.audio.config.max_seconds,
+                         "tokens_per_second": state.audio.tokens_per_second, "can_speak": state.can_speak}
+    return card
 
 
 def _picture_requests(state: ServerState, caption: str, n: int, req) -> tuple[list[Request], int]:
     """n requests for pictures of `caption` (CFG against an empty caption, as Pipeline.generate_images),
     and the prompt's length."""
     pipe, per_image, context = state.pipe, state.per_image, state.context
+    if state.image_size is None:
+        raise ApiError(400, "this model has no image modality", code="images_not_supported")
     if not state.can_draw:
         raise ApiError(400, f"this model cannot generate images (a {pipe.model.cfg.variant} model reads images "
                        "and writes text)", code="images_not_supported")
@@ -139,20 +160,8 @@ def _picture_requests(state: ServerState, caption: str, n: int, req) -> tuple[li
     if len(prompt) + per_image + 1 > context:
         raise ApiError(400, f"the prompt is {len(prompt)} tokens; with an image of {per_image + 1} tokens it "
                        f"exceeds the model's context of {context}", code="context_length_exceeded")
-    return [Request(prompt, per_image + 1, _sampling(req, 0.3, i, cfg_scale=_or(req.cfg_scale, 2.0)),
+    return [Request(prompt, per_image + 1, sampling(req, 0.3, i, cfg_scale=or_default(req.cfg_scale, 2.0)),
                     uncond_prompt=pipe.uncond_image_prompt(), stop_after_image=True) for i in range(n)], len(prompt)
-
-
-def _or(value, default):
-    return default if value is None else value
-
-
-def _sampling(req, default_temperature: float, choice: int, **kw) -> SamplingConfig:
-    t = _or(req.temperature, default_temperature)
-    t = 0.0 if t < 1e-3 else t  # dividing logits by a tinier temperature overflows: that is greedy anyway
-    # Each choice has its own random stream; with a seed, choice i uses seed + i (reproducible, yet different).
-    seed = None if req.seed is None else req.seed + choice
-    return SamplingConfig(temperature=t, top_k=req.top_k, top_p=req.top_p, seed=seed, **kw)
 
 
 def _text_only_and_short(messages, limit: int = 4000) -> bool:
@@ -169,6 +178,7 @@ def _text_only_and_short(messages, limit: int = 4000) -> bool:
 
 
 def _prompt_ids(pipe: Pipeline, segments: list) -> list[int]:
-    """Prompt segments, ("text", ids) and ("image", uint8 array), -> ids (`Codecs.prompt`: <bos>, each text,
-    each image as <boi> codes <eoi>, its images encoded in one batch)."""
+    """Prompt segments, ("text", ids), ("image", uint8 array) and ("audio", wave), -> ids (`Codecs.prompt`:
+    <bos>, each text, each item as <boi> codes <eoi> or <boa> codes <eoa>, a modality's items encoded in one
+    batch)."""
     return pipe.codecs.prompt(segments)

@@ -1,5 +1,6 @@
 """What the HTTP server accepts and how a request becomes a prompt: request bodies in OpenAI's shapes,
-the limits, the error type, image data URLs, and the chat -> nmm document rules.
+the limits, the error type, image data URLs, and the chat -> nmm document rules (audio inputs are
+decoded by nmm.serve.audio, handed in as `decode_audio`).
 
 Every way a request can be wrong ends as an `ApiError`, which the app turns into a 4xx in OpenAI's
 error shape: ``{"error": {"message", "type", "param", "code"}}``.
@@ -20,7 +21,9 @@ from PIL import Image, ImageOps
 from pydantic import BaseModel, ConfigDict, Field
 
 IMAGE_TRIGGERS = ("generate an image", "draw", "show me")  # a last user text starting so asks for a picture
-DESCRIBE = ("", "describe", "caption")  # with an image, these texts mean "caption it" (as `nmm generate`)
+# With an image (or audio), these texts mean "caption (transcribe) it", as `nmm generate`: the text is left out.
+DESCRIBE = ("", "describe", "caption", "transcribe")
+AUDIO_INPUT_FORMATS = ("wav", "mp3", "flac", "ogg")  # what libsndfile reads; webm / m4a are not among them
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,9 @@ class Limits:
     max_images: int = 4  # input images per request -> 400
     max_image_bytes: int = 4 * 2**20  # one decoded image file -> 400
     max_image_pixels: int = 4096 * 4096  # width * height of one input image -> 400
+    max_audios: int = 4  # input audio items per chat request -> 400
+    max_audio_bytes: int = 4 * 2**20  # one audio file (upload or decoded input_audio) -> 400
+    # The longest audio is the model's: its codec's max_seconds (longer -> 400, before decoding it).
     max_n: int = 4  # choices (chat) or images (images API) per request -> 400
     max_queue: int = 16  # requests (choices) waiting for a row of the running batch; one more -> 429
     max_batch: int = 32  # rows decoded together by the scheduler (a CFG image takes two)
@@ -73,7 +79,17 @@ class ImagePart(_Body):
     image_url: ImageURL
 
 
-Part = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+class InputAudio(_Body):
+    data: str  # base64 of the file's bytes
+    format: str
+
+
+class AudioPart(_Body):
+    type: Literal["input_audio"]
+    input_audio: InputAudio
+
+
+Part = Annotated[TextPart | ImagePart | AudioPart, Field(discriminator="type")]
 Content = Annotated[str, Field(max_length=100_000)] | Annotated[list[Part], Field(max_length=64)] | None
 
 
@@ -97,6 +113,13 @@ class Sampling(_Body):
     n: int = Field(1, ge=1)
 
 
+class AudioOutput(_Body):
+    """`audio` of a chat request asking for speech (`modalities: ["text", "audio"]`)."""
+
+    voice: str | None = Field(None, max_length=64)  # any name: the model has one voice family
+    format: str = "wav"
+
+
 class ChatRequest(Sampling):
     model: str | None = None
     messages: list[Message] = Field(min_length=1, max_length=256)
@@ -107,8 +130,24 @@ class ChatRequest(Sampling):
     min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
     modalities: list[str] | None = Field(None, max_length=8)
+    audio: AudioOutput | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+
+
+class SpeechRequest(_Body):
+    """POST /v1/audio/speech. `voice` is required by OpenAI; any name is accepted here (one voice family)."""
+
+    input: str = Field(min_length=1, max_length=4096)
+    model: str | None = None
+    voice: str | None = Field(None, max_length=64)
+    response_format: str | None = None  # wav only
+    speed: float | None = None  # 1 only: the model has no rate control
+    temperature: float | None = Field(None, ge=0, le=2)  # nmm extensions, as in chat
+    top_k: int | None = Field(None, ge=1, le=1_000_000)
+    top_p: float | None = Field(None, gt=0, le=1)
+    cfg_scale: float | None = Field(None, ge=0, le=20)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
 
 
 class ImageRequest(Sampling):
@@ -158,15 +197,24 @@ def decode_image_url(url: str, limits: Limits, size: int, param: str) -> np.ndar
 
 # ---- requests -> prompts ------------------------------------------------------------------------
 def prompt_segments(messages: list[Message], encode_text: Callable[[str], list[int]], limits: Limits,
-                    size: int):
-    """Messages -> prompt segments [("text", ids) | ("image", (H, W, 3) uint8)] and the last user text.
+                    size: int | None, decode_audio: Callable[[InputAudio, str], np.ndarray] | None = None):
+    """Messages -> prompt segments [("text", ids) | ("image", (H, W, 3) uint8) | ("audio", 1-D float32)]
+    and the last user text. `size` None: the model has no image modality; `decode_audio(part, param)`
+    None: no audio modality (either kind of part is then a 400).
 
     System and developer messages are skipped (the model has no instructions); in every other turn,
-    images come first as `<boi> codes <eoi>`, then the text, as in nmm's training documents."""
-    n_images = sum(p.type == "image_url" for m in messages if isinstance(m.content, list) for p in m.content)
-    if n_images > limits.max_images:
-        raise ApiError(400, f"the request has {n_images} images; at most {limits.max_images}", param="messages",
-                       code="too_many_images")
+    images come first as `<boi> codes <eoi>`, then audio as `<boa> codes <eoa>`, then the text, as in
+    nmm's training documents."""
+    checks = (("image_url", "images", limits.max_images, "image", size is not None, "images_not_supported"),
+              ("input_audio", "audio items", limits.max_audios, "audio", decode_audio is not None,
+               "audio_not_supported"))
+    for kind, noun, most, modality, readable, unsupported in checks:
+        count = sum(p.type == kind for m in messages if isinstance(m.content, list) for p in m.content)
+        if count and not readable:
+            raise ApiError(400, f"this model has no {modality} modality", param="messages", code=unsupported)
+        if count > most:
+            raise ApiError(400, f"the request has {count} {noun}; at most {most}", param="messages",
+                           code="too_many_images" if kind == "image_url" else "too_many_audio")
     segments, last_user = [], ""
     for i, m in enumerate(messages):
         if m.role in ("system", "developer") or m.content is None:
@@ -175,19 +223,22 @@ def prompt_segments(messages: list[Message], encode_text: Callable[[str], list[i
         texts = [m.content] if isinstance(m.content, str) else [p.text for p in parts if p.type == "text"]
         images = [decode_image_url(p.image_url.url, limits, size, f"messages[{i}].content[{j}].image_url.url")
                   for j, p in enumerate(parts) if p.type == "image_url"]
+        audios = [decode_audio(p.input_audio, f"messages[{i}].content[{j}].input_audio")
+                  for j, p in enumerate(parts) if p.type == "input_audio"]
         text = " ".join(t.strip() for t in texts if t.strip())
-        segments += [("image", image) for image in images]
-        if text and not (images and text.lower() in DESCRIBE):
+        segments += [("image", image) for image in images] + [("audio", wave) for wave in audios]
+        if text and not ((images or audios) and text.lower() in DESCRIBE):
             segments.append(("text", encode_text(text)))
         if m.role == "user":
             last_user = text
     return segments, last_user
 
 
-def picture_caption(last_user: str, modalities: list[str] | None) -> str | None:
-    """What to draw if the request asks for a picture, else None."""
+def picture_caption(last_user: str, modalities: list[str] | None, triggers: bool = True) -> str | None:
+    """What to draw if the request asks for a picture, else None. `triggers` False: only `modalities`
+    asks (for a model without images, "draw ..." is just text)."""
     lowered = last_user.lower()
-    for trigger in IMAGE_TRIGGERS:
+    for trigger in IMAGE_TRIGGERS if triggers else ():
         if lowered.startswith(trigger):
             return re.sub(r"^\s*[:,]?\s*(of |me )?", "", last_user[len(trigger):], flags=re.I).strip()
     return last_user if modalities and "image" in modalities else None

@@ -13,6 +13,7 @@ from fastapi import Request as HTTPRequest
 
 from nmm.api import Pipeline
 from nmm.infer.scheduler import Scheduler
+from nmm.modalities.audio import AudioCodec
 from nmm.serve.metrics import Metrics
 from nmm.serve.schemas import Limits
 
@@ -25,10 +26,12 @@ class ServerState:
     scheduler: Scheduler  # all generation goes through it (continuous batching on its own thread)
     metrics: Metrics
     created: int  # unix time the app was built: the model card's "created"
-    image_size: int  # pixels per side of the images the model reads and draws
+    image_size: int | None  # pixels per side of the images the model reads and draws; None: no images
     context: int  # the model's max_seq_len (prompt + answer)
-    per_image: int  # codes per image (an image in a prompt is <boi> codes <eoi>)
+    per_image: int  # codes per image (an image in a prompt is <boi> codes <eoi>); 0 without images
     can_draw: bool  # late and mid fusion read images but cannot draw them
+    audio: AudioCodec | None  # the audio codec (16 kHz waves <-> codes); None: no audio modality
+    can_speak: bool  # the model writes audio codes (an audio answer is <boa> codes <eoa>)
 
     @classmethod
     def create(cls, pipe: Pipeline, model_name: str, limits: Limits) -> ServerState:
@@ -36,9 +39,13 @@ class ServerState:
         max_cache = None if limits.max_cache_mb is None else int(limits.max_cache_mb * 2**20)
         scheduler = Scheduler(pipe.engine, max_batch=limits.max_batch, max_cache_bytes=max_cache,
                               max_queue=limits.max_queue)
+        image, audio = pipe.codecs.modalities.get("image"), pipe.codecs.modalities.get("audio")
+        writes = {name: "M2G" in m.capabilities for name, m in pipe.model.modalities.items()}
         return cls(pipe, model_name, limits, scheduler, Metrics(), int(time.time()),
-                   image_size=pipe.codecs.image.config.image_size, context=pipe.model.cfg.max_seq_len,
-                   per_image=pipe.vocab.tokens_per_image, can_draw="M2G" in pipe.model.images.capabilities)
+                   image_size=image.config.image_size if image is not None else None,
+                   context=pipe.model.cfg.max_seq_len,
+                   per_image=pipe.vocab.tokens_per_image if image is not None else 0,
+                   can_draw=writes.get("image", False), audio=audio, can_speak=writes.get("audio", False))
 
 
 async def server(request: HTTPRequest) -> ServerState:

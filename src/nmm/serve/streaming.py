@@ -1,10 +1,11 @@
 """From the scheduler's thread to the client: queueing a request's choices, waking the event loop as
-tokens are decoded, turning them into text pieces (or a PNG once an image is complete), and the
-server-sent events of a streamed chat completion.
+tokens are decoded, turning them into text pieces (or a PNG once an image is complete, a WAV once
+speech is), and the server-sent events of a streamed chat completion.
 
     handles, updates = submit(state, requests, stream=True)
-    async for i, kind, value in progress(state, handles, updates, picture=False): ...
-    # kind: "text" (a piece of text), "image" (PNG, base64), "end" (finish_reason "stop" | "length")
+    async for i, kind, value in progress(state, handles, updates, item=None): ...
+    # kind: "text" (a piece of text), "image" (PNG, base64), "audio" (WAV, base64),
+    # "end" (finish_reason "stop" | "length")
 """
 
 from __future__ import annotations
@@ -81,9 +82,10 @@ async def start_pictures(state: ServerState, requests: list[Request], req,
 
 # ---- reading what the choices produce ------------------------------------------------------------
 async def progress(state: ServerState, handles: list[Handle], updates: _Updates,
-                   picture: bool) -> AsyncIterator[tuple]:
-    """What the choices produce, as it comes: (index, "text", piece), (index, "image", png base64) once
-    its image is complete, and (index, "end", finish_reason). Leaving early cancels what still runs."""
+                   item: str | None = None) -> AsyncIterator[tuple]:
+    """What the choices produce, as it comes: (index, "text", piece) for text answers (`item` None);
+    (index, "image", png base64) or (index, "audio", wav base64) once the item is complete (`item` "image"
+    or "audio"); and (index, "end", finish_reason). Leaving early cancels what still runs."""
     pipe, per_image = state.pipe, state.per_image
     texts = [_TextStream(pipe.codecs.decode_text) for _ in handles]
     seen, ended = [0] * len(handles), [False] * len(handles)
@@ -95,7 +97,7 @@ async def progress(state: ServerState, handles: list[Handle], updates: _Updates,
                 done = h.done  # read first: a finished handle already holds all its tokens
                 new = h.tokens[seen[i]:]
                 seen[i] += len(new)
-                if not picture:
+                if item is None:
                     for token in new:
                         if piece := texts[i].push(token):
                             yield i, "text", piece
@@ -104,8 +106,10 @@ async def progress(state: ServerState, handles: list[Handle], updates: _Updates,
                 ended[i] = True
                 if h.error is not None:
                     raise h.error
-                if picture:
+                if item == "image":
                     yield i, "image", await run_in_threadpool(_png_of, pipe, h.tokens[:per_image])
+                elif item == "audio":
+                    yield i, "audio", await run_in_threadpool(_wav_of, pipe, h.tokens)
                 elif piece := texts[i].finish():
                     yield i, "text", piece
                 yield i, "end", "stop" if h.finished else "length"
@@ -115,27 +119,35 @@ async def progress(state: ServerState, handles: list[Handle], updates: _Updates,
         for h in handles:
             if not h.done:
                 h.cancel()  # the client left (or a sibling choice failed): free the rows at once
-        # Text counts its <eos>; an image's tokens are its codes and <eoi>.
-        state.metrics.add_tokens("image" if picture else "text",
-                                 sum(len(h.tokens) + (h.finished and not picture) for h in handles))
+        # Text counts its <eos>; an item's tokens are its codes and its end token (<eoi>, <eoa>).
+        state.metrics.add_tokens(item or "text", sum(len(h.tokens) + (h.finished and item is None) for h in handles))
 
 
-async def collect(state: ServerState, handles: list[Handle], updates: _Updates, picture: bool) -> list[tuple]:
-    """Wait for every choice: [(content, finish_reason)], content a string or [image_url part]."""
+async def collect(state: ServerState, handles: list[Handle], updates: _Updates,
+                  item: str | None = None) -> list[tuple]:
+    """Wait for every choice: [(content, finish_reason)], content a string, [image_url part] (`item`
+    "image") or a base64 WAV (`item` "audio")."""
     contents: list = [[] for _ in handles]
     finishes = [None] * len(handles)
-    async for i, kind, value in progress(state, handles, updates, picture):
+    async for i, kind, value in progress(state, handles, updates, item):
         if kind == "end":
             finishes[i] = value
         else:
             contents[i].append(value)
-    if picture:
+    if item == "image":
         return [([_image_part(c[0])], f) for c, f in zip(contents, finishes)]
+    if item == "audio":
+        return [(c[0], f) for c, f in zip(contents, finishes)]
     return [("".join(c), f) for c, f in zip(contents, finishes)]
 
 
-async def sse(base: dict, n: int, progress: AsyncIterator[tuple], usage: Callable[[], dict] | None):
-    """Server-sent events in OpenAI's chat.completion.chunk format, sent as the tokens are decoded."""
+async def sse(base: dict, n: int, progress: AsyncIterator[tuple], usage: Callable[[], dict] | None,
+              audio: list[dict] | None = None):
+    """Server-sent events in OpenAI's chat.completion.chunk format, sent as the tokens are decoded.
+
+    `audio` (speech answers: per choice {"id", "transcript", "expires_at"}) follows OpenAI's streamed
+    audio: the first delta carries the audio's id and transcript, one delta its data (the whole WAV, once
+    the item is complete: the codec decodes a whole item), the last audio delta only its expires_at."""
     def event(index: int, delta: dict, finish: str | None = None) -> str:
         chunk = {**base, "object": "chat.completion.chunk",
                  "choices": [{"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}]}
@@ -143,12 +155,19 @@ async def sse(base: dict, n: int, progress: AsyncIterator[tuple], usage: Callabl
 
     try:
         for i in range(n):
-            yield event(i, {"role": "assistant", "content": ""})
+            if audio is None:
+                yield event(i, {"role": "assistant", "content": ""})
+            else:
+                yield event(i, {"role": "assistant", "content": None,
+                                "audio": {"id": audio[i]["id"], "transcript": audio[i]["transcript"]}})
         async for i, kind, value in progress:
             if kind == "text":
                 yield event(i, {"content": value})
             elif kind == "image":  # a picture: one delta whose content is the list with the image_url part
                 yield event(i, {"content": [_image_part(value)]})
+            elif kind == "audio":
+                yield event(i, {"audio": {"data": value}})
+                yield event(i, {"audio": {"expires_at": audio[i]["expires_at"]}})
             else:
                 yield event(i, {}, value)
         if usage is not None:
@@ -187,6 +206,17 @@ class _TextStream:
 def _png_of(pipe: Pipeline, tokens: list[int]) -> str:
     """A generated image's code ids -> PNG as base64."""
     return _png_b64(pipe.codecs.decode_images(np.array([tokens]))[0])
+
+
+def _wav_of(pipe: Pipeline, tokens: list[int]) -> str:
+    """A generated audio item's ids (codes, then <eoa> unless cut short) -> WAV as base64; no codes (the
+    model ended the item at once) is a valid WAV of no samples."""
+    end = pipe.vocab.end("audio")
+    codes = tokens[: tokens.index(end)] if end in tokens else tokens
+    codec = pipe.codecs.modalities["audio"]
+    wave = pipe.codecs.decode_items("audio", [np.asarray(codes, dtype=np.int64)])[0] if codes else \
+        np.zeros(0, np.float32)
+    return base64.b64encode(codec.to_bytes(wave)).decode("ascii")
 
 
 def _image_part(png_b64: str) -> dict:

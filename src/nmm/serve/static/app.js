@@ -1,7 +1,8 @@
-// nmm playground: a chat over /v1/chat/completions with streaming, image upload and image answers.
+// nmm playground: a chat over /v1/chat/completions with streaming, image and audio upload (or recording),
+// and image or spoken answers. wav.js (loaded first) turns audio into input_audio parts.
 "use strict";
 const $ = (id) => document.getElementById(id);
-const state = { model: null, history: [], image: null };
+const state = { model: null, history: [], image: null, audio: null, recorder: null };
 
 for (const id of ["temperature", "top_p", "cfg_scale"]) {
   const show = () => ($(id + "-v").textContent = $(id).value);
@@ -28,7 +29,11 @@ async function loadModel() {
     if (!r.ok) throw new Error(body.error?.message || r.statusText);
     const m = body.data[0];
     state.model = m.id;
-    $("model").textContent = `${m.id} · ${m.image_size}px images · ${m.context_length}-token context`;
+    const facts = [m.id];
+    if (m.image_size) facts.push(`${m.image_size}px images`);
+    if (m.audio) facts.push(`audio up to ${m.audio.max_seconds} s`);
+    $("model").textContent = [...facts, `${m.context_length}-token context`].join(" · ");
+    if (!m.image_size) $("prompt").placeholder = "type a sentence, or attach audio to transcribe";
   } catch (e) {
     $("model").textContent = "⚠ " + e.message;
   }
@@ -51,16 +56,63 @@ function addImage(div, url) {
   img.alt = "image";
   div.appendChild(img);
 }
+function addAudio(div, url) {
+  const audio = document.createElement("audio");
+  audio.controls = true;
+  audio.src = url;
+  return div.appendChild(audio);
+}
 const scroll = () => ($("log").scrollTop = $("log").scrollHeight);
 
 function clearAttachment() {
   state.image = null;
   $("preview").hidden = true;
   $("file").value = "";
+  clearAudio();
 }
+function clearAudio() {
+  state.audio = null;
+  $("audio-attachment").hidden = true;
+  $("audio-preview").removeAttribute("src");
+}
+async function attachAudio(blob, name) {
+  try {
+    state.audio = await audioPart(blob, name);
+    $("audio-preview").src = `data:audio/${state.audio.format};base64,${state.audio.data}`;
+    $("audio-attachment").hidden = false;
+  } catch (e) {
+    const div = bubble("assistant error");
+    addText(div, `cannot read that audio in this browser: ${e.message || e}`);
+  }
+}
+$("audio-remove").addEventListener("click", clearAudio);
+$("record").addEventListener("click", async () => {
+  if (state.recorder) return state.recorder.stop(); // the second click ends the recording
+  try {
+    const stream = await navigator.mediaDevices.getUserMedia({ audio: true });
+    const recorder = new MediaRecorder(stream);
+    const chunks = [];
+    recorder.ondataavailable = (e) => chunks.push(e.data);
+    recorder.onstop = () => {
+      stream.getTracks().forEach((t) => t.stop());
+      state.recorder = null;
+      $("record").classList.remove("recording");
+      attachAudio(new Blob(chunks, { type: recorder.mimeType }), "recording"); // webm/ogg -> WAV in wav.js
+    };
+    recorder.start();
+    state.recorder = recorder;
+    $("record").classList.add("recording");
+  } catch (e) {
+    addText(bubble("assistant error"), `cannot record: ${e.message || e}`);
+  }
+});
 $("file").addEventListener("change", () => {
   const file = $("file").files[0];
   if (!file) return;
+  if (file.type.startsWith("audio/") || /\.(wav|mp3|flac|ogg|webm|m4a)$/i.test(file.name)) {
+    attachAudio(file, file.name);
+    return;
+  }
   const reader = new FileReader(); // the image travels as a data URL, as OpenAI's API expects
   reader.onload = () => {
     state.image = reader.result;
@@ -79,12 +131,20 @@ $("clear").addEventListener("click", () => {
 $("composer").addEventListener("submit", async (event) => {
   event.preventDefault();
   const text = $("prompt").value.trim();
-  if ($("send").disabled || (!text && !state.image)) return;
+  if ($("send").disabled || (!text && !state.image && !state.audio)) return;
   const user = bubble("user");
   let content = text;
-  if (state.image) {
-    addImage(user, state.image);
-    content = [{ type: "image_url", image_url: { url: state.image } }, { type: "text", text }];
+  if (state.image || state.audio) { // parts: the image, the audio, then the text (the server's order too)
+    content = [];
+    if (state.image) {
+      addImage(user, state.image);
+      content.push({ type: "image_url", image_url: { url: state.image } });
+    }
+    if (state.audio) {
+      addAudio(user, $("audio-preview").src);
+      content.push({ type: "input_audio", input_audio: state.audio });
+    }
+    content.push({ type: "text", text });
   }
   if (text) addText(user, text);
   const message = { role: "user", content };
@@ -106,16 +166,21 @@ function requestBody(messages) {
                  top_p: num("top_p"), max_tokens: num("max_tokens"), cfg_scale: num("cfg_scale") };
   if ($("seed").value !== "") body.seed = num("seed");
   if ($("image_mode").checked) body.modalities = ["image"];
+  if ($("speak").checked) {  // a spoken answer: OpenAI's audio output fields (the model has one voice)
+    body.modalities = ["text", "audio"];
+    body.audio = { voice: "default", format: "wav" };
+  }
   return JSON.stringify(body);
 }
 
 // Streams one answer into a new bubble, rendering each text delta as the server decodes it; returns its
-// content (text or image parts), or null on error.
+// content (text or image parts; for speech, its transcript), or null on error.
 async function send(messages) {
   const div = bubble("assistant pending");
   const textEl = addText(div, "");
   let text = "";
   const images = [];
+  let spoken = null;
   try {
     const r = await fetch("/v1/chat/completions", { method: "POST", headers: headers(), body: requestBody(messages) });
     if (!r.ok) {
@@ -137,6 +202,11 @@ async function send(messages) {
         const chunk = JSON.parse(data);
         if (chunk.error) throw new Error(chunk.error.message); // a failure after the stream began
         const delta = chunk.choices[0]?.delta || {};
+        if (delta.audio?.transcript !== undefined) textEl.textContent = text = delta.audio.transcript;
+        if (delta.audio?.data !== undefined) {  // the whole WAV, once the model has ended its speech
+          spoken = addAudio(div, "data:audio/wav;base64," + delta.audio.data);
+          spoken.className = "answer";
+        }
         if (typeof delta.content === "string") {
           text += delta.content;
           textEl.textContent = text;
@@ -156,7 +226,7 @@ async function send(messages) {
   } finally {
     div.classList.remove("pending");
   }
-  if (!text && !images.length) textEl.textContent = "(empty answer)";
+  if (!text && !images.length && !spoken) textEl.textContent = "(empty answer)";
   return images.length ? images : text;
 }
 
