@@ -235,7 +235,13 @@ class AudioCodec(nn.Module):
             if self.config.layout == "factored":
                 return join_codes(list(groups.unbind(1)), self.group_sizes)
             return groups.transpose(1, 2).flatten(1)  # frame-major: (B, T' * G)
-        return self._by_length(self._check_waves(items), codes_of)
+        # Each wave is padded with silence to a multiple of 8 code frames (0.32 s), so waves of similar
+        # length share one batched forward (one conv per item was the pool's bottleneck); the padding
+        # depends on the wave alone, so its codes still never depend on its batch mates.
+        waves = self._check_waves(items)
+        bucket = 8 * self.config.hop * self.config.stride
+        padded = [F.pad(w, (0, -len(w) % bucket)) for w in waves]
+        return [c[: self.n_tokens(len(w))] for c, w in zip(self._by_length(padded, codes_of), waves)]
 
     def _check_codes(self, codes) -> list[torch.Tensor]:
         if isinstance(codes, np.ndarray | torch.Tensor) and codes.ndim != 2:
