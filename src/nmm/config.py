@@ -198,8 +198,9 @@ class TextCodecConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "shapes"  # shapes | folder
+    source: str = "shapes"  # shapes | folder | speech | audio_folder | tones; joined with "+"
     folder: str | None = None  # for source=folder: a directory with images and captions.jsonl
+    audio_folder: str | None = None  # for source=audio_folder: a directory with recordings and transcripts.jsonl
     seed: int = 0
     pool_size: int = 20000  # pre-tokenised scenes the LM samples from
     speech_pool_size: int = 6000  # pre-tokenised utterances (data.source=speech)

@@ -258,3 +258,8 @@ def test_load_errors_name_the_file(trained, tmp_path):
     (tmp_path / CONFIG_FILE).write_text('{"config": {"layout": "sideways"}}')
     with pytest.raises(CheckpointError, match=f"corrupt audio codec config .*{CONFIG_FILE}"):
         AudioCodec.load(tmp_path)
+
+
+def test_a_wave_too_short_for_the_stft_is_refused_by_name():
+    with pytest.raises(ValueError, match=r"audio item 0: 100 samples is too short; at least 257"):
+        AudioCodec(AudioCodecConfig(channels=16, depth=1)).encode([np.zeros(100, np.float32)])

@@ -1,11 +1,13 @@
 """Training data: role-mixed documents, pre-tokenised pools, and sequence packing.
 
-Roles (their weights come from `DataConfig.roles`):
-  captioning   <image>  caption           loss on the caption        (M2T)
-  generation   caption  <image>           loss on the image          (M2G; caption dropped at rate p for CFG)
-  qa           <image>  question answer   loss on the answer         (M2T)
-  edit         <image>  instruction <image'>  loss on the new image   (M2M)
-  text         english paragraph          loss on everything         (keeps the language model a language model)
+Roles (their weights come from `DataConfig.roles`); each is a sampler a data source offers:
+  captioning     <image>  caption           loss on the caption        (M2T)
+  generation     caption  <image>           loss on the image          (M2G; caption dropped at rate p for CFG)
+  qa             <image>  question answer   loss on the answer         (M2T)
+  edit           <image>  instruction <image'>  loss on the new image   (M2M)
+  transcription  <audio>  transcript        loss on the text           (speech recognition, M2T)
+  synthesis      text  <audio>              loss on the audio          (speech synthesis, M2G; text dropped for CFG)
+  text           english paragraph          loss on everything         (keeps the language model a language model)
 
 Batches are a pure function of (seed, rank, batch index): resuming at batch k reproduces the
 exact stream, and each rank draws a different shard, without any loader state to save.
@@ -20,7 +22,7 @@ import numpy as np
 import torch
 
 from nmm.config import DataConfig
-from nmm.modalities.document import Document, ImageSegment, TextSegment
+from nmm.modalities.document import Document, ImageSegment, ItemSegment, TextSegment
 from nmm.modalities.codecs import Codecs
 
 
@@ -115,6 +117,45 @@ def text_role(english: list[str]) -> dict[str, RoleSampler]:
     if not english:
         return {}
     return {"text": lambda rng: Document([TextSegment(english[rng.integers(len(english))])], "text")}
+
+
+class TranscriptPool:
+    """Pre-tokenised recordings: their transcripts and audio ids (one 1-D array per clip)."""
+
+    def __init__(self, texts: list[str], codes: list[np.ndarray]):
+        if len(texts) != len(codes):
+            raise ValueError(f"got {len(texts)} transcripts but {len(codes)} clips")
+        self.texts, self.codes = texts, codes
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    @classmethod
+    def encode(cls, codecs: Codecs, texts: list[str], waves: list[np.ndarray]) -> TranscriptPool:
+        return cls(list(texts), codecs.encode_items("audio", waves))
+
+
+def speech_roles(pool: TranscriptPool, caption_dropout: float) -> dict:
+    """The two roles of transcribed speech, drawn uniformly from `pool`:
+      transcription  <audio> transcript   loss on the text   (speech recognition)
+      synthesis      text <audio>         loss on the audio  (speech synthesis; the text is dropped at
+                                                              `caption_dropout`, for classifier-free guidance)"""
+    if len(pool) == 0:
+        raise ValueError("speech_roles needs at least one pre-tokenised clip")
+
+    def transcription(rng) -> Document:
+        i = int(rng.integers(len(pool)))
+        return Document([ItemSegment("audio", codes=pool.codes[i], loss=False), TextSegment(pool.texts[i])],
+                        "transcription")
+
+    def synthesis(rng) -> Document:
+        i = int(rng.integers(len(pool)))
+        audio = ItemSegment("audio", codes=pool.codes[i])
+        if rng.random() < caption_dropout:
+            return Document([audio], "synthesis")  # unconditional speech, for classifier-free guidance
+        return Document([TextSegment(pool.texts[i], loss=False), audio], "synthesis")
+
+    return {"transcription": transcription, "synthesis": synthesis}
 
 
 # Every role a built-in source can offer. A weighted role missing from a run's sources is dropped

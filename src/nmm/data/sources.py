@@ -13,7 +13,8 @@ A data source gives the core everything it takes from outside itself:
 and, for each modality, what that modality's codec trainer asks for (the plugin's `train`): images()
 for images ((N, H, W, 3) uint8, or None to render `world`'s), waves() for audio (1-D float32 at 16 kHz).
 
-The core ships one source, "folder" (a user's images with a captions.jsonl, `nmm.data.folder`).
+The core ships two sources: "folder" (a user's images with a captions.jsonl, `nmm.data.folder`) and
+"audio_folder" (a user's recordings with a transcripts.jsonl, `nmm.data.audio_folder`).
 The shapes world and the speech and tone worlds are applications built on the core, so no core
 module imports them: `PLUGINS` names the module that defines each, and `data_source` imports it
 the first time that source is asked for; the module registers itself, the way Python entry points
@@ -32,8 +33,9 @@ from typing import Any, Protocol
 import numpy as np
 
 from nmm.config import DataConfig, RunConfig
+from nmm.data.audio_folder import AudioFolder
 from nmm.data.folder import ImageFolderSource
-from nmm.data.mixture import ImagePool, RoleSampler, build_folder_pool, image_roles
+from nmm.data.mixture import ImagePool, RoleSampler, TranscriptPool, build_folder_pool, image_roles, speech_roles
 from nmm.errors import ConfigError
 from nmm.modalities.codecs import Codecs
 
@@ -55,7 +57,8 @@ SourceFactory = Callable[[RunConfig], DataSource]
 
 SOURCES: dict[str, SourceFactory] = {}
 # Sources outside the core, by the module that registers them when imported.
-PLUGINS: dict[str, str] = {"shapes": "nmm.data.shapes_source", "speech": "nmm.data.speech_source"}
+PLUGINS: dict[str, str] = {"shapes": "nmm.data.shapes_source", "speech": "nmm.data.speech_source",
+                           "tones": "nmm.data.tones_source"}
 
 
 def register_source(name: str, factory: SourceFactory) -> None:
@@ -152,3 +155,46 @@ class FolderSource:
 
 
 register_source("folder", FolderSource)
+
+
+class AudioFolderSource:
+    """`data.source=audio_folder`: the recordings and transcripts of `data.audio_folder`
+    (`nmm.data.audio_folder`); no world, so no judge. A tenth of the clips (at least one) is held
+    out: the codec is measured on them and the language model never sees them."""
+
+    modalities = ("audio",)
+    world = None
+    judge = None
+    image_pool = None
+
+    def __init__(self, cfg: RunConfig):
+        if not cfg.data.audio_folder:
+            raise ConfigError("data.source=audio_folder needs data.audio_folder=PATH (a folder with transcripts.jsonl)")
+        self.folder = AudioFolder(cfg.data.audio_folder, max_seconds=cfg.audio.max_seconds)
+        self.train, self.heldout = self.folder.split(heldout_fraction=0.1, seed=cfg.data.seed)
+        self.codec_items, self.codec_eval_items = cfg.audio.pool_size, cfg.audio.eval_items
+        self.speech_pool: TranscriptPool | None = None
+
+    @property
+    def summary(self) -> str:
+        """What was loaded, skipped (and why) and converted: `AudioFolder.summary`."""
+        return self.folder.summary
+
+    def texts(self) -> list[str]:
+        return self.folder.transcripts()
+
+    def waves(self) -> list[np.ndarray]:
+        """Training clips for the audio codec: at most audio.pool_size of them."""
+        return self.folder.waves(self.train[: self.codec_items])
+
+    def heldout_waves(self) -> list[np.ndarray]:
+        return self.folder.waves(self.heldout[: self.codec_eval_items])
+
+    def roles(self, codecs: Codecs, cfg: DataConfig) -> dict[str, RoleSampler]:
+        # Every training clip, not audio.pool_size of them: a user's recordings are all the data there is.
+        texts = self.folder.transcripts()
+        self.speech_pool = TranscriptPool.encode(codecs, [texts[i] for i in self.train], self.folder.waves(self.train))
+        return speech_roles(self.speech_pool, cfg.caption_dropout)
+
+
+register_source("audio_folder", AudioFolderSource)

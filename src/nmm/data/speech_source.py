@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 from nmm.config import DataConfig, RunConfig
-from nmm.data.mixture import RoleSampler
+from nmm.data.mixture import RoleSampler, TranscriptPool, speech_roles
 from nmm.data.sources import register_source
 from nmm.data.speech import SpeechWorld
 from nmm.modalities.codecs import Codecs
@@ -28,23 +28,14 @@ TOKENIZER_UTTERANCES = 3000  # utterance texts that train the text tokenizer
 ENCODE_CHUNK = 256  # utterances rendered and encoded at a time (waveforms are not kept)
 
 
-class SpeechPool:
-    """Pre-tokenised utterances: their texts and audio ids (one 1-D array per utterance)."""
-
-    def __init__(self, texts: list[str], codes: list[np.ndarray]):
-        self.texts, self.codes = texts, codes
-
-    def __len__(self) -> int:
-        return len(self.texts)
-
-
-def build_speech_pool(world: SpeechWorld, codecs: Codecs, utterances: list[tuple[str, object]]) -> SpeechPool:
+def build_speech_pool(world: SpeechWorld, codecs: Codecs, utterances: list[tuple[str, object]]) -> TranscriptPool:
+    """Render and encode utterances a chunk at a time (their waveforms are not kept)."""
     texts, codes = [], []
     for i in range(0, len(utterances), ENCODE_CHUNK):
         chunk = utterances[i : i + ENCODE_CHUNK]
         texts += [t for t, _ in chunk]
         codes += codecs.encode_items("audio", [world.render(t, v) for t, v in chunk])
-    return SpeechPool(texts, codes)
+    return TranscriptPool(texts, codes)
 
 
 class SpeechSource:
@@ -59,7 +50,7 @@ class SpeechSource:
         self.world = SpeechWorld(sentences=sentences)
         self.seed, self.pool_size = cfg.data.seed, cfg.data.speech_pool_size
         self.codec_items, self.codec_eval_items = cfg.audio.pool_size, cfg.audio.eval_items
-        self.speech_pool: SpeechPool | None = None
+        self.speech_pool: TranscriptPool | None = None
 
     def texts(self) -> list[str]:
         return [t for t, _ in self.world.utterances(TOKENIZER_UTTERANCES, self.seed, "train")]
@@ -77,22 +68,7 @@ class SpeechSource:
                                                     self.world.utterances(self.pool_size, self.seed + 1, "train"))
         self.build_seconds = time.time() - t0
 
-        def pick(rng) -> int:
-            return int(rng.integers(len(pool)))
-
-        def transcription(rng):
-            i = pick(rng)
-            return Document([ItemSegment("audio", codes=pool.codes[i], loss=False), TextSegment(pool.texts[i])],
-                            "transcription")
-
-        def synthesis(rng):
-            i = pick(rng)
-            audio = ItemSegment("audio", codes=pool.codes[i])
-            if rng.random() < cfg.caption_dropout:
-                return Document([audio], "synthesis")  # unconditional speech, for classifier-free guidance
-            return Document([TextSegment(pool.texts[i], loss=False), audio], "synthesis")
-
-        return {"transcription": transcription, "synthesis": synthesis}
+        return speech_roles(pool, cfg.caption_dropout)
 
     def joint_roles(self, joined, codecs: Codecs, cfg: DataConfig) -> dict[str, RoleSampler]:
         """With an image source beside it: a spoken caption -> that caption's image (M2M)."""

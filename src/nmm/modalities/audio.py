@@ -201,6 +201,9 @@ class AudioCodec(nn.Module):
                 raise ValueError(f"audio item {i}: expected float samples in [-1, 1], got {w.dtype}")
             if w.numel() == 0:
                 raise ValueError(f"audio item {i}: empty waveform (0 samples)")
+            if w.numel() <= self.config.n_fft // 2:  # the STFT's reflection padding needs more
+                raise ValueError(f"audio item {i}: {w.numel()} samples is too short; at least "
+                                 f"{self.config.n_fft // 2 + 1} ({(self.config.n_fft // 2 + 1) / SAMPLE_RATE * 1000:.0f} ms)")
             if not torch.isfinite(w).all():
                 raise ValueError(f"audio item {i}: waveform holds non-finite samples (NaN or inf)")
             if w.numel() > limit:
