@@ -7,6 +7,7 @@ Roles (their weights come from `DataConfig.roles`); each is a sampler a data sou
   edit           <image>  instruction <image'>  loss on the new image   (M2M)
   transcription  <audio>  transcript        loss on the text           (speech recognition, M2T)
   synthesis      text  <audio>              loss on the audio          (speech synthesis, M2G; text dropped for CFG)
+  tone_captioning, tone_synthesis           the same two directions over the tone world
   text           english paragraph          loss on everything         (keeps the language model a language model)
 
 Batches are a pure function of (seed, rank, batch index): resuming at batch k reproduces the

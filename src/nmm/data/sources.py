@@ -111,7 +111,17 @@ class CompositeSource:
         self.image_pool = None
 
     def part(self, modality: str):
-        return next(p for p in self.parts if modality in p.modalities)
+        """The source a modality's codec learns from: the one part that has it, or this composite
+        when several do (speech+tones: the audio codec hears both)."""
+        having = [p for p in self.parts if modality in p.modalities]
+        return having[0] if len(having) == 1 else self
+
+    def waves(self) -> list:
+        return [w for p in self.parts if "audio" in p.modalities for w in p.waves()]
+
+    def heldout_waves(self) -> list:
+        return [w for p in self.parts if "audio" in p.modalities and hasattr(p, "heldout_waves")
+                for w in p.heldout_waves()]
 
     def texts(self) -> list[str]:
         return [t for p in self.parts for t in p.texts()]
