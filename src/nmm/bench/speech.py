@@ -27,14 +27,22 @@ import torch
 
 from nmm.bench.common import env_info, pair, set_threads, time_turns
 from nmm.bench.decode import parity_ids
-from nmm.bench.hf import allowed_ids_processor, left_pad, logits_parity, nmm_to_hf, quiet_transformers
+from nmm.bench.hf import (
+    allowed_ids_processor,
+    left_pad,
+    logits_parity,
+    nmm_to_hf,
+    quiet_transformers,
+)
 from nmm.errors import NmmError
 from nmm.infer.engine import Engine
 from nmm.infer.sampling import SamplingConfig
 
 
 def _utterances(n: int, seed: int = 5):
-    from nmm.data.speech import SpeechWorld  # the speech world is an app of the core; a benchmark may use it
+    from nmm.data.speech import (
+        SpeechWorld,  # the speech world is an app of the core; a benchmark may use it
+    )
 
     world = SpeechWorld()
     return [(t, world.render(t, v)) for t, v in world.utterances(n, seed, "heldout")]

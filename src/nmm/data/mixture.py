@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from nmm.config import DataConfig
-from nmm.modalities.document import Document, ImageSegment, ItemSegment, TextSegment
 from nmm.modalities.codecs import Codecs
+from nmm.modalities.document import Document, ImageSegment, ItemSegment, TextSegment
 
 
 @dataclass

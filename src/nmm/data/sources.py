@@ -35,7 +35,14 @@ import numpy as np
 from nmm.config import DataConfig, RunConfig
 from nmm.data.audio_folder import AudioFolder
 from nmm.data.folder import ImageFolderSource
-from nmm.data.mixture import ImagePool, RoleSampler, TranscriptPool, build_folder_pool, image_roles, speech_roles
+from nmm.data.mixture import (
+    ImagePool,
+    RoleSampler,
+    TranscriptPool,
+    build_folder_pool,
+    image_roles,
+    speech_roles,
+)
 from nmm.errors import ConfigError
 from nmm.modalities.codecs import Codecs
 

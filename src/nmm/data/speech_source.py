@@ -9,6 +9,7 @@ Roles (`data.roles`):
   synthesis          text <audio>                loss on the audio   (speech synthesis, M2G; text dropped
                                                                       at data.caption_dropout for CFG)
   spoken_generation  <audio of a caption> <image>  loss on the image (with shapes: M2M)
+  spoken_qa          <image> <audio of a question> answer   loss on the answer (with shapes)
 """
 
 from __future__ import annotations
@@ -71,7 +72,8 @@ class SpeechSource:
         return speech_roles(pool, cfg.caption_dropout)
 
     def joint_roles(self, joined, codecs: Codecs, cfg: DataConfig) -> dict[str, RoleSampler]:
-        """With an image source beside it: a spoken caption -> that caption's image (M2M)."""
+        """With an image source beside it: a spoken caption -> that caption's image (M2M), and, when
+        the images have a world that asks questions, an image + a spoken question -> the answer."""
         images = joined.image_pool
         if images is None:
             return {}
@@ -87,7 +89,21 @@ class SpeechSource:
             return Document([ItemSegment("audio", codes=spoken.codes[j], loss=False),
                              ItemSegment("image", codes=images.codes[index[j]])], "spoken_generation")
 
-        return {"spoken_generation": spoken_generation}
+        roles = {"spoken_generation": spoken_generation}
+        if joined.world is not None and images.scenes is not None:
+            qa = [(int(i), *joined.world.question_answer(images.scenes[i], rng)[:2]) for i in index]
+            questions = build_speech_pool(self.world, codecs, [(q, voices[rng.integers(len(voices))])
+                                                               for _, q, _ in qa])
+
+            def spoken_qa(rng):
+                j = int(rng.integers(n))
+                i, _, answer = qa[j]
+                return Document([ItemSegment("image", codes=images.codes[i], loss=False),
+                                 ItemSegment("audio", codes=questions.codes[j], loss=False), TextSegment(answer)],
+                                "spoken_qa")
+
+            roles["spoken_qa"] = spoken_qa
+        return roles
 
 
 def speech_source(cfg: RunConfig) -> SpeechSource:

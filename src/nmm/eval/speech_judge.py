@@ -13,7 +13,6 @@ corpus-level character and word error rates (`cer`, `wer`, via jiwer).
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -26,6 +25,7 @@ from torch import nn
 
 from nmm.errors import CheckpointError
 from nmm.modalities.audio_features import SAMPLE_RATE, LogMel
+from nmm.optim import fit
 from nmm.utils import atomic_write_text, save_safetensors
 
 ALPHABET = " abcdefghijklmnopqrstuvwxyz"  # output classes 1..27; class 0 is the CTC blank
@@ -217,20 +217,11 @@ def train_recognizer(waves: list[np.ndarray], texts: list[str], steps: int = 100
     model = SpeechRecognizer(config)
     targets = [torch.tensor(model.encode(t)) for t in texts]
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    warmup = max(1, min(100, steps // 10))
-
-    def schedule(step: int) -> float:  # linear warm-up, then cosine to 5%
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     rng, gen = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
     batches = _batches([len(w) for w in waves], batch_size, rng)
-    losses: list[float] = []
     start = time.perf_counter()
-    model.train()
-    for step in range(steps):
+
+    def loss_at(step: int) -> torch.Tensor:
         idx = next(batches)
         with torch.no_grad():
             feats, frames = model.featurize([waves[i] for i in idx])
@@ -238,16 +229,12 @@ def train_recognizer(waves: list[np.ndarray], texts: list[str], steps: int = 100
                 feats = _spec_augment(feats, frames, gen)
         logp, lengths = model(feats, frames)  # (B, T', classes)
         tgt = [targets[i] for i in idx]
-        loss = F.ctc_loss(logp.transpose(0, 1), torch.cat(tgt), lengths, torch.tensor([len(t) for t in tgt]),
+        return F.ctc_loss(logp.transpose(0, 1), torch.cat(tgt), lengths, torch.tensor([len(t) for t in tgt]),
                           blank=BLANK, zero_infinity=True)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        if progress is not None:
-            progress(step, losses[-1])
+
+    report = None if progress is None else (lambda step, total, loss: progress(step - 1, loss))
+    # Linear warm-up over a tenth of the steps (at most 100), then cosine to 5% (nmm.optim's schedule).
+    losses = fit(model, opt, loss_at, steps, lr, max(1, min(100, steps // 10)), 0.05, report, clip=1.0)
     seconds = time.perf_counter() - start
     model.eval()
     stats = {"steps": steps, "seconds": seconds, "first_loss": float(np.mean(losses[:20])),

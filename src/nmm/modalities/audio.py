@@ -38,7 +38,7 @@ from nmm.errors import CheckpointError, ConfigError
 from nmm.modalities.audio_features import LOG_FLOOR, SAMPLE_RATE, LogMel, mel_distance
 from nmm.modalities.base import ModalitySpec, join_codes, register_modality, split_codes
 from nmm.modalities.fsq import FSQ
-from nmm.optim import lr_at, set_lr
+from nmm.optim import fit
 from nmm.utils import atomic_write_text, save_safetensors
 
 WEIGHTS_FILE = "audio_codec.safetensors"
@@ -370,22 +370,8 @@ def train_audio_codec(waves: list[np.ndarray], config: AudioCodecConfig | None =
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.99), weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
     seg = max(1, round(config.segment_seconds * model.mel.frame_rate / config.stride)) * config.stride
-    losses = []
-    model.train()
-    for step in range(config.steps):
-        if time_budget_s is not None and time.perf_counter() - start > time_budget_s:
-            break
-        batch = _crops(mels, config.batch_size, seg, gen)  # (B, M, seg)
-        # Warmup, then cosine down to 5% of the peak; under a time budget, on whichever runs out first.
-        elapsed = (time.perf_counter() - start) / time_budget_s if time_budget_s else 0.0
-        set_lr(opt, lr_at(step, config.lr, config.warmup_steps, config.steps, 0.05, elapsed))
-        loss = model.loss(batch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        if progress is not None:
-            progress(step + 1, config.steps, losses[-1])
+    losses = fit(model, opt, lambda step: model.loss(_crops(mels, config.batch_size, seg, gen)),  # (B, M, seg)
+                 config.steps, config.lr, config.warmup_steps, 0.05, progress, time_budget_s)
     train_seconds = time.perf_counter() - start
     model.eval()
     window = max(1, len(losses) // 10)

@@ -37,7 +37,7 @@ from nmm.config import ImageTokenizerConfig  # defined with the other run config
 from nmm.errors import CheckpointError, ConfigError
 from nmm.modalities.base import ModalitySpec, join_codes, register_modality, split_codes
 from nmm.modalities.fsq import FSQ
-from nmm.optim import lr_at, set_lr
+from nmm.optim import fit
 from nmm.utils import atomic_write_text, save_safetensors
 
 WEIGHTS_FILE = "image_tokenizer.safetensors"
@@ -312,26 +312,19 @@ def train_image_tokenizer(world, config: ImageTokenizerConfig | None = None, see
     model = ImageTokenizer(config)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.99), weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
-    order, cursor, losses = torch.randperm(len(pool), generator=gen), 0, []
-    model.train()
-    for step in range(config.steps):
-        if time_budget_s is not None and time.perf_counter() - start > time_budget_s:
-            break
-        if cursor + config.batch_size > len(pool):
-            order, cursor = torch.randperm(len(pool), generator=gen), 0
-        batch = pool[order[cursor:cursor + config.batch_size]]
-        cursor += config.batch_size
-        x = batch.permute(0, 3, 1, 2).float().div(255)  # (B, 3, H, W)
-        # Warmup, then cosine down to 5% of the peak; under a time budget, on whichever runs out first.
-        elapsed = (time.perf_counter() - start) / time_budget_s if time_budget_s else 0.0
-        set_lr(opt, lr_at(step, config.lr, config.warmup_steps, config.steps, 0.05, elapsed))
-        loss = model.loss(x)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        if progress is not None:
-            progress(step + 1, config.steps, losses[-1])
+    def epochs():  # the pool re-shuffled every epoch, in whole batches
+        while True:
+            order, bs = torch.randperm(len(pool), generator=gen), config.batch_size
+            for i in range(0, len(pool) - bs + 1, bs):
+                yield pool[order[i:i + bs]]
+
+    batches = epochs()
+
+    def loss_at(step: int) -> torch.Tensor:
+        return model.loss(next(batches).permute(0, 3, 1, 2).float().div(255))  # (B, 3, H, W) in [0, 1]
+
+    budget = None if time_budget_s is None else time_budget_s - (time.perf_counter() - start)
+    losses = fit(model, opt, loss_at, config.steps, config.lr, config.warmup_steps, 0.05, progress, budget)
     train_seconds = time.perf_counter() - start
     model.eval()
     window = max(1, len(losses) // 10)

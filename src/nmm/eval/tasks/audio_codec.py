@@ -8,7 +8,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from nmm.eval.speech import error_rate, recognizer, spectrograms, speech_world, wav_data_uri
+from nmm.eval.speech import (
+    error_rate,
+    recognizer,
+    spectrograms,
+    speech_world,
+    wav_data_uri,
+)
 from nmm.eval.task import EvalContext, SplitResult, Task, register
 from nmm.modalities.audio_features import LogMel, mel_distance
 

@@ -8,7 +8,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from nmm.eval.speech import edit_counts, error_rate, spectrograms, speech_world, wav_data_uri
+from nmm.eval.speech import (
+    edit_counts,
+    error_rate,
+    spectrograms,
+    speech_world,
+    wav_data_uri,
+)
 from nmm.eval.task import EvalContext, SplitResult, Task, register
 
 REPORT_AUDIO = 12  # examples with a player in the report (each is a few tens of kB)

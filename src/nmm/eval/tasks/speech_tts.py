@@ -9,7 +9,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from nmm.eval.speech import edit_counts, error_rate, recognizer, spectrograms, speech_world, wav_data_uri
+from nmm.eval.speech import (
+    edit_counts,
+    error_rate,
+    recognizer,
+    spectrograms,
+    speech_world,
+    wav_data_uri,
+)
 from nmm.eval.task import EvalContext, SplitResult, Task, register
 from nmm.modalities.audio_features import SAMPLE_RATE
 
