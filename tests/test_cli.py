@@ -73,6 +73,25 @@ def test_bad_image_and_long_prompt(tiny_run, tmp_path):
     assert_one_line_error(nmm("generate", tiny_run, "--prompt", "red " * 400), "context")
 
 
+def test_generate_speaks_and_transcribes(speech_run, tiny_run, tmp_path):
+    import soundfile as sf
+
+    out = tmp_path / "said.wav"
+    proc = nmm("generate", speech_run, "--prompt", "seven three", "--out", out, "--temperature", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert "wrote" in proc.stdout and sf.info(out).samplerate == 16_000
+    stereo = tmp_path / "stereo.wav"  # 44.1 kHz stereo: mixed down and resampled, and said so
+    t = np.arange(44_100) / 44_100
+    sf.write(stereo, np.stack([np.sin(2 * np.pi * 220 * t), np.sin(2 * np.pi * 330 * t)], 1) * 0.3, 44_100)
+    proc = nmm("generate", speech_run, "--audio", stereo)
+    assert proc.returncode == 0, proc.stderr
+    assert "mixed 2 channels down to mono" in proc.stdout and "resampled 44100 -> 16000" in proc.stdout
+    bad = tmp_path / "bad.wav"
+    bad.write_bytes(b"RIFF not really")
+    assert_one_line_error(nmm("generate", speech_run, "--audio", bad), "bad.wav")
+    assert_one_line_error(nmm("generate", tiny_run, "--audio", stereo), "no audio modality")
+
+
 def test_eval_writes_results(tiny_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)

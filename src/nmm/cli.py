@@ -108,25 +108,58 @@ def train_cmd(
 @app.command()
 def generate(
     run_dir: Annotated[Path, typer.Argument(help="A trained run directory.")],
-    prompt: Annotated[str, typer.Option(help="Caption to draw, or a question/instruction about --image.")] = "describe",
+    prompt: Annotated[str, typer.Option(help="Caption to draw or text to speak, or a question/instruction about "
+                                             "--image.")] = "describe",
     image: Annotated[Optional[Path], typer.Option(help="An input image: caption it (prompt 'describe') or ask about it.")] = None,
-    out: Annotated[Path, typer.Option(help="Where to write a generated image.")] = Path("generated.png"),
-    cfg_scale: Annotated[float, typer.Option(help="Classifier-free guidance for image tokens (1 = off).")] = 2.0,
+    audio: Annotated[Optional[Path], typer.Option(help="An input recording (WAV/FLAC/OGG/MP3): transcribe it.")] = None,
+    speak: Annotated[bool, typer.Option("--speak", help="Answer in speech: write the prompt spoken as a WAV "
+                                                        "(the default for a model without images).")] = False,
+    out: Annotated[Optional[Path], typer.Option(help="Where to write a generated image (PNG) or speech (WAV); "
+                                                     "default generated.png / generated.wav.")] = None,
+    cfg_scale: Annotated[Optional[float], typer.Option(help="Classifier-free guidance (1 = off; default 2 for "
+                                                            "images, 1 for speech).")] = None,
     temperature: Annotated[float, typer.Option(help="Sampling temperature (0 = greedy).")] = 0.3,
     top_k: Annotated[Optional[int], typer.Option(help="Sample from the k most likely tokens.")] = None,
     top_p: Annotated[Optional[float], typer.Option(help="Nucleus sampling mass.")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
 ):
-    """Text -> image (writes a PNG), or image -> text (prints a caption or an answer)."""
+    """Text -> image (PNG) or speech (WAV); image -> text (a caption or an answer); speech -> text."""
     import nmm
     from nmm.data.folder import load_image
 
     pipe = nmm.load(run_dir)
+    has = set(pipe.codecs.modalities)
+    if audio is not None:
+        if "audio" not in has:
+            raise NmmError(f"{run_dir}: this model has no audio modality (it has: text, {', '.join(has) or 'nothing else'})")
+        from nmm.modalities.audio import read_audio
+
+        try:
+            wave, notes = read_audio(audio, str(audio))
+        except (OSError, ValueError) as e:
+            raise NmmError(str(e)) from None
+        for note in notes:
+            out_console.print(f"[dim]{audio}: {note}[/dim]")
+        out_console.print(pipe.transcribe([wave], temperature=temperature, seed=seed)[0])
+        return
+    if image is None and (speak or "image" not in has):
+        if "audio" not in has:
+            raise NmmError(f"{run_dir}: this model cannot speak (no audio modality)")
+        from nmm.modalities.audio import write_wav
+
+        wave = pipe.speak([prompt], cfg_scale=1.0 if cfg_scale is None else cfg_scale, temperature=temperature,
+                          seed=seed)[0]
+        out = out or Path("generated.wav")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_wav(out, wave)
+        out_console.print(f"wrote {out} ({len(wave) / 16_000:.2f} s)")
+        return
     if image is None:
-        img = pipe.generate_images([prompt], cfg_scale=cfg_scale, temperature=temperature, top_k=top_k,
-                                   top_p=top_p, seed=seed)[0]
+        img = pipe.generate_images([prompt], cfg_scale=2.0 if cfg_scale is None else cfg_scale,
+                                   temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)[0]
         from PIL import Image
 
+        out = out or Path("generated.png")
         out.parent.mkdir(parents=True, exist_ok=True)
         scale = max(1, 256 // img.shape[0])
         Image.fromarray(img).resize((img.shape[1] * scale, img.shape[0] * scale), Image.NEAREST).save(out)

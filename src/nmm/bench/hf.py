@@ -132,6 +132,10 @@ def _hf_state_dict(model: NativeMultimodalModel) -> dict[str, torch.Tensor]:
         "model.norm.weight": model.backbone.norm.weight,
         "lm_head.weight": torch.cat([model.text_head.proj.weight, *map(_code_head_matrix, _discrete(model))], 0),
     }
+    for interface in _discrete(model):  # a variable-length item's end token is scored by its own head
+        if getattr(interface, "end_head", None) is not None:
+            sd["lm_head.weight"] = sd["lm_head.weight"].clone()
+            sd["lm_head.weight"][model.vocab.end(interface.name)] = interface.end_head.weight[0]
     for i, blk in enumerate(model.backbone.blocks):
         p = f"model.layers.{i}."
         wq, wk, wv = blk.attn.wqkv.weight.split([nq, nkv, nkv], 0)  # wqkv rows: [q | k | v]

@@ -67,12 +67,18 @@ class NativeMultimodalModel(nn.Module):
         """(…, D) -> (…, vocab.size): text+specials then each modality's codes, in vocabulary order.
         Modalities without a code head give -inf logits, so a sampler can never pick their codes."""
         parts = [self.text_head(h)]
-        for interface in self.modalities.values():
+        ends = []
+        for name, interface in self.modalities.items():
             logits = interface.logits(h)
             if logits is None:
                 logits = parts[0].new_full((*parts[0].shape[:-1], interface.spec.codes), float("-inf"))
             parts.append(logits)
-        return torch.cat(parts, dim=-1)
+            if getattr(interface, "end_head", None) is not None:  # a variable-length item's end competes
+                ends.append((self.vocab.end(name), interface.end_logit(h)))  # with its codes (see DiscreteCodes)
+        logits = torch.cat(parts, dim=-1)
+        for column, end in ends:
+            logits[..., column : column + 1] = end
+        return logits
 
     def hidden(self, ids, positions=None, mask=None, caches: list[KVCache] | None = None, start: int = 0,
                generated: torch.Tensor | None = None, image_inputs: dict | None = None,
@@ -137,6 +143,8 @@ class NativeMultimodalModel(nn.Module):
         for name, interface in self.modalities.items():
             if not interface.emits_codes:
                 is_text &= ~layout[name].is_code
+            if getattr(interface, "end_head", None) is not None:  # its end token is the interface's loss
+                is_text &= targets != self.vocab.end(name)
         total = torch.zeros((), device=ids.device)
         stats = {}
         terms = {}

@@ -5,7 +5,9 @@ tokenizer gives discrete codes (images, audio, ...): the default interface of a 
 from __future__ import annotations
 
 import torch
+from torch import nn
 
+from nmm.modalities.base import split_codes
 from nmm.model.fusion.base import LossTerm, ModalityInterface
 from nmm.model.heads import FactorisedEmbedding, ImageHead
 
@@ -22,6 +24,12 @@ class DiscreteCodes(ModalityInterface):
         factors = self.spec.code_factors if cfg.factorised_image_head else (self.spec.codes,)
         self.embed_codes = FactorisedEmbedding(factors, cfg.d_model)
         self.head = ImageHead(factors, cfg.d_model)
+        # A variable-length item (speech) ends when the model prefers its end token to every code. The
+        # end token's logit comes from this head and shares one softmax with the codes (in `loss` and in
+        # `model.logits`), so stopping is learned against going on; the text head, which never sees the
+        # codes compete, would give a logit on another scale. No bias: the head stays one row of a
+        # plain LM head (the Hugging Face conversion puts it there).
+        self.end_head = None if self.spec.fixed_length else nn.Linear(cfg.d_model, 1, bias=False)
 
     def embed(self, x, ids, layout, generated, image_inputs):
         codes = torch.where(layout.is_code, self.vocab.codes(self.name, ids), 0)
@@ -30,10 +38,28 @@ class DiscreteCodes(ModalityInterface):
     def logits(self, h):
         return self.head(h)
 
+    def end_logit(self, h):  # (..., D) -> (..., 1): the end token's logit inside an item
+        return self.end_head(h)
+
     def loss(self, h, targets, layout, generated, image_inputs, z_loss):
         sel = self.vocab.is_modality(self.name, targets)  # positions whose next token is one of our codes
+        if self.end_head is not None:
+            sel = sel | (targets == self.vocab.end(self.name))  # ... or the end of our item
         if not bool(sel.any()):
             return {}
-        ce, zl = self.head.loss(h[sel], self.vocab.codes(self.name, targets[sel]), z_loss)
+        if self.end_head is None:
+            ce, zl = self.head.loss(h[sel], self.vocab.codes(self.name, targets[sel]), z_loss)
+            return {self.name: LossTerm(ce.sum() + zl.sum(), ce.mean().detach(), sel.sum())}
+        hs, t = h[sel], targets[sel]
+        ends = t == self.vocab.end(self.name)
+        codes = torch.where(ends, 0, self.vocab.codes(self.name, t))
+        parts = [p.float() for p in self.head.factor_logits(hs)]  # each (N, f_i)
+        # Softmax over {end} and every code: a code's logit is the sum of its factors' logits, so the
+        # codes' log-partition is the sum of the factors' (the joint grid is never built).
+        end = self.end_head(hs).float().squeeze(-1)
+        log_z = torch.logaddexp(end, sum(torch.logsumexp(p, -1) for p in parts))
+        picked = sum(p.gather(1, c.unsqueeze(1)).squeeze(1) for p, c in zip(parts, split_codes(codes, self.head.factors)))
+        ce = log_z - torch.where(ends, end, picked)
+        zl = z_loss * log_z.pow(2)
         return {self.name: LossTerm(ce.sum() + zl.sum(), ce.mean().detach(), sel.sum())}
 
