@@ -83,6 +83,10 @@ class Pipeline:
         """Text -> speech: 1-D float32 waveforms at the audio codec's sample rate."""
         return self.generate_items("audio", texts, cfg_scale, temperature, seed=seed, batch_size=batch_size, **kw)
 
+    def image_codes(self, prompts: list[list[int]], sampling: SamplingConfig, uncond: list[int] | None) -> np.ndarray:
+        """Prompts ending in `<boi>` -> (B, N) image ids (`item_codes` for images)."""
+        return self.item_codes("image", prompts, sampling, uncond)
+
     def item_codes(self, name: str, prompts: list[list[int]], sampling: SamplingConfig, uncond: list[int] | None,
                    max_tokens: int | None = None) -> np.ndarray | list[np.ndarray]:
         """Prompts ending in `name`'s begin token -> the items' ids: (B, N) for a fixed length, else one

@@ -180,8 +180,9 @@ def toy_model():
     torch.manual_seed(0)
     cfg = ModelConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=64, max_seq_len=64)
     m = NativeMultimodalModel(cfg, VOCAB).eval()
-    with torch.no_grad():  # open toy items now and then
+    with torch.no_grad():  # open toy items now and then, and have the (random) end head close them
         m.text_head.proj.weight[VOCAB.begin("toy")] += m.text_head.proj.weight.std()
+        m.modalities["toy"].end_head.weight.copy_(3 * m.text_head.proj.weight[VOCAB.end("toy")])
     return m
 
 

@@ -29,14 +29,19 @@ TOKENIZER_UTTERANCES = 3000  # utterance texts that train the text tokenizer
 ENCODE_CHUNK = 256  # utterances rendered and encoded at a time (waveforms are not kept)
 
 
-def build_speech_pool(world: SpeechWorld, codecs: Codecs, utterances: list[tuple[str, object]]) -> TranscriptPool:
-    """Render and encode utterances a chunk at a time (their waveforms are not kept)."""
-    texts, codes = [], []
+def build_speech_pool(world: SpeechWorld, codecs: Codecs, utterances: list[tuple[str, object]]) -> tuple[TranscriptPool, list[int]]:
+    """Render and encode utterances a chunk at a time (their waveforms are not kept). Utterances longer
+    than the codec takes (a long caption in a slow voice) are left out: returns the pool and the
+    indices into `utterances` it kept."""
+    limit = int(codecs.codec("audio").config.max_seconds * 16_000)
+    texts, codes, kept = [], [], []
     for i in range(0, len(utterances), ENCODE_CHUNK):
-        chunk = utterances[i : i + ENCODE_CHUNK]
-        texts += [t for t, _ in chunk]
-        codes += codecs.encode_items("audio", [world.render(t, v) for t, v in chunk])
-    return TranscriptPool(texts, codes)
+        chunk = [(j, t, world.render(t, v)) for j, (t, v) in enumerate(utterances[i : i + ENCODE_CHUNK], i)]
+        chunk = [(j, t, w) for j, t, w in chunk if len(w) <= limit]
+        kept += [j for j, _, _ in chunk]
+        texts += [t for _, t, _ in chunk]
+        codes += codecs.encode_items("audio", [w for _, _, w in chunk])
+    return TranscriptPool(texts, codes), kept
 
 
 class SpeechSource:
@@ -65,8 +70,9 @@ class SpeechSource:
 
     def roles(self, codecs: Codecs, cfg: DataConfig) -> dict[str, RoleSampler]:
         t0 = time.time()
-        self.speech_pool = pool = build_speech_pool(self.world, codecs,
-                                                    self.world.utterances(self.pool_size, self.seed + 1, "train"))
+        self.speech_pool, _ = build_speech_pool(self.world, codecs,
+                                                self.world.utterances(self.pool_size, self.seed + 1, "train"))
+        pool = self.speech_pool
         self.build_seconds = time.time() - t0
 
         return speech_roles(pool, cfg.caption_dropout)
@@ -81,22 +87,24 @@ class SpeechSource:
         rng = np.random.default_rng([self.seed, 11])
         index = rng.choice(len(images), size=n, replace=False)
         voices = self.world.voices("train")
-        spoken = build_speech_pool(self.world, codecs, [(images.captions[i], voices[rng.integers(len(voices))])
-                                                        for i in index])
+        spoken, kept = build_speech_pool(self.world, codecs, [(images.captions[i], voices[rng.integers(len(voices))])
+                                                              for i in index])
+        spoken_index = index[kept]
 
         def spoken_generation(rng):
-            j = int(rng.integers(n))
+            j = int(rng.integers(len(spoken)))
             return Document([ItemSegment("audio", codes=spoken.codes[j], loss=False),
-                             ItemSegment("image", codes=images.codes[index[j]])], "spoken_generation")
+                             ItemSegment("image", codes=images.codes[spoken_index[j]])], "spoken_generation")
 
         roles = {"spoken_generation": spoken_generation}
         if joined.world is not None and images.scenes is not None:
             qa = [(int(i), *joined.world.question_answer(images.scenes[i], rng)[:2]) for i in index]
-            questions = build_speech_pool(self.world, codecs, [(q, voices[rng.integers(len(voices))])
-                                                               for _, q, _ in qa])
+            questions, kept = build_speech_pool(self.world, codecs, [(q, voices[rng.integers(len(voices))])
+                                                                     for _, q, _ in qa])
+            qa = [qa[j] for j in kept]
 
             def spoken_qa(rng):
-                j = int(rng.integers(n))
+                j = int(rng.integers(len(qa)))
                 i, _, answer = qa[j]
                 return Document([ItemSegment("image", codes=images.codes[i], loss=False),
                                  ItemSegment("audio", codes=questions.codes[j], loss=False), TextSegment(answer)],
