@@ -95,10 +95,8 @@ class ImageTokenizerConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> ImageTokenizerConfig:
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ConfigError(f"unknown image tokenizer config keys: {sorted(unknown)}")
-        return cls(**d)
+        """A saved tokenizer's config, checked like a run config (unknown keys and bad types name the key)."""
+        return _build(cls, d, "image")
 
 
 @dataclass
@@ -140,10 +138,8 @@ class AudioCodecConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> AudioCodecConfig:
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ConfigError(f"unknown audio codec config keys: {sorted(unknown)}")
-        return cls(**d)
+        """A saved codec's config, checked like a run config (unknown keys and bad types name the key)."""
+        return _build(cls, d, "audio")
 
 
 @dataclass
