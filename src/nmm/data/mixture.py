@@ -135,28 +135,45 @@ class TranscriptPool:
     def encode(cls, codecs: Codecs, texts: list[str], waves: list[np.ndarray]) -> TranscriptPool:
         return cls(list(texts), codecs.encode_items("audio", waves))
 
+    @classmethod
+    def rendered(cls, codecs: Codecs, texts: list[str], render: Callable[[int], np.ndarray],
+                 chunk: int = 256) -> tuple[TranscriptPool, list[int]]:
+        """Render item i with `render(i)` and encode, `chunk` at a time (the waveforms are not kept).
+        Items longer than the codec takes (a long caption in a slow voice) are left out: returns the
+        pool and the indices into `texts` it kept."""
+        limit = codecs.codec("audio").config.max_seconds * codecs.codec("audio").config.sample_rate
+        kept, codes = [], []
+        for start in range(0, len(texts), chunk):
+            waves = [(i, render(i)) for i in range(start, min(start + chunk, len(texts)))]
+            waves = [(i, w) for i, w in waves if len(w) <= limit]
+            kept += [i for i, _ in waves]
+            codes += codecs.encode_items("audio", [w for _, w in waves])
+        return cls([texts[i] for i in kept], codes), kept
 
-def speech_roles(pool: TranscriptPool, caption_dropout: float) -> dict:
-    """The two roles of transcribed speech, drawn uniformly from `pool`:
+
+def speech_roles(pool: TranscriptPool, caption_dropout: float,
+                 names: tuple[str, str] = ("transcription", "synthesis")) -> dict:
+    """The two directions over audio paired with text, drawn uniformly from `pool` (role names
+    `names`: speech's by default, the tone world's are tone_captioning / tone_synthesis):
       transcription  <audio> transcript   loss on the text   (speech recognition)
       synthesis      text <audio>         loss on the audio  (speech synthesis; the text is dropped at
                                                               `caption_dropout`, for classifier-free guidance)"""
     if len(pool) == 0:
         raise ValueError("speech_roles needs at least one pre-tokenised clip")
+    read, write = names
 
     def transcription(rng) -> Document:
         i = int(rng.integers(len(pool)))
-        return Document([ItemSegment("audio", codes=pool.codes[i], loss=False), TextSegment(pool.texts[i])],
-                        "transcription")
+        return Document([ItemSegment("audio", codes=pool.codes[i], loss=False), TextSegment(pool.texts[i])], read)
 
     def synthesis(rng) -> Document:
         i = int(rng.integers(len(pool)))
         audio = ItemSegment("audio", codes=pool.codes[i])
         if rng.random() < caption_dropout:
-            return Document([audio], "synthesis")  # unconditional speech, for classifier-free guidance
-        return Document([TextSegment(pool.texts[i], loss=False), audio], "synthesis")
+            return Document([audio], write)  # unconditional audio, for classifier-free guidance
+        return Document([TextSegment(pool.texts[i], loss=False), audio], write)
 
-    return {"transcription": transcription, "synthesis": synthesis}
+    return {read: transcription, write: synthesis}
 
 
 # Every role a built-in source can offer. A weighted role missing from a run's sources is dropped

@@ -14,8 +14,6 @@ Roles (`data.roles`):
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 
 from nmm.config import DataConfig, RunConfig
@@ -26,22 +24,11 @@ from nmm.modalities.codecs import Codecs
 from nmm.modalities.document import Document, ItemSegment, TextSegment
 
 TOKENIZER_UTTERANCES = 3000  # utterance texts that train the text tokenizer
-ENCODE_CHUNK = 256  # utterances rendered and encoded at a time (waveforms are not kept)
 
 
 def build_speech_pool(world: SpeechWorld, codecs: Codecs, utterances: list[tuple[str, object]]) -> tuple[TranscriptPool, list[int]]:
-    """Render and encode utterances a chunk at a time (their waveforms are not kept). Utterances longer
-    than the codec takes (a long caption in a slow voice) are left out: returns the pool and the
-    indices into `utterances` it kept."""
-    limit = int(codecs.codec("audio").config.max_seconds * 16_000)
-    texts, codes, kept = [], [], []
-    for i in range(0, len(utterances), ENCODE_CHUNK):
-        chunk = [(j, t, world.render(t, v)) for j, (t, v) in enumerate(utterances[i : i + ENCODE_CHUNK], i)]
-        chunk = [(j, t, w) for j, t, w in chunk if len(w) <= limit]
-        kept += [j for j, _, _ in chunk]
-        texts += [t for _, t, _ in chunk]
-        codes += codecs.encode_items("audio", [w for _, _, w in chunk])
-    return TranscriptPool(texts, codes), kept
+    """Utterances (text, voice) rendered and encoded; too-long ones left out (`TranscriptPool.rendered`)."""
+    return TranscriptPool.rendered(codecs, [t for t, _ in utterances], lambda i: world.render(*utterances[i]))
 
 
 class SpeechSource:
@@ -69,13 +56,9 @@ class SpeechSource:
         return [self.world.render(t, v) for t, v in pairs]
 
     def roles(self, codecs: Codecs, cfg: DataConfig) -> dict[str, RoleSampler]:
-        t0 = time.time()
         self.speech_pool, _ = build_speech_pool(self.world, codecs,
                                                 self.world.utterances(self.pool_size, self.seed + 1, "train"))
-        pool = self.speech_pool
-        self.build_seconds = time.time() - t0
-
-        return speech_roles(pool, cfg.caption_dropout)
+        return speech_roles(self.speech_pool, cfg.caption_dropout)
 
     def joint_roles(self, joined, codecs: Codecs, cfg: DataConfig) -> dict[str, RoleSampler]:
         """With an image source beside it: a spoken caption -> that caption's image (M2M), and, when

@@ -21,19 +21,15 @@ key for tones): tone renders are cheap, so the cost is the codec's encoding, as 
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 
 from nmm.config import DataConfig, RunConfig
-from nmm.data.mixture import RoleSampler
+from nmm.data.mixture import RoleSampler, TranscriptPool, speech_roles
 from nmm.data.sources import register_source
 from nmm.data.tones import PitchJudge, ToneScene, ToneWorld
 from nmm.modalities.codecs import Codecs
-from nmm.modalities.document import Document, ItemSegment, TextSegment
 
 TOKENIZER_SCENES = 3000  # captions that train the text tokenizer
-ENCODE_CHUNK = 256  # scenes rendered and encoded at a time (waveforms are not kept)
 
 
 def make_tone_world(cfg: RunConfig | None = None) -> ToneWorld:
@@ -42,21 +38,17 @@ def make_tone_world(cfg: RunConfig | None = None) -> ToneWorld:
     return ToneWorld()
 
 
-class TonePool:
-    """Pre-tokenised tone scenes: the scenes, their captions and audio ids (one 1-D array each)."""
+class TonePool(TranscriptPool):
+    """Pre-tokenised tone scenes: their captions (`texts`) and audio ids, and the scenes themselves."""
 
     def __init__(self, scenes: list[ToneScene], captions: list[str], codes: list[np.ndarray]):
-        self.scenes, self.captions, self.codes = scenes, captions, codes
-
-    def __len__(self) -> int:
-        return len(self.scenes)
+        super().__init__(captions, codes)
+        self.scenes = scenes
 
 
 def build_tone_pool(world: ToneWorld, codecs: Codecs, scenes: list[ToneScene]) -> TonePool:
-    codes: list[np.ndarray] = []
-    for i in range(0, len(scenes), ENCODE_CHUNK):
-        codes += codecs.encode_items("audio", [world.render(s) for s in scenes[i : i + ENCODE_CHUNK]])
-    return TonePool(list(scenes), [world.caption(s) for s in scenes], codes)
+    pool, kept = TranscriptPool.rendered(codecs, [world.caption(s) for s in scenes], lambda i: world.render(scenes[i]))
+    return TonePool([scenes[i] for i in kept], pool.texts, pool.codes)
 
 
 class ToneSource:
@@ -85,27 +77,9 @@ class ToneSource:
         return [self.world.render(s) for s in self.world.scenes(self.codec_eval_items, self.seed + 23, "heldout_combo")]
 
     def roles(self, codecs: Codecs, cfg: DataConfig) -> dict[str, RoleSampler]:
-        t0 = time.time()
         scenes = self.world.scenes(self.pool_size, self.seed + 21, "train")
-        self.tone_pool = pool = build_tone_pool(self.world, codecs, scenes)
-        self.build_seconds = time.time() - t0
-
-        def pick(rng) -> int:
-            return int(rng.integers(len(pool)))
-
-        def tone_captioning(rng):
-            i = pick(rng)
-            return Document([ItemSegment("audio", codes=pool.codes[i], loss=False), TextSegment(pool.captions[i])],
-                            "tone_captioning")
-
-        def tone_synthesis(rng):
-            i = pick(rng)
-            audio = ItemSegment("audio", codes=pool.codes[i])
-            if rng.random() < cfg.caption_dropout:
-                return Document([audio], "tone_synthesis")  # unconditional melody, for classifier-free guidance
-            return Document([TextSegment(pool.captions[i], loss=False), audio], "tone_synthesis")
-
-        return {"tone_captioning": tone_captioning, "tone_synthesis": tone_synthesis}
+        self.tone_pool = pool = build_tone_pool(self.world, codecs, scenes)  # texts = the captions
+        return speech_roles(pool, cfg.caption_dropout, names=("tone_captioning", "tone_synthesis"))
 
 
 def tone_source(cfg: RunConfig) -> ToneSource:
