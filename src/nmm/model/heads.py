@@ -47,17 +47,19 @@ class ImageHead(nn.Module):
             logits = (logits.unsqueeze(-1) + part.unsqueeze(-2)).flatten(-2)
         return logits  # (..., prod(factors))
 
+    def scores(self, h: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(…, D), codes (…,) -> (logit of each code, log-partition over all codes), each (…,), fp32.
+        A code's logit is the sum of its factors' logits, so the log-partition is the sum of the
+        factors' log-partitions: the joint grid is never built."""
+        parts = [p.float() for p in self.factor_logits(h)]
+        picked = sum(p.gather(-1, c.unsqueeze(-1)).squeeze(-1) for p, c in zip(parts, split_codes(codes, self.factors)))
+        return picked, sum(torch.logsumexp(p, dim=-1) for p in parts)
+
     def loss(self, h: torch.Tensor, codes: torch.Tensor, z_loss: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token cross-entropy (+ z-loss). For a product distribution the joint CE is the sum of
         factor CEs, so the joint logits never need to be materialised."""
-        ce = torch.zeros_like(codes, dtype=torch.float32)
-        zl = torch.zeros_like(ce)
-        split = split_codes(codes, self.factors)
-        for logits, target in zip(self.factor_logits(h), split):
-            logits = logits.float()
-            ce = ce + F.cross_entropy(logits, target, reduction="none")
-            zl = zl + torch.logsumexp(logits, dim=-1)
-        return ce, z_loss * zl.pow(2)
+        picked, log_z = self.scores(h, codes)
+        return log_z - picked, z_loss * log_z.pow(2)
 
 
 class TextHead(nn.Module):
@@ -69,8 +71,10 @@ class TextHead(nn.Module):
         return self.proj(h)
 
     def loss(self, h: torch.Tensor, ids: torch.Tensor, z_loss: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(…, D), target ids (…,) -> per-position cross-entropy and z-loss, each (…,)."""
         logits = self.proj(h).float()
-        return F.cross_entropy(logits, ids, reduction="none"), z_loss * torch.logsumexp(logits, -1).pow(2)
+        ce = F.cross_entropy(logits.flatten(0, -2), ids.flatten(), reduction="none").view(ids.shape)
+        return ce, z_loss * torch.logsumexp(logits, -1).pow(2)
 
 
 def init_weights(module: nn.Module, std: float, n_layers: int) -> None:

@@ -145,14 +145,14 @@ class NativeMultimodalModel(nn.Module):
                 is_text &= ~layout[name].is_code
             if getattr(interface, "end_head", None) is not None:  # its end token is the interface's loss
                 is_text &= targets != self.vocab.end(name)
-        total = torch.zeros((), device=ids.device)
-        stats = {}
-        terms = {}
-        if bool(is_text.any()):
-            ce, zl = self.text_head.loss(h[is_text], targets[is_text], z_loss)
-            terms["text"] = LossTerm(ce.sum() + zl.sum(), ce.mean().detach(), is_text.sum())
+        # Every term is computed at every position and masked (`LossTerm.masked`): fixed shapes, so
+        # the compiled step is one graph.
+        ce, zl = self.text_head.loss(h, torch.where(is_text, targets, 0), z_loss)
+        terms = {"text": LossTerm.masked(ce, is_text, zl)}
         for name, interface in self.modalities.items():
             terms.update(interface.loss(h, targets, layout[name], generated, inputs, z_loss))
+        total = torch.zeros((), device=ids.device)
+        stats = {}
         for name, term in terms.items():
             total = total + loss_weights.get(name, 1.0) * term.total / n
             stats[f"loss_{name}"] = term.report

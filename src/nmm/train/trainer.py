@@ -162,8 +162,11 @@ def setup_run(cfg: RunConfig, run_dir: Path, resume: bool, show_progress: bool, 
 
 def forward_backward(run: Run, step: int, cfg: RunConfig, info) -> tuple[dict[str, float], int, float]:
     """One optimisation step's gradients: `grad_accum` micro-batches, then clipping.
-    -> (mean losses by name, tokens seen by all ranks, gradient norm before clipping)."""
-    stats_sum: dict[str, float] = {}
+    -> (mean losses by name, tokens seen by all ranks, gradient norm before clipping).
+
+    A modality's loss is averaged over its tokens in all micro-batches (a micro-batch without any
+    reports NaN and counts for nothing); a modality absent from the whole step is left out."""
+    loss_sum, sums, counts = 0.0, {}, {}
     tokens = 0
     for micro in range(cfg.train.grad_accum):
         batch = run.batches.batch(step * cfg.train.grad_accum + micro).to(info.device)
@@ -173,13 +176,16 @@ def forward_backward(run: Run, step: int, cfg: RunConfig, info) -> tuple[dict[st
         with sync, run.autocast:
             loss, stats = run.net(batch.ids, batch.targets, batch.positions, batch.doc_ids, batch.generated)
             (loss / cfg.train.grad_accum).backward()
-        stats_sum["loss"] = stats_sum.get("loss", 0.0) + loss.item() / cfg.train.grad_accum
+        loss_sum += loss.item() / cfg.train.grad_accum
         for k, v in stats.items():
             if k.startswith("loss_"):
-                stats_sum[k] = stats_sum.get(k, 0.0) + float(v) / cfg.train.grad_accum
+                count = int(stats.get("tokens_" + k[len("loss_"):], 1))
+                if count:
+                    sums[k] = sums.get(k, 0.0) + float(v) * count
+                    counts[k] = counts.get(k, 0) + count
         tokens += int((batch.doc_ids >= 0).sum()) * info.world_size
     grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.train.grad_clip).item()
-    return stats_sum, tokens, grad_norm
+    return {"loss": loss_sum, **{k: sums[k] / counts[k] for k in sums}}, tokens, grad_norm
 
 
 def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, show_progress: bool = True, log=print) -> dict:

@@ -32,6 +32,22 @@ class LossTerm:
     report: torch.Tensor  # mean per position, for the logs (no regularisers)
     count: torch.Tensor  # positions
 
+    @classmethod
+    def masked(cls, per_position: torch.Tensor, mask: torch.Tensor, regulariser: torch.Tensor | None = None) -> LossTerm:
+        """Per-position losses (B, T) where `mask` (B, T) says they count -> a term.
+
+        Every position is computed and the mask selects: shapes stay fixed whatever a batch holds,
+        so a compiled training step is one graph with no recompiles (a boolean gather `h[mask]` has
+        a data-dependent size). `torch.where`, not a product: a masked-out position may hold inf.
+        The report is NaN when no position counts (the trainer then leaves it out)."""
+        zero = per_position.new_zeros(())
+        total = torch.where(mask, per_position, zero).sum()
+        count = mask.sum()
+        report = torch.where(count > 0, total / count.clamp(min=1), float("nan")).detach()
+        if regulariser is not None:
+            total = total + torch.where(mask, regulariser, zero).sum()
+        return cls(total, report, count)
+
 
 class ModalityInterface(nn.Module):
     fusion: str = "early"
@@ -77,31 +93,39 @@ class ModalityInterface(nn.Module):
         return None
 
 
+def item_capacity(layout: Span, tokens_per_item: int) -> int:
+    """How many items one row of this chunk holds, as a size for per-item tensors.
+
+    Eager: the actual maximum (least work). Compiling: a bound from the chunk length, since every
+    item but a row's last is complete (`begin`, N codes, `end`): a static shape, one graph for
+    every batch."""
+    T = layout.item.shape[1]
+    if torch.compiler.is_compiling():
+        return T // (tokens_per_item + 2) + 1
+    return max(int(layout.item.max()) + 1, 1)
+
+
 def image_grids(ids: torch.Tensor, layout: Span, vocab: Vocabulary, select: torch.Tensor | None = None):
     """Gather each row's images into code grids, so an encoder can see a whole image at once.
 
     Returns codes (B, I, N) (missing codes of a cut-off image are 0), present (B, I) bool and
-    last (B, I) long, the chunk index of each image's last code. `select` (B, T) restricts which
-    code positions count (e.g. only images that are inputs, not generated)."""
-    B = ids.shape[0]
+    last (B, I) long, the chunk index of each image's last code (-1 if absent). `select` (B, T)
+    restricts which code positions count (e.g. only images that are inputs, not generated).
+    Scatters with fixed shapes (no `nonzero`): positions that do not count go to a spare slot."""
+    B, T = ids.shape
     N = vocab.tokens_per_image
-    use = layout.is_code & (layout.item >= 0) & (layout.slot < N)
+    I = item_capacity(layout, N)
+    use = layout.is_code & (layout.item >= 0) & (layout.item < I) & (layout.slot < N)
     if select is not None:
         use = use & select
-    I = max(int(layout.item.max()) + 1, 1)
-    codes = torch.zeros(B, I, N, dtype=torch.long, device=ids.device)
-    b, t = use.nonzero(as_tuple=True)
-    img, slot = layout.item[b, t], layout.slot[b, t]
-    codes[b, img, slot] = vocab.codes("image", ids[b, t])
-    present = torch.zeros(B, I, dtype=torch.bool, device=ids.device)
-    present[b, img] = True
-    last = _last_index(B, I, b, img, t)
-    return codes, present, last
-
-
-def _last_index(B: int, I: int, b: torch.Tensor, img: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    last = torch.full((B * I,), -1, dtype=torch.long, device=t.device)
-    return last.scatter_reduce(0, b * I + img, t, "amax").view(B, I)
+    cell = torch.where(use, layout.item * N + layout.slot, I * N)  # (B, T) into (I*N + spare)
+    codes = torch.zeros(B, I * N + 1, dtype=torch.long, device=ids.device)
+    codes = codes.scatter(1, cell, torch.where(use, vocab.codes("image", ids), 0))[:, : I * N].view(B, I, N)
+    item = torch.where(use, layout.item, I)  # (B, T) into (I + spare)
+    t = torch.arange(T, device=ids.device).expand(B, T)
+    last = torch.full((B, I + 1), -1, dtype=torch.long, device=ids.device)
+    last = last.scatter_reduce(1, item, torch.where(use, t, -1), "amax")[:, :I]
+    return codes, last >= 0, last
 
 
 def at_positions(features: torch.Tensor, layout: Span) -> torch.Tensor:

@@ -19,7 +19,7 @@ import math
 import torch
 from torch import nn
 
-from nmm.model.fusion.base import ModalityInterface, LossTerm
+from nmm.model.fusion.base import LossTerm, ModalityInterface, item_capacity
 
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -60,7 +60,7 @@ class ContinuousImages(ModalityInterface):
     def training_inputs(self, ids, layout, generated):
         noisy = layout.is_code & generated & (layout.item >= 0)
         B = ids.shape[0]
-        I = max(int(layout.item.max()) + 1, 1)
+        I = item_capacity(layout, self.spec.tokens_per_item)
         t_image = torch.sigmoid(torch.randn(B, I, device=ids.device))  # logit-normal (SD3): mid-noise matters most
         t = t_image.gather(1, layout.item.clamp(min=0))  # (B, T): one timestep per image
         x1 = self.latents[torch.where(layout.is_code, self.vocab.codes(self.name, ids), 0)]
@@ -69,12 +69,10 @@ class ContinuousImages(ModalityInterface):
         return {"noisy": noisy, "t": t, "x_t": x_t, "velocity": x1 - x0}
 
     def loss(self, h, targets, layout, generated, image_inputs, z_loss):
-        noisy = image_inputs["noisy"]
-        if not bool(noisy.any()):
-            return {}
-        pred = self.flow_head(h[noisy]).float()  # (n, L)
-        mse = (pred - image_inputs["velocity"][noisy]).pow(2).sum(-1)  # (n,)
-        return {"flow": LossTerm(self.cfg.flow.loss_weight * mse.sum(), mse.mean().detach(), noisy.sum())}
+        pred = self.flow_head(h).float()  # (B, T, L)
+        mse = (pred - image_inputs["velocity"]).pow(2).sum(-1)  # (B, T)
+        term = LossTerm.masked(mse, image_inputs["noisy"])
+        return {"flow": LossTerm(self.cfg.flow.loss_weight * term.total, term.report, term.count)}
 
     # ---- generation -----------------------------------------------------------------------------
     @torch.no_grad()

@@ -24,7 +24,7 @@ class DecoupledImages(DiscreteCodes):
             generated = torch.full_like(layout.is_code, ids.shape[1] == 1)
         x = super().embed(x, ids, layout, generated, image_inputs)  # codes everywhere
         read = layout.is_code & ~generated & (layout.item >= 0)
-        if bool(read.any()):
+        if torch.compiler.is_compiling() or bool(read.any()):  # (eager: skip the encoder)
             feats, _, _ = self.features(ids, layout, select=read)
             x = torch.where(read.unsqueeze(-1), at_positions(feats, layout), x)
         return x

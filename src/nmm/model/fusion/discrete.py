@@ -7,7 +7,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nmm.modalities.base import split_codes
 from nmm.model.fusion.base import LossTerm, ModalityInterface
 from nmm.model.heads import FactorisedEmbedding, ImageHead
 
@@ -42,24 +41,13 @@ class DiscreteCodes(ModalityInterface):
         return self.end_head(h)
 
     def loss(self, h, targets, layout, generated, image_inputs, z_loss):
-        sel = self.vocab.is_modality(self.name, targets)  # positions whose next token is one of our codes
+        ours = self.vocab.is_modality(self.name, targets)  # positions whose next token is one of our codes
+        picked, log_z = self.head.scores(h, torch.where(ours, self.vocab.codes(self.name, targets), 0))  # (B, T)
         if self.end_head is not None:
-            sel = sel | (targets == self.vocab.end(self.name))  # ... or the end of our item
-        if not bool(sel.any()):
-            return {}
-        if self.end_head is None:
-            ce, zl = self.head.loss(h[sel], self.vocab.codes(self.name, targets[sel]), z_loss)
-            return {self.name: LossTerm(ce.sum() + zl.sum(), ce.mean().detach(), sel.sum())}
-        hs, t = h[sel], targets[sel]
-        ends = t == self.vocab.end(self.name)
-        codes = torch.where(ends, 0, self.vocab.codes(self.name, t))
-        parts = [p.float() for p in self.head.factor_logits(hs)]  # each (N, f_i)
-        # Softmax over {end} and every code: a code's logit is the sum of its factors' logits, so the
-        # codes' log-partition is the sum of the factors' (the joint grid is never built).
-        end = self.end_head(hs).float().squeeze(-1)
-        log_z = torch.logaddexp(end, sum(torch.logsumexp(p, -1) for p in parts))
-        picked = sum(p.gather(1, c.unsqueeze(1)).squeeze(1) for p, c in zip(parts, split_codes(codes, self.head.factors)))
-        ce = log_z - torch.where(ends, end, picked)
-        zl = z_loss * log_z.pow(2)
-        return {self.name: LossTerm(ce.sum() + zl.sum(), ce.mean().detach(), sel.sum())}
-
+            # ... or the end of our item: one softmax over {end} and every code.
+            ends = targets == self.vocab.end(self.name)
+            end = self.end_head(h).float().squeeze(-1)
+            log_z = torch.logaddexp(end, log_z)
+            picked = torch.where(ends, end, picked)
+            ours = ours | ends
+        return {self.name: LossTerm.masked(log_z - picked, ours, z_loss * log_z.pow(2))}
