@@ -226,6 +226,20 @@ def test_server_process_reports_a_failed_start():
         pass
 
 
+def test_bench_train_quick_reports_ratios_and_mfu(tmp_path):
+    out = tmp_path / "train.json"
+    text = bench_cli("train", "--quick", "--size", "32,2,4,2,64,2,32", "--out", out)
+    assert "MFU" in text and "HF Llama forward+CE" in text
+    result = json.loads(out.read_text())["train"]
+    assert result["parity"]["max_abs_diff"] < result["parity"]["atol"]
+    for row in result["rows"]:
+        assert positive(row["tokens_per_s"], row["step_gflop"]) and 0 < row["mfu"] < 1
+    rows = {r["name"]: r for r in result["rows"]}
+    # the unfactorised nmm head computes what HF computes: the same counted FLOPs
+    assert rows["nmm forward+CE (unfactorised head)"]["step_gflop"] == rows["HF Llama forward+CE"]["step_gflop"]
+    assert rows["nmm loss()"]["step_gflop"] < rows["HF Llama forward+CE"]["step_gflop"]  # factorised heads
+
+
 @pytest.mark.parametrize("cmd", ["decode", "image", "server", "speech", "all"])
 def test_bench_help_says_what_is_measured(cmd):
     text = bench_cli(cmd, "--help")

@@ -24,7 +24,7 @@ class Terminal(io.StringIO):
 
 def record(step, loss):
     return {"step": step, "loss": loss, "loss_text": loss + 0.5, "loss_image": loss - 0.5, "lr": 1e-3,
-            "tokens_per_s": 6400.0, "elapsed_s": 0.1 * step}
+            "tokens_per_s": 6400.0, "mfu": 0.42, "elapsed_s": 0.1 * step}
 
 
 def test_plain_lines_have_stage_step_losses_speed_and_eta():
@@ -40,9 +40,10 @@ def test_plain_lines_have_stage_step_losses_speed_and_eta():
     assert "loss" not in lines[0]  # nothing logged yet: no made-up loss
     line = lines[3]
     assert line.startswith("[train] step 4/10 (40%)")
-    assert "loss 3.000 (text 3.500, image 2.500)" in line and "6.4k tok/s" in line
+    assert "loss 3.000 (text 3.500, image 2.500)" in line and "6.4k tok/s, MFU 42%" in line
     assert re.search(r"elapsed \d+s  eta \d+s$", line)
     assert lines[-1].startswith("[train] done: 10/10 steps in ") and "loss 3.000" in lines[-1]
+    assert "MFU 42% (mean)" in lines[-1]
     assert log.flushes >= len(lines)  # each line reaches the file at once
 
 

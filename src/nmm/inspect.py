@@ -13,11 +13,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
 from nmm.config import RunConfig, load_config
 from nmm.modalities.vocab import Vocabulary
 from nmm.model.moe import count_active_params
+from nmm.perf import count_flops
 
 CAPTION_TOKENS = 12  # a typical shapes caption
 
@@ -69,26 +69,13 @@ def reference_batch(vocab: Vocabulary, seq_len: int, generate: bool, seed: int =
             as_t(generated, False, torch.bool)), len(ids)
 
 
-def _grouped_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
-    # (A, in) x (E, in, out) with row groups: each row meets one expert's matrix.
-    return 2 * a_shape[0] * a_shape[1] * b_shape[-1]
-
-
-if hasattr(torch.ops.aten, "_grouped_mm"):  # the MoE's expert matmul; the flop counter has no formula for it
-    try:
-        register_flop_formula(torch.ops.aten._grouped_mm)(_grouped_mm_flops)
-    except RuntimeError:  # already registered (a newer torch, or a re-import)
-        pass
-
-
 def measured_flops_per_token(model, seq_len: int) -> int:
     """Forward FLOPs per token of a training step (2 per multiply-add), measured on `reference_batch`."""
     generate = "M2G" in model.images.capabilities
     (ids, targets, positions, doc_ids, generated), n = reference_batch(model.vocab, seq_len, generate)
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        model.loss(ids, targets, positions, doc_ids, {}, 0.0, generated)
-    return int(counter.get_total_flops() / n)
+    with torch.no_grad():
+        flops = count_flops(lambda: model.loss(ids, targets, positions, doc_ids, {}, 0.0, generated))
+    return int(flops / n)
 
 
 def _params(module) -> int:

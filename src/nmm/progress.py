@@ -83,6 +83,16 @@ def _tokens(tps: float) -> str:
     return f"{tps / 1000:.1f}k tok/s" if tps >= 1000 else f"{tps:.0f} tok/s"
 
 
+def _speed(record: dict) -> str:
+    """'6.1k tok/s, MFU 38%' from a metrics record (either part may be missing)."""
+    parts = []
+    if isinstance(record.get("tokens_per_s"), (int, float)):
+        parts.append(_tokens(record["tokens_per_s"]))
+    if isinstance(record.get("mfu"), (int, float)):
+        parts.append(f"MFU {record['mfu']:.0%}")
+    return ", ".join(parts)
+
+
 def _progress() -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -107,6 +117,7 @@ class TrainProgress:
         self.record: dict | None = None  # what the lines show: the mean of the records since the last line
         self.window: list[dict] = []
         self.tokens_per_s: list[float] = []
+        self.mfu: list[float] = []
         self.t0 = self.last_line = time.monotonic()
         self.closed = False
         self.rich = enabled and stream is None and _isatty(_real(sys.stderr))
@@ -135,12 +146,12 @@ class TrainProgress:
             self.window.append(record)
             if isinstance(record.get("tokens_per_s"), (int, float)):
                 self.tokens_per_s.append(float(record["tokens_per_s"]))
+            if isinstance(record.get("mfu"), (int, float)):
+                self.mfu.append(float(record["mfu"]))
         if self.rich:
             info = None
             if record:
-                info = format_losses(record)
-                if "tokens_per_s" in record:
-                    info += f"  {_tokens(record['tokens_per_s'])}"
+                info = "  ".join(p for p in (format_losses(record), _speed(record)) if p)
             self.p.update(self.task, completed=step, **({"info": info} if info else {}))
         now = time.monotonic()
         if self.plain is not None and now - self.last_line >= self.interval and step < self.total:
@@ -167,9 +178,7 @@ class TrainProgress:
         pct = f" ({100 * self.step / self.total:.0f}%)" if self.total else ""
         parts = [f"[{self.description}] step {self.step}/{self.total}{pct}"]
         if self.record:
-            parts.append(format_losses(self.record))
-            if "tokens_per_s" in self.record:
-                parts.append(_tokens(self.record["tokens_per_s"]))
+            parts += [format_losses(self.record), _speed(self.record)]
         parts += [f"elapsed {format_duration(elapsed)}", f"eta {format_duration(eta)}"]
         return "  ".join(p for p in parts if p)
 
@@ -181,6 +190,8 @@ class TrainProgress:
             parts.append(format_losses(self.record))
         if self.tokens_per_s:
             parts.append(f"{_tokens(sum(self.tokens_per_s) / len(self.tokens_per_s))} (mean)")
+        if self.mfu:
+            parts.append(f"MFU {sum(self.mfu) / len(self.mfu):.0%} (mean)")
         return "  ".join(p for p in parts if p)
 
     def _write(self, text: str) -> None:

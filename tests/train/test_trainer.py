@@ -28,8 +28,28 @@ def test_tiny_run_writes_everything(tiny_run):
                  "image_tokenizer.safetensors", "metrics.jsonl", "train_summary.json"):
         assert (tiny_run / name).exists(), name
     rec = json.loads((tiny_run / "metrics.jsonl").read_text().splitlines()[0])
-    assert {"step", "loss", "loss_text", "loss_image", "tokens_per_s"} <= set(rec)
+    assert {"step", "loss", "loss_text", "loss_image", "tokens_per_s", "mfu"} <= set(rec)
+    assert 0 < rec["mfu"] < 1
+    summary = json.loads((tiny_run / "train_summary.json").read_text())
+    assert summary["step_gflop"] > 0 and summary["gemm_peak_gflop_per_s"] > 0 and 0 < summary["mfu"] < 1
     assert latest_checkpoint(tiny_run) is not None
+
+
+def test_a_step_that_fails_to_compile_falls_back_to_eager(tmp_path, monkeypatch):
+    """inductor needs a C++ compiler on a CPU: without one, training goes on eagerly and says why."""
+    import torch
+
+    def broken_compile(module, *a, **k):
+        def fail(*args, **kwargs):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+        return fail
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    said = []
+    summary = train(tiny_config("train.max_steps=3", "train.compile=true"), tmp_path / "run", show_progress=False,
+                    log=said.append)
+    assert summary["steps"] == 3
+    assert any("torch.compile failed" in line and "training eager" in line for line in said), said
 
 
 def test_resume_reproduces_straight_run(tiny_run, tmp_path):

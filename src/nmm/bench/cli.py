@@ -4,6 +4,7 @@
     nmm bench image  --run runs/demo
     nmm bench server --run shapes-demo
     nmm bench all    --run shapes-demo --compile --out bench.json   # eager and compiled pairs
+    nmm bench train  --compile                                     # training step and MFU vs HF Llama
 
 Each subcommand prints a table and writes JSON: {"target": ..., "<benchmark>": {...}}, with every
 timing, the ratios and whether the goal was met. TARGET is a run directory (its trained weights) or
@@ -154,6 +155,35 @@ def speech(run: Run = "speech-demo", out: Out = None, quick: Quick = False, thre
         kw["repeats"] = repeats
     result = run_speech(_load(run), threads=threads, log=console.print, **kw)
     _finish({"speech": result}, run, quick, out, "speech")
+
+
+@bench_app.command("train")
+def train(out: Out = None, quick: Quick = False, compile: Annotated[bool, typer.Option(
+              "--compile", help="Also the compiled pair: nmm loss() and HF Llama forward+CE, each through "
+                                "torch.compile (default options), in the same rounds.")] = False,
+          threads: Annotated[int, typer.Option(help="torch threads for every variant.")] = 2,
+          steps: Annotated[int, typer.Option(help="Timed steps per variant.")] = 10,
+          size: Annotated[str, typer.Option(help="d_model,layers,heads,kv_heads,ffn,batch,seq (default: the "
+                                                 "shapes demo's model and batch).")] = "192,4,6,2,512,16,256"):
+    """Training tokens/s and MFU: nmm's training step vs a Hugging Face Llama of identical dimensions.
+
+    One step is forward + loss + backward + AdamW on the same batch (random documents of text and image
+    codes at the demo's vocabulary). Rows: nmm loss() (what `nmm train` runs), nmm forward+CE, the same with
+    an unfactorised head (HF's computation exactly), HF LlamaForCausalLM + CE; with --compile the compiled
+    pair. Variants take turns step by step; ratios from the median step. MFU = the step's counted FLOPs
+    (forward + backward) / median step time / this machine's measured GEMM peak (same dtype and threads).
+    Also `python benchmarks/train_throughput.py` (more options)."""
+    from nmm.bench.common import write_json
+    from nmm.bench.train import format_table, parse_args, run
+
+    d, layers, heads, kv, ffn, batch, seq = (int(x) for x in size.split(","))
+    argv = ["--d-model", d, "--layers", layers, "--heads", heads, "--kv-heads", kv, "--ffn", ffn, "--batch", batch,
+            "--seq", seq, "--threads", threads, "--steps", 2 if quick else steps, "--warmup", 1 if quick else 3]
+    result = run(parse_args([str(a) for a in argv] + (["--compile"] if compile else [])))
+    print(format_table(result))  # plain: a wide table must not wrap at the terminal width
+    path = out or Path("bench-train.json")
+    write_json(path, {"target": "synthetic", "quick": quick, "train": result})
+    console.print(f"wrote {path}")
 
 
 @bench_app.command("all")

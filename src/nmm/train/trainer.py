@@ -25,6 +25,7 @@ from nmm.data.mixture import PackedBatches
 from nmm.errors import CheckpointError, ConfigError
 from nmm.model.model import NativeMultimodalModel
 from nmm.optim import lr_at, set_lr
+from nmm.perf import count_flops, format_flops, gemm_peak
 from nmm.progress import TrainProgress, progress_callback
 from nmm.train import distributed as dist
 from nmm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -98,6 +99,7 @@ class Run:
 
     model: NativeMultimodalModel
     net: torch.nn.Module  # the model + loss, wrapped by DDP and torch.compile as configured
+    eager_net: torch.nn.Module  # the same without torch.compile: the fallback if compiling fails
     optimizer: torch.optim.Optimizer
     batches: PackedBatches
     autocast: contextlib.AbstractContextManager
@@ -153,14 +155,33 @@ def setup_run(cfg: RunConfig, run_dir: Path, resume: bool, show_progress: bool, 
     # Experts, modality-specific weights and frozen encoders may get no gradient in a given step.
     sparse = cfg.model.routing != "dense" or cfg.model.variant != "early-discrete"
     net = DistributedDataParallel(net, find_unused_parameters=sparse) if info.enabled else net
-    net = torch.compile(net) if cfg.train.compile else net
+    compiled = torch.compile(net) if cfg.train.compile else net
     autocast = (
         torch.autocast(info.device.type, dtype=torch.bfloat16) if cfg.train.dtype == "bf16" else contextlib.nullcontext()
     )
-    return Run(model, net, optimizer, batches, autocast, start_step, max_steps, ckpt is not None, tok_stats)
+    return Run(model, compiled, net, optimizer, batches, autocast, start_step, max_steps, ckpt is not None, tok_stats)
 
 
-def forward_backward(run: Run, step: int, cfg: RunConfig, info) -> tuple[dict[str, float], int, float]:
+def step_flops(run: Run, step: int, cfg: RunConfig, info) -> int:
+    """FLOPs of one optimisation step (forward and backward of its micro-batches), counted on the
+    eager model and the step's real batch. Gradients and random state are left as they were, so
+    the run trains exactly as it would without the count."""
+    batch = run.batches.batch(step * cfg.train.grad_accum).to(info.device)
+    devices = [info.device] if info.device.type == "cuda" else []
+
+    def forward_backward_once():
+        with run.autocast:
+            loss, _ = run.model.loss(batch.ids, batch.targets, batch.positions, batch.doc_ids,
+                                     cfg.train.loss_weights, cfg.train.z_loss, batch.generated)
+        loss.backward()
+
+    with torch.random.fork_rng(devices=devices):
+        flops = count_flops(forward_backward_once)
+    run.optimizer.zero_grad(set_to_none=True)
+    return flops * cfg.train.grad_accum
+
+
+def forward_backward(run: Run, step: int, cfg: RunConfig, info, say=print) -> tuple[dict[str, float], int, float]:
     """One optimisation step's gradients: `grad_accum` micro-batches, then clipping.
     -> (mean losses by name, tokens seen by all ranks, gradient norm before clipping).
 
@@ -174,7 +195,7 @@ def forward_backward(run: Run, step: int, cfg: RunConfig, info) -> tuple[dict[st
         if info.enabled and micro < cfg.train.grad_accum - 1:
             sync = run.net.no_sync()
         with sync, run.autocast:
-            loss, stats = run.net(batch.ids, batch.targets, batch.positions, batch.doc_ids, batch.generated)
+            loss, stats = _call(run, step, batch, say)
             (loss / cfg.train.grad_accum).backward()
         loss_sum += loss.item() / cfg.train.grad_accum
         for k, v in stats.items():
@@ -186,6 +207,22 @@ def forward_backward(run: Run, step: int, cfg: RunConfig, info) -> tuple[dict[st
         tokens += int((batch.doc_ids >= 0).sum()) * info.world_size
     grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.train.grad_clip).item()
     return {"loss": loss_sum, **{k: sums[k] / counts[k] for k in sums}}, tokens, grad_norm
+
+
+def _call(run: Run, step: int, batch, say):
+    """The model + loss on one micro-batch. A compiled step that fails to compile (on a CPU, inductor
+    needs a C++ compiler) falls back to eager with a note, once, at the first step: a real error in
+    the model then surfaces from the eager call."""
+    args = (batch.ids, batch.targets, batch.positions, batch.doc_ids, batch.generated)
+    if run.net is run.eager_net or step != run.start_step:
+        return run.net(*args)
+    try:
+        return run.net(*args)
+    except Exception as e:  # noqa: BLE001  (any compiler failure; the eager call re-raises real errors)
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        say(f"train.compile: torch.compile failed ({type(e).__name__}: {first}); training eager instead")
+        run.net = run.eager_net
+        return run.net(*args)
 
 
 def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, show_progress: bool = True, log=print) -> dict:
@@ -200,22 +237,32 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, show_progre
     model, optimizer, start_step, max_steps = run.model, run.optimizer, run.start_step, run.max_steps
     metrics = MetricsLog(run_dir / "metrics.jsonl", info.is_main, start_step)
 
+    flops = step_flops(run, start_step, cfg, info)
+    dtype = torch.bfloat16 if cfg.train.dtype == "bf16" else torch.float32
+    peak = gemm_peak(info.device, dtype)
+    say(f"step: {flops / 1e9:.2f} GFLOP (counted: forward + backward); GEMM peak {format_flops(peak)} "
+        f"(measured: {str(dtype).removeprefix('torch.')}, {torch.get_num_threads()} threads)"
+        + ("; compiling the step (the first one is slow)" if cfg.train.compile else ""))
+
     bar = TrainProgress(max_steps, start_step, enabled=info.is_main and show_progress)
-    t_start, tokens_window, t_window = time.time(), 0, time.time()
+    t_start, tokens_window, steps_window, t_window = time.time(), 0, 0, time.time()
     step = start_step
     loss_ema = None
     for step in range(start_step, max_steps):
         # Linear warmup, then cosine decay to min_lr_ratio * lr at max_steps.
         lr = set_lr(optimizer, lr_at(step, cfg.train.lr, cfg.train.warmup_steps, max_steps, cfg.train.min_lr_ratio))
-        stats_sum, tokens, grad_norm = forward_backward(run, step, cfg, info)
+        stats_sum, tokens, grad_norm = forward_backward(run, step, cfg, info, say)
         tokens_window += tokens
+        steps_window += 1
         # Timing comes before the skip below: a skipped update must not skip the measurement.
         if step == start_step + 10:
             t_steady = time.time()  # the first steps are slow (allocation, caches): time from here
         if cfg.train.time_budget_min and step == start_step + 40 and not run.resumed:
             # Fix the schedule length from the measured speed: the run then fits the budget.
             per_step = (time.time() - t_steady) / 30
-            budget_steps = int(cfg.train.time_budget_min * 60 / per_step)
+            # Steps so far (compilation included) used part of the budget; the rest run at per_step.
+            left = cfg.train.time_budget_min * 60 - (time.time() - t_start)
+            budget_steps = step + 1 + int(max(left, 0.0) / per_step)
             max_steps = dist.broadcast_int(info, max(step + 2, min(cfg.train.max_steps, budget_steps)))
             bar.set_total(max_steps)
             say(f"time budget {cfg.train.time_budget_min} min at {per_step:.3f} s/step -> {max_steps} steps")
@@ -232,12 +279,13 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, show_progre
             elapsed = time.time() - t_window
             record = {"step": step + 1, **{k: round(v, 5) for k, v in stats_sum.items()}, "lr": lr,
                       "grad_norm": round(grad_norm, 4), "tokens_per_s": round(tokens_window / max(elapsed, 1e-9), 1),
+                      "mfu": round(flops * steps_window / max(elapsed, 1e-9) / peak, 4),
                       "elapsed_s": round(time.time() - t_start, 2)}
             if spike:
                 record["loss_spike"] = True
             metrics.write(record)
             bar.update(step + 1, record)
-            tokens_window, t_window = 0, time.time()
+            tokens_window, steps_window, t_window = 0, 0, time.time()
         else:
             bar.update(step + 1, None)
         if info.is_main and (step + 1) % cfg.train.ckpt_every == 0 and step + 1 < max_steps:
@@ -256,6 +304,9 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, show_progre
         "train_minutes": round((time.time() - t_start) / 60, 3),
         "params": model.num_params(),
         "final_loss": loss_ema,
+        "step_gflop": round(flops / 1e9, 3),
+        "gemm_peak_gflop_per_s": round(peak / 1e9, 1),
+        "mfu": round(flops * (final_step - start_step) / max(time.time() - t_start, 1e-9) / peak, 4),
         "tokenizer": run.tokenizer_stats,
         "world_size": info.world_size,
     }
