@@ -18,6 +18,7 @@ from torch import nn
 from nmm.config import ModelConfig
 from nmm.modalities.vocab import Vocabulary
 from nmm.model.fusion import LossTerm, ModalityInterface, build_interfaces
+from nmm.model.fusion.base import loss_rows
 from nmm.model.heads import TextHead, init_weights
 from nmm.model.masks import (
     SpanLayout,
@@ -145,10 +146,10 @@ class NativeMultimodalModel(nn.Module):
                 is_text &= ~layout[name].is_code
             if getattr(interface, "end_head", None) is not None:  # its end token is the interface's loss
                 is_text &= targets != self.vocab.end(name)
-        # Every term is computed at every position and masked (`LossTerm.masked`): fixed shapes, so
-        # the compiled step is one graph.
-        ce, zl = self.text_head.loss(h, torch.where(is_text, targets, 0), z_loss)
-        terms = {"text": LossTerm.masked(ce, is_text, zl)}
+        # Every term picks its positions with `loss_rows` (a gather eager, a mask when compiling: one graph).
+        keep, (hs, ts) = loss_rows(is_text, h, targets)
+        ce, zl = self.text_head.loss(hs, torch.where(keep, ts, 0), z_loss)
+        terms = {"text": LossTerm.masked(ce, keep, zl)}
         for name, interface in self.modalities.items():
             terms.update(interface.loss(h, targets, layout[name], generated, inputs, z_loss))
         total = torch.zeros((), device=ids.device)

@@ -34,12 +34,9 @@ class LossTerm:
 
     @classmethod
     def masked(cls, per_position: torch.Tensor, mask: torch.Tensor, regulariser: torch.Tensor | None = None) -> LossTerm:
-        """Per-position losses (B, T) where `mask` (B, T) says they count -> a term.
-
-        Every position is computed and the mask selects: shapes stay fixed whatever a batch holds,
-        so a compiled training step is one graph with no recompiles (a boolean gather `h[mask]` has
-        a data-dependent size). `torch.where`, not a product: a masked-out position may hold inf.
-        The report is NaN when no position counts (the trainer then leaves it out)."""
+        """Per-position losses where `mask` (same shape) says they count -> a term (see `loss_rows`).
+        `torch.where`, not a product: a masked-out position may hold inf. The report is NaN when no
+        position counts (the trainer then leaves it out)."""
         zero = per_position.new_zeros(())
         total = torch.where(mask, per_position, zero).sum()
         count = mask.sum()
@@ -91,6 +88,17 @@ class ModalityInterface(nn.Module):
     def pretrain(self, pool, world, seed: int, progress=None) -> dict | None:
         """One-off training before the language model (a vision encoder). Default: nothing."""
         return None
+
+
+def loss_rows(mask: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The positions a loss is computed at: (which rows count (R,), each tensor's rows (R, ...)).
+
+    Eager: only the positions in `mask` (B, T), gathered (least work; every row counts).
+    Compiling: every position, with the mask. A gather's size depends on the data, which would
+    break the graph or recompile it per batch; fixed shapes make the step one graph for every batch."""
+    if torch.compiler.is_compiling():
+        return mask.flatten(), [t.flatten(0, 1) for t in tensors]
+    return mask.new_ones(int(mask.sum())), [t[mask] for t in tensors]
 
 
 def item_capacity(layout: Span, tokens_per_item: int) -> int:

@@ -19,7 +19,7 @@ import math
 import torch
 from torch import nn
 
-from nmm.model.fusion.base import LossTerm, ModalityInterface, item_capacity
+from nmm.model.fusion.base import LossTerm, ModalityInterface, item_capacity, loss_rows
 
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -69,9 +69,9 @@ class ContinuousImages(ModalityInterface):
         return {"noisy": noisy, "t": t, "x_t": x_t, "velocity": x1 - x0}
 
     def loss(self, h, targets, layout, generated, image_inputs, z_loss):
-        pred = self.flow_head(h).float()  # (B, T, L)
-        mse = (pred - image_inputs["velocity"]).pow(2).sum(-1)  # (B, T)
-        term = LossTerm.masked(mse, image_inputs["noisy"])
+        keep, (h, velocity) = loss_rows(image_inputs["noisy"], h, image_inputs["velocity"])  # (R, D), (R, L)
+        mse = (self.flow_head(h).float() - velocity).pow(2).sum(-1)  # (R,)
+        term = LossTerm.masked(mse, keep)
         return {"flow": LossTerm(self.cfg.flow.loss_weight * term.total, term.report, term.count)}
 
     # ---- generation -----------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nmm.model.fusion.base import LossTerm, ModalityInterface
+from nmm.model.fusion.base import LossTerm, ModalityInterface, loss_rows
 from nmm.model.heads import FactorisedEmbedding, ImageHead
 
 
@@ -41,13 +41,15 @@ class DiscreteCodes(ModalityInterface):
         return self.end_head(h)
 
     def loss(self, h, targets, layout, generated, image_inputs, z_loss):
-        ours = self.vocab.is_modality(self.name, targets)  # positions whose next token is one of our codes
-        picked, log_z = self.head.scores(h, torch.where(ours, self.vocab.codes(self.name, targets), 0))  # (B, T)
+        end_id = self.vocab.end(self.name)
+        counts = self.vocab.is_modality(self.name, targets)  # positions whose next token is one of our codes
         if self.end_head is not None:
-            # ... or the end of our item: one softmax over {end} and every code.
-            ends = targets == self.vocab.end(self.name)
+            counts = counts | (targets == end_id)  # ... or the end of our item
+        keep, (h, targets) = loss_rows(counts, h, targets)  # (R, D), (R,)
+        ours = self.vocab.is_modality(self.name, targets)
+        picked, log_z = self.head.scores(h, torch.where(ours, self.vocab.codes(self.name, targets), 0))  # (R,)
+        if self.end_head is not None:  # one softmax over {end} and every code
             end = self.end_head(h).float().squeeze(-1)
             log_z = torch.logaddexp(end, log_z)
-            picked = torch.where(ends, end, picked)
-            ours = ours | ends
-        return {self.name: LossTerm.masked(log_z - picked, ours, z_loss * log_z.pow(2))}
+            picked = torch.where(targets == end_id, end, picked)
+        return {self.name: LossTerm.masked(log_z - picked, keep, z_loss * log_z.pow(2))}
