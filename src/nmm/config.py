@@ -246,11 +246,36 @@ class EvalConfig:
 
 
 @dataclass
+class VideoCodecConfig:
+    """The video codec (nmm.modalities.video): clips through the frame tokenizer (the `image`
+    section's recipe, trained on the source's frames), then a temporal layout."""
+
+    frames: int = 8  # frames per clip (files are resampled to this many, evenly over the clip)
+    layout: str = "delta"  # full | stride | delta (see nmm.modalities.video)
+    stride: int = 4  # layout=stride: keep every stride-th frame
+    max_tokens: int = 192  # layout=delta: the longest clip (a longer one is an error)
+    fps: float = 4.0  # frames per second of written GIFs
+    eval_clips: int = 200  # clips the codec's token counts and reconstructions are measured on
+
+    def __post_init__(self):
+        if self.layout not in ("full", "stride", "delta"):
+            raise ConfigError(f"config key 'video.layout': '{self.layout}' is not one of full, stride, delta")
+        if self.frames < 2 or self.stride < 1:
+            raise ConfigError(f"config keys 'video.frames' / 'video.stride': need frames >= 2 and stride >= 1, "
+                              f"got {self.frames}, {self.stride}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> VideoCodecConfig:
+        return _build(cls, d, "video")
+
+
+@dataclass
 class RunConfig:
     name: str = "run"
     model: ModelConfig = field(default_factory=ModelConfig)
     image: ImageTokenizerConfig = field(default_factory=ImageTokenizerConfig)
     audio: AudioCodecConfig = field(default_factory=AudioCodecConfig)
+    video: VideoCodecConfig = field(default_factory=VideoCodecConfig)
     text: TextCodecConfig = field(default_factory=TextCodecConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -23,6 +23,7 @@ import torch
 from nmm.errors import CheckpointError
 from nmm.modalities import audio as _audio_plugin  # noqa: F401  (registers the built-in audio modality)
 from nmm.modalities import image as _image_plugin  # noqa: F401  (registers the built-in image modality)
+from nmm.modalities import video as _video_plugin  # noqa: F401  (registers the built-in video modality)
 from nmm.modalities.base import ModalityCodec, modality_plugin
 from nmm.modalities.document import Document, ItemSegment, TextSegment
 from nmm.modalities.text import TextTokenizer
