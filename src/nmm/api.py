@@ -138,10 +138,14 @@ class Pipeline:
         prompts = [self.codecs.prompt([ItemSegment("image", codes=c)]) for c in self._image_ids(images)]
         return self.complete_text(prompts, **kw)
 
+    def describe(self, name: str, items, **kw) -> list[str]:
+        """Items of modality `name` -> the text the model writes after each (its caption, transcript)."""
+        ids = self.codecs.encode_items(name, items if isinstance(items, np.ndarray) else list(items))
+        return self.complete_text([self.codecs.prompt([ItemSegment(name, codes=c)]) for c in ids], **kw)
+
     def transcribe(self, waves: list[np.ndarray], **kw) -> list[str]:
         """Speech (1-D float32 waveforms at the codec's rate) -> text."""
-        ids = self.codecs.encode_items("audio", list(waves))
-        return self.complete_text([self.codecs.prompt([ItemSegment("audio", codes=c)]) for c in ids], **kw)
+        return self.describe("audio", list(waves), **kw)
 
     def answer(self, images: np.ndarray, questions: list[str], **kw) -> list[str]:
         prompts = [self.codecs.prompt([ItemSegment("image", codes=c), q])

@@ -200,6 +200,7 @@ class DataConfig:
     seed: int = 0
     pool_size: int = 20000  # pre-tokenised scenes the LM samples from
     speech_pool_size: int = 6000  # pre-tokenised utterances (data.source=speech)
+    video_pool_size: int = 4000  # pre-tokenised clips (data.source=moving_shapes)
     caption_dropout: float = 0.1  # empty caption before an image, so classifier-free guidance has an unconditional
     # Role mixture: documents of each role are drawn with these weights.
     roles: dict[str, float] = field(

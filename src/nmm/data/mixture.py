@@ -121,12 +121,13 @@ def text_role(english: list[str]) -> dict[str, RoleSampler]:
 
 
 class TranscriptPool:
-    """Pre-tokenised recordings: their transcripts and audio ids (one 1-D array per clip)."""
+    """Pre-tokenised items of one modality with their texts: recordings and transcripts (audio, the
+    default), clips and captions (video). Ids: one 1-D array per item."""
 
-    def __init__(self, texts: list[str], codes: list[np.ndarray]):
+    def __init__(self, texts: list[str], codes: list[np.ndarray], modality: str = "audio"):
         if len(texts) != len(codes):
             raise ValueError(f"got {len(texts)} transcripts but {len(codes)} clips")
-        self.texts, self.codes = texts, codes
+        self.texts, self.codes, self.modality = texts, codes, modality
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -153,8 +154,9 @@ class TranscriptPool:
 
 def speech_roles(pool: TranscriptPool, caption_dropout: float,
                  names: tuple[str, str] = ("transcription", "synthesis")) -> dict:
-    """The two directions over audio paired with text, drawn uniformly from `pool` (role names
-    `names`: speech's by default, the tone world's are tone_captioning / tone_synthesis):
+    """The two directions over items paired with text, drawn uniformly from `pool` (role names
+    `names`: speech's by default, the tone world's are tone_captioning / tone_synthesis, video's
+    video_captioning / text_to_clip):
       transcription  <audio> transcript   loss on the text   (speech recognition)
       synthesis      text <audio>         loss on the audio  (speech synthesis; the text is dropped at
                                                               `caption_dropout`, for classifier-free guidance)"""
@@ -164,11 +166,11 @@ def speech_roles(pool: TranscriptPool, caption_dropout: float,
 
     def transcription(rng) -> Document:
         i = int(rng.integers(len(pool)))
-        return Document([ItemSegment("audio", codes=pool.codes[i], loss=False), TextSegment(pool.texts[i])], read)
+        return Document([ItemSegment(pool.modality, codes=pool.codes[i], loss=False), TextSegment(pool.texts[i])], read)
 
     def synthesis(rng) -> Document:
         i = int(rng.integers(len(pool)))
-        audio = ItemSegment("audio", codes=pool.codes[i])
+        audio = ItemSegment(pool.modality, codes=pool.codes[i])
         if rng.random() < caption_dropout:
             return Document([audio], write)  # unconditional audio, for classifier-free guidance
         return Document([TextSegment(pool.texts[i], loss=False), audio], write)
@@ -180,7 +182,7 @@ def speech_roles(pool: TranscriptPool, caption_dropout: float,
 # (a folder of images has no questions); a name outside this list and the run's roles is a typo.
 KNOWN_ROLES = ("captioning", "generation", "qa", "edit", "text",
                "transcription", "synthesis", "spoken_qa", "tone_captioning", "tone_synthesis",
-               "spoken_generation")
+               "spoken_generation", "video_captioning", "text_to_clip", "video_qa")
 
 
 class DocumentMixture:

@@ -105,7 +105,7 @@ class Clip:
         return ClipDescription(self.scenes[0], self.events)
 
 
-def path(cell: int, direction: str, cells: int) -> list[int] | None:
+def move_path(cell: int, direction: str, cells: int) -> list[int] | None:
     """The cells a shape steps through moving `cells` cells from `cell`; None if it leaves the grid."""
     row, col = divmod(cell, 3)
     dr, dc = MOVES[direction]
@@ -191,7 +191,7 @@ class MovingShapesWorld:
                     if (train and heldout) or (forced and not heldout):
                         continue
                     for n in range(1, self.max_cells + 1):
-                        route = path(s.cell, direction, n)
+                        route = move_path(s.cell, direction, n)
                         if route is None or cells & set(route):
                             break
                         options.append(Event("moves", s, direction, n))

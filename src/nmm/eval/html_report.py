@@ -99,6 +99,8 @@ def gallery(samples: list[dict], images: np.ndarray) -> str:
         width = max(110, round(96 * img.shape[1] / img.shape[0]))  # pictures are shown 96 px high
         player = (f"<audio controls preload='none' src='{s['audio']}'></audio>"
                   if str(s.get("audio", "")).startswith("data:audio/") else "")
+        if str(s.get("video", "")).startswith("data:image/gif"):  # the clip, playing, under its filmstrip
+            player += f"<img class='clip' src='{s['video']}'>"
         cards.append(f"<figure class='{verdict[0]}' style='width:{width}px'><img src='{_png(img)}'>{player}"
                      f"<figcaption>{verdict[1]}{html.escape(_clean(s['title']))}</figcaption></figure>")
     return f"<div class='gallery'>{''.join(cards)}</div>"
