@@ -1,6 +1,7 @@
 """`nmm demo`: train a native early-fusion model from scratch on the shapes world, evaluate it,
 and write `metrics.json` and `report.html`, all on a CPU in minutes. `nmm demo speech` does the
-same for one model that transcribes and speaks (the speech world, held-out voices)."""
+same for one model that transcribes and speaks (the speech world, held-out voices), `nmm demo video`
+for one that captions and makes clips (the moving shapes world)."""
 
 from __future__ import annotations
 
@@ -67,30 +68,58 @@ def run_demo(out: Path, quick: bool = False, overrides: list[str] | None = None,
 
 
 SPEECH_TASKS = ("speech_asr", "speech_tts", "audio_codec", "text_perplexity")
+VIDEO_TASKS = ("video_captioning", "text_to_clip", "text_perplexity")
+
+
+def run_task_demo(out: Path, preset: str, tasks: tuple[str, ...], stages: tuple[str, str], overrides=None,
+                  options: dict | None = None, log=print) -> dict:
+    """Train `preset`, evaluate `tasks` (metrics.json + eval/report.html): the demos beyond shapes.
+    `stages`: what the training and the evaluation steps say they do."""
+    import nmm
+    from nmm.eval.harness import evaluate_tasks
+
+    t0 = time.time()
+    cfg = load_config(preset, overrides)
+    out = Path(out)
+    log(f"[1/2] {stages[0]} -> {out}")
+    summary = train(cfg, out, log=log)
+    log(f"[2/2] {stages[1]}")
+    outcome = evaluate_tasks(nmm.load(out), cfg, out / "eval", tasks=tasks, log=log, force=True,
+                             progress=False, strict=True, report=True, options=options)
+    metrics = {**outcome.metrics, "train_minutes": summary["train_minutes"], "params": summary["params"],
+               "steps": summary["steps"], "mfu": summary.get("mfu"), "tokenizer": summary["tokenizer"],
+               "demo_minutes": round((time.time() - t0) / 60, 3), "machine": machine_info(),
+               "report": str(out / "eval" / "report.html")}
+    atomic_write_json(out / "metrics.json", metrics)
+    return metrics
 
 
 def run_speech_demo(out: Path, quick: bool = False, overrides: list[str] | None = None, log=print) -> dict:
     """Train `speech-demo` (audio codec, then one model for both directions), evaluate recognition on
     held-out voices, synthesis intelligibility and the codec's ceiling; metrics.json + eval/report.html."""
-    import nmm
-    from nmm.eval.harness import evaluate_tasks
-
-    t0 = time.time()
     cfg = load_config("speech-quick" if quick else "speech-demo", overrides)
-    out = Path(out)
-    log(f"[1/2] training the audio codec, the text tokenizer and a {cfg.model.n_layers}-layer "
-        f"d{cfg.model.d_model} model that transcribes and speaks -> {out}")
-    summary = train(cfg, out, log=log)
-    log("[2/2] evaluating: recognition on held-out voices, synthesis intelligibility, the codec's ceiling")
     # --quick: a small ruler too (its numbers only show the path works).
     options = {"speech_recognizer": {"utterances": 300, "steps": 150}} if quick else None
-    outcome = evaluate_tasks(nmm.load(out), cfg, out / "eval", tasks=SPEECH_TASKS, log=log, force=True,
-                             progress=False, strict=True, report=True, options=options)
-    codec = summary["tokenizer"].get("audio", {})
-    metrics = {**outcome.metrics, "train_minutes": summary["train_minutes"], "params": summary["params"],
-               "steps": summary["steps"], "codec_train_seconds": codec.get("train_seconds"),
-               "codec_mel_distance": codec.get("mel_distance"),
-               "demo_minutes": round((time.time() - t0) / 60, 3), "machine": machine_info(),
-               "report": str(out / "eval" / "report.html")}
-    atomic_write_json(out / "metrics.json", metrics)
+    metrics = run_task_demo(out, cfg.name, SPEECH_TASKS, (
+        f"training the audio codec, the text tokenizer and a {cfg.model.n_layers}-layer d{cfg.model.d_model} model "
+        "that transcribes and speaks", "evaluating: recognition on held-out voices, synthesis intelligibility, "
+        "the codec's ceiling"), overrides, options, log)
+    codec = metrics.pop("tokenizer").get("audio", {})
+    metrics.update(codec_train_seconds=codec.get("train_seconds"), codec_mel_distance=codec.get("mel_distance"))
+    atomic_write_json(Path(out) / "metrics.json", metrics)
+    return metrics
+
+
+def run_video_demo(out: Path, quick: bool = False, overrides: list[str] | None = None, log=print) -> dict:
+    """Train `video-demo` (frame tokenizer, then one model that captions clips and makes them), evaluate
+    captioning and text -> clip on held-out clips and held-out motion combinations."""
+    cfg = load_config("video-quick" if quick else "video-demo", overrides)
+    metrics = run_task_demo(out, cfg.name, VIDEO_TASKS, (
+        f"training the frame tokenizer, the text tokenizer and a {cfg.model.n_layers}-layer d{cfg.model.d_model} "
+        f"model that captions and makes {cfg.video.frames}-frame clips ({cfg.video.layout} layout)",
+        "evaluating: captions of held-out clips, clips made from held-out captions (clip judge)"), overrides, None, log)
+    video = metrics.pop("tokenizer").get("video", {})
+    metrics.update({"tokens_per_clip": video.get("tokens_per_clip"), "codec_reconstruction": video.get("reconstruction"),
+                    "frame_tokenizer_judge_exact": video.get("judge_exact")})
+    atomic_write_json(Path(out) / "metrics.json", metrics)
     return metrics

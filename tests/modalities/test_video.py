@@ -79,13 +79,14 @@ def test_stride_keeps_every_kth_frame_and_holds_it(frames):
 def test_a_malformed_delta_stream_still_decodes(frames):
     c = codec(frames)
     C, N = c.C, c.N
-    weird = torch.tensor([3] * 10 + [c.mark, C + 5, c.mark, 7, C + 6, 9, c.mark] + [c.mark] * 20)
+    weird = torch.tensor([3] * 10 + [c.mark, C + 5, c.mark, 7, C + 6, 9, 11, c.mark] + [c.mark] * 20)
     out = c.decode([weird])
     assert out.shape == (1, 8, 32, 32, 3) and out.dtype == np.uint8
     frames_codes = c._undelta(weird)
     assert frames_codes.shape == (8, N)
     assert (frames_codes[0, 10:] == c.background).all()  # a short key frame is completed with empty patches
-    assert frames_codes[2, 6] == 9  # the one well-formed (position, code) pair landed
+    assert frames_codes[2, 6] == 9 and frames_codes[2, 7] == 11  # the one well-formed run landed
+    assert (frames_codes[2, :6] == frames_codes[1, :6]).all()  # the code before any position was skipped
 
 
 def test_bad_clips_and_configs_are_named(frames):

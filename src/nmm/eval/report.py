@@ -238,6 +238,17 @@ SPEECH_HEADLINE_METRICS = (
 )
 
 
+VIDEO_HEADLINE_METRICS = (
+    ("vcap_exact", "Video captioning exact (M2T)",
+     "The caption of a held-out clip is entirely right: its shapes and every event.", "≥ 0.90 (attributes)"),
+    ("vcap_events", "Video captioning events (M2T)", "Events named right, extra ones counted against.", "-"),
+    ("t2v_exact", "Text -> clip judged exact (M2G)",
+     "The clip judge reads every shape and its motion right in the model's clip.", "≥ 0.60"),
+    ("t2v_frames", "Text -> clip per-frame attributes (M2G)", "Per-frame attribute accuracy of the made clips.", "-"),
+    ("text_perplexity", "Text perplexity", "Per-token perplexity of held-out English paragraphs.", "-"),
+)
+
+
 def headline_rows(run_dir: Path, metrics: dict, headline=HEADLINE_METRICS) -> list[tuple[str, str, str, str]]:
     """The headline metrics as text for a terminal: (name, held-out [95% CI] n, combinations, target)."""
     records, _ = _records(Path(run_dir))

@@ -8,9 +8,9 @@ of the token stream, between `<bov>` and `<eov>`:
   stride  every k-th frame's codes (`video.stride`): F / k * N tokens; decoding holds each kept
           frame for k frames (temporal pooling in its simplest form: fast motion is lost)
   delta   the first frame's N codes (the key frame), then for every later frame a frame mark and,
-          for each patch whose code changed, its position and its new code (MPEG's key frames and
-          changed blocks): lossless, and as short as the clip is still; variable length, ended by
-          a sampled `<eov>` (capped at `video.max_tokens`)
+          for each run of changed patches (raster order), the run's first position and its new
+          codes (MPEG's key frames and changed blocks): lossless, and as short as the clip is
+          still; variable length, ended by a sampled `<eov>` (capped at `video.max_tokens`)
 
 Delta codes share one range: [0, C) frame codes, [C, C + N) patch positions, C + N the frame mark.
 `stride` and `full` keep the frame tokenizer's factorised codes (the model's factorised head
@@ -92,12 +92,16 @@ class VideoCodec:
         return [self._delta(clip) for clip in codes]
 
     def _delta(self, codes: torch.Tensor) -> torch.Tensor:
-        """(F, N) -> key frame, then per later frame: mark, (position, code) for each changed patch."""
+        """(F, N) -> key frame, then per later frame: mark, and for each run of changed patches (raster
+        order) its first position and the run's new codes."""
         out = [codes[0]]
         for prev, cur in zip(codes[:-1], codes[1:]):
-            changed = (cur != prev).nonzero().squeeze(1)
-            pairs = torch.stack([self.C + changed, cur[changed]], dim=1).flatten()
-            out += [torch.tensor([self.mark]), pairs]
+            out.append(torch.tensor([self.mark]))
+            changed = (cur != prev).nonzero().squeeze(1).tolist()
+            for i, p in enumerate(changed):
+                if i == 0 or p != changed[i - 1] + 1:  # a run starts: say where
+                    out.append(torch.tensor([self.C + p]))
+                out.append(cur[p : p + 1])
         return torch.cat(out)  # may exceed video.max_tokens (an input may be long; training data is capped)
 
     def decode(self, codes) -> np.ndarray:
@@ -120,8 +124,8 @@ class VideoCodec:
 
     def _undelta(self, stream: torch.Tensor) -> torch.Tensor:
         """One delta stream -> (F, N) frame codes, one pass: key-frame codes until the first mark
-        (at most N, completed with empty patches), then per mark a copy of the last frame that
-        (position, code) pairs edit. Tokens out of place are skipped."""
+        (at most N, completed with empty patches), then per mark a copy of the last frame that runs
+        (a position, then codes for it and the patches after it) edit. Tokens out of place are skipped."""
         N, C = self.N, self.C
         key, frames, pos = [], [], None
         for tok in stream.tolist():
@@ -135,9 +139,9 @@ class VideoCodec:
                     key.append(tok)
             elif C <= tok < C + N:
                 pos = tok - C
-            elif tok < C and pos is not None and len(frames) > 1:
-                frames[-1][pos] = tok
-                pos = None
+            elif tok < C and pos is not None and pos < N and len(frames) > 1:
+                frames[-1][pos] = tok  # a run's codes fill consecutive patches
+                pos += 1
         if not frames:  # no mark at all: a key frame only
             frames.append(torch.tensor((key + [self.background] * N)[:N]))
         frames = frames[: self.config.frames]
@@ -216,8 +220,7 @@ def tokens_per_clip(codec: VideoCodec, clips: np.ndarray) -> dict:
     """Tokens per clip of every layout for these clips (the codes are computed once)."""
     codes = codec.frame_codes(clips)  # (B, F, N)
     F, N = codes.shape[1:]
-    changed = (codes[:, 1:] != codes[:, :-1]).sum((1, 2)).float()  # (B,)
-    delta = N + (F - 1) + 2 * changed
+    delta = torch.tensor([float(len(codec._delta(clip))) for clip in codes])
     return {"full": F * N, f"stride_{codec.config.stride}": F // codec.config.stride * N,
             "delta_mean": float(delta.mean()), "delta_max": int(delta.max()), "image": N}
 
