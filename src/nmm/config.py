@@ -160,6 +160,12 @@ class ModelConfig:
     ffn_hidden: int = 512  # SwiGLU hidden width
     max_seq_len: int = 256
     rope_theta: float = 10000.0
+    # 1d: one position per token. mrope (Qwen2-VL's M-RoPE): (time, row, column) per token, each rotating
+    # its own share of the head's frequencies (`mrope_sections`, counts of hd/2 frequencies; [] = 1/4,
+    # 3/8, 3/8); a code at row r, column c of frame f of an item whose first code sits at position s is
+    # at (s + f, s + r, s + c); text and grid-less codes are at (p, p, p), which is exactly 1D RoPE.
+    rope: str = "1d"
+    mrope_sections: list[int] = field(default_factory=list)
     qk_norm: bool = True  # normalising q and k keeps attention logits bounded (Chameleon's fix for spikes)
     norm_eps: float = 1e-5
     factorised_image_head: bool = True  # image logits = sum of per-factor logits (shape, colour)
@@ -177,8 +183,25 @@ class ModelConfig:
             raise ConfigError("config key 'model.cross_attn_every': must be >= 1")
         if self.routing in ("moe", "moe-aware") and not 1 <= self.moe.top_k <= self.moe.n_experts:
             raise ConfigError(f"config key 'model.moe.top_k': must be between 1 and n_experts={self.moe.n_experts}")
+        if self.rope not in ("1d", "mrope"):
+            raise ConfigError(f"config key 'model.rope': '{self.rope}' is not one of 1d, mrope")
+        half = self.d_model // self.n_heads // 2
+        if self.mrope_sections and (len(self.mrope_sections) != 3 or sum(self.mrope_sections) != half
+                                    or min(self.mrope_sections) < 0):
+            raise ConfigError(f"config key 'model.mrope_sections': three counts (time, row, column) that sum to "
+                              f"head_dim / 2 = {half}, got {self.mrope_sections}")
         if self.routing == "moe-aware" and self.moe.n_experts < 2 and not self.moe.modality_experts:
             raise ConfigError("model.routing=moe-aware needs model.moe.n_experts >= 2 (experts are split by modality)")
+
+    @property
+    def rope_sections(self) -> tuple[int, int, int]:
+        """How many of the head's hd/2 rotary frequencies the time, row and column positions turn."""
+        if self.mrope_sections:
+            return tuple(self.mrope_sections)
+        half = self.d_model // self.n_heads // 2
+        t = half // 4
+        h = (half - t) // 2
+        return t, h, half - t - h
 
     @property
     def variant(self) -> str:
@@ -201,6 +224,7 @@ class DataConfig:
     pool_size: int = 20000  # pre-tokenised scenes the LM samples from
     speech_pool_size: int = 6000  # pre-tokenised utterances (data.source=speech)
     video_pool_size: int = 4000  # pre-tokenised clips (data.source=moving_shapes)
+    video_folder: str | None = None  # data.source=video_folder: a directory of videos and captions.jsonl
     caption_dropout: float = 0.1  # empty caption before an image, so classifier-free guidance has an unconditional
     # Role mixture: documents of each role are drawn with these weights.
     roles: dict[str, float] = field(
@@ -255,7 +279,8 @@ class VideoCodecConfig:
     layout: str = "delta"  # full | stride | delta (see nmm.modalities.video)
     stride: int = 4  # layout=stride: keep every stride-th frame
     max_tokens: int = 192  # layout=delta: the longest clip (a longer one is an error)
-    fps: float = 4.0  # frames per second of written GIFs
+    fps: float = 4.0  # frames per second of written GIFs, and of sampling a video folder's files
+    max_seconds: float = 10.0  # data.source=video_folder: longer files are skipped unread
     eval_clips: int = 200  # clips the codec's token counts and reconstructions are measured on
 
     def __post_init__(self):

@@ -28,6 +28,7 @@ VARIANTS = {
     "moe": {"routing": "moe"},
     "moe-aware": {"routing": "moe-aware"},
     "mot": {"routing": "mot"},
+    "mrope": {"rope": "mrope"},
 }
 
 

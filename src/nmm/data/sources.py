@@ -65,7 +65,8 @@ SourceFactory = Callable[[RunConfig], DataSource]
 SOURCES: dict[str, SourceFactory] = {}
 # Sources outside the core, by the module that registers them when imported.
 PLUGINS: dict[str, str] = {"shapes": "nmm.data.shapes_source", "speech": "nmm.data.speech_source",
-                           "tones": "nmm.data.tones_source", "moving_shapes": "nmm.data.video_source"}
+                           "tones": "nmm.data.tones_source", "moving_shapes": "nmm.data.video_source",
+                           "video_folder": "nmm.data.video_folder"}
 
 
 def register_source(name: str, factory: SourceFactory) -> None:

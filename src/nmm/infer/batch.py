@@ -100,6 +100,8 @@ class Batch:
             t[dst] = t[src]
         for cache in self._caches:
             cache.move(src, dst)
+        for start in self._caches.item_start.values():  # M-RoPE: where the row's open item began
+            start[dst] = start[src]
         owner = self.owner[src]
         self.owner[dst] = owner
         if owner.row == src:

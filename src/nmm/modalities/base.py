@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -40,6 +40,10 @@ class ModalitySpec:
     levels: tuple[tuple[int, ...], ...] = ()  # FSQ levels of each factor (optional)
     tokens_per_item: int | None = None  # None = variable length, ended by a sampled `end`
     mime: str = "application/octet-stream"  # what the codec's `to_bytes` gives the server
+    # Where an item's first codes lie in space and time, for 2D/3D rotary positions: (rows, cols) for
+    # an image, (frames, rows, cols) for a clip; codes past prod(grid) (a delta clip's changes) and
+    # grid-less modalities (audio) keep 1D positions. Not part of the id layout: not compared.
+    grid: tuple[int, ...] = field(default=(), compare=False)
 
     def __post_init__(self):
         if not self.name.isidentifier() or self.name == TEXT:
@@ -54,6 +58,10 @@ class ModalitySpec:
                 raise ValueError(f"modality {self.name!r}: FSQ levels {lv} do not give {f} codes")
         if self.tokens_per_item is not None and self.tokens_per_item < 1:
             raise ValueError(f"modality {self.name!r}: tokens_per_item must be >= 1 or None")
+        if self.grid and (len(self.grid) not in (2, 3) or min(self.grid) < 1
+                          or (self.tokens_per_item is not None and math.prod(self.grid) > self.tokens_per_item)):
+            raise ValueError(f"modality {self.name!r}: grid {self.grid} must be (rows, cols) or (frames, rows, cols) "
+                             f"covering at most tokens_per_item={self.tokens_per_item} codes")
 
     @property
     def code_factors(self) -> tuple[int, ...]:
@@ -70,7 +78,7 @@ class ModalitySpec:
     def to_dict(self) -> dict:
         return {"name": self.name, "begin": self.begin, "end": self.end, "codes": self.codes,
                 "factors": list(self.factors), "levels": [list(lv) for lv in self.levels],
-                "tokens_per_item": self.tokens_per_item, "mime": self.mime}
+                "tokens_per_item": self.tokens_per_item, "mime": self.mime, "grid": list(self.grid)}
 
     @classmethod
     def from_dict(cls, d: dict) -> ModalitySpec:
@@ -78,7 +86,7 @@ class ModalitySpec:
                    factors=tuple(int(x) for x in d.get("factors", ())),
                    levels=tuple(tuple(int(x) for x in lv) for lv in d.get("levels", ())),
                    tokens_per_item=None if d.get("tokens_per_item") is None else int(d["tokens_per_item"]),
-                   mime=str(d.get("mime", "application/octet-stream")))
+                   mime=str(d.get("mime", "application/octet-stream")), grid=tuple(int(x) for x in d.get("grid", ())))
 
 
 def split_codes(codes: torch.Tensor, factors: tuple[int, ...]) -> list[torch.Tensor]:

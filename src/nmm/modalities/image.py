@@ -285,8 +285,10 @@ class ImageTokenizer(nn.Module):
 def image_spec(codes: int, factors: tuple[int, ...] = (), tokens_per_image: int = 64,
                levels: tuple[tuple[int, ...], ...] = ()) -> ModalitySpec:
     """The image modality's place in the vocabulary: `<boi>`, a fixed number of codes, `<eoi>`."""
+    side = math.isqrt(tokens_per_image)
+    grid = (side, side) if side * side == tokens_per_image else ()  # a square code grid, row-major
     return ModalitySpec("image", "<boi>", "<eoi>", codes, tuple(factors), tuple(tuple(lv) for lv in levels),
-                        tokens_per_image, "image/png")
+                        tokens_per_image, "image/png", grid)
 
 
 # ---- training -----------------------------------------------------------------------------------

@@ -55,10 +55,12 @@ class VideoCodec:
     @property
     def spec(self) -> ModalitySpec:
         c, f = self.config, self.frame_codec
-        if c.layout == "delta":
-            return ModalitySpec("video", "<bov>", "<eov>", self.C + self.N + 1, (), (), None, "image/gif")
+        g = f.grid
+        if c.layout == "delta":  # the key frame has a grid; the changes after it keep 1D positions
+            return ModalitySpec("video", "<bov>", "<eov>", self.C + self.N + 1, (), (), None, "image/gif", (1, g, g))
         kept = c.frames // (c.stride if c.layout == "stride" else 1)
-        return ModalitySpec("video", "<bov>", "<eov>", self.C, f.code_factors, f.code_levels, kept * self.N, "image/gif")
+        return ModalitySpec("video", "<bov>", "<eov>", self.C, f.code_factors, f.code_levels, kept * self.N,
+                            "image/gif", (kept, g, g))
 
     @property
     def max_tokens(self) -> int:

@@ -20,6 +20,7 @@ from nmm.modalities.vocab import Vocabulary
 from nmm.model.fusion import LossTerm, ModalityInterface, build_interfaces
 from nmm.model.fusion.base import loss_rows
 from nmm.model.heads import TextHead, init_weights
+from nmm.model.positions import mrope_positions
 from nmm.model.masks import (
     SpanLayout,
     causal_mask,
@@ -90,6 +91,8 @@ class NativeMultimodalModel(nn.Module):
             positions = torch.arange(start, start + T, device=ids.device).expand(B, -1)
         layout = layout if layout is not None else SpanLayout.of(ids, self.vocab)
         x = self.embed(ids, layout, generated, image_inputs)
+        if self.cfg.rope == "mrope":  # (B, T) -> (time, row, column) per token
+            positions = mrope_positions(ids, positions, self.vocab, caches, start)
         special = [(n, i) for n, i in self.modalities.items() if i.bidirectional or i.fusion == "mid"]
         if special and mask is None:
             mask = causal_mask(B, T, start, ids.device)

@@ -17,6 +17,7 @@ from torch import nn
 from nmm.config import ModelConfig
 from nmm.model.layers import Block, KVCache, RMSNorm, SwiGLU, rope_tables
 from nmm.model.moe import MoEFeedForward
+from nmm.model.positions import rope_at
 from nmm.model.mot import MoTBlock
 
 
@@ -83,12 +84,18 @@ class GatedCrossAttention(nn.Module):
 
 
 class LayerCaches(list):
-    """One `KVCache` per block, plus what mid fusion must keep between decode steps: the image
-    features of the prompt (`memory`, `memory_slot`, `memory_valid`), set at prefill."""
+    """One `KVCache` per block, plus what must be kept between decode steps: mid fusion's image
+    features of the prompt (`memory`, `memory_slot`, `memory_valid`, set at prefill) and, with
+    M-RoPE, where each row's open item started (`item_start`: modality -> (rows,), see
+    nmm.model.positions)."""
 
     memory: torch.Tensor | None = None
     memory_slot: torch.Tensor | None = None
     memory_valid: torch.Tensor | None = None
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.item_start: dict[str, torch.Tensor] = {}
 
 
 class Transformer(nn.Module):
@@ -109,7 +116,7 @@ class Transformer(nn.Module):
     def forward(
         self,
         h: torch.Tensor,  # (B, T, D) input embeddings
-        positions: torch.Tensor,  # (B, T) RoPE position of each token
+        positions: torch.Tensor,  # (B, T) RoPE position of each token, or (B, T, 3) with model.rope=mrope
         mask: torch.Tensor | None = None,  # (B, 1, T, T_keys) bool, True = may attend; None = causal
         caches: list[KVCache] | None = None,
         start: int = 0,  # cache slot of the first of these T tokens
@@ -118,8 +125,10 @@ class Transformer(nn.Module):
         memory_mask: torch.Tensor | None = None,  # (B, 1, T, M) bool
     ) -> torch.Tensor:
         # Positions must be < max_seq_len; callers check lengths (a check here would break torch.compile graphs).
-        cos = self.rope_cos[positions].unsqueeze(1).to(h.dtype)  # (B, 1, T, hd/2)
-        sin = self.rope_sin[positions].unsqueeze(1).to(h.dtype)
+        # (B, T) 1D positions, or (B, T, 3) M-RoPE positions (nmm.model.positions).
+        sections = self.cfg.rope_sections
+        cos = rope_at(self.rope_cos, positions, sections).unsqueeze(1).to(h.dtype)  # (B, 1, T, hd/2)
+        sin = rope_at(self.rope_sin, positions, sections).unsqueeze(1).to(h.dtype)
         k = self.cfg.cross_attn_every
         for i, block in enumerate(self.blocks):
             h = block(h, cos, sin, mask, caches[i] if caches is not None else None, start, modality)

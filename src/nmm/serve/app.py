@@ -2,10 +2,11 @@
 
     app = create_app(nmm.load("runs/demo"), "demo")      # or: nmm serve runs/demo
 
-Routes (nmm.serve.routes): GET /v1/models, POST /v1/chat/completions (text, images and audio in; text,
-an image or speech out; optional server-sent-event streaming), POST /v1/images/generations, GET /health,
-GET /metrics, GET / (playground); and (nmm.serve.audio) POST /v1/audio/transcriptions and
-POST /v1/audio/speech for models with an audio modality. All generation goes through one
+Routes (nmm.serve.routes): GET /v1/models, POST /v1/chat/completions (text, images, audio and video in;
+text, an image, speech or a video clip out; optional server-sent-event streaming), POST
+/v1/images/generations, GET /health, GET /metrics, GET / (playground); (nmm.serve.audio) POST
+/v1/audio/transcriptions and POST /v1/audio/speech for models with an audio modality; and
+(nmm.serve.video) OpenAI's videos API, POST /v1/videos and its GETs, for models with a video modality. All generation goes through one
 continuous-batching `Scheduler` (nmm.infer.scheduler) on its own thread: concurrent requests share the running batch, tokens stream out as they are decoded
 (nmm.serve.streaming), requests beyond the batch's rows wait in its queue, and a full queue answers 429.
 Two exceptions by model: pictures from continuous-image models (no code head: `images.emits_codes` False)
@@ -15,7 +16,8 @@ mid fusion: no "M2G" in `images.capabilities`) answer a picture request with a 4
 The other modules: state (what the routes share, on `app.state.server`), gate (API key, body cap and
 request metrics, as ASGI middleware), errors (OpenAI's error shape for every failure), metrics (the
 Prometheus text), schemas (request bodies, `Limits`, chat -> prompt), checks (model name, `n`, sampling
-fields), audio (the audio routes, audio inputs and spoken answers). docs/server.md describes the formats.
+fields, requests for one item), audio (the audio routes, audio inputs and spoken answers), video (the
+videos API, video inputs and video answers). docs/server.md describes the formats.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from nmm.serve.gate import Gate
 from nmm.serve.routes import STATIC, router
 from nmm.serve.schemas import Limits
 from nmm.serve.state import ServerState
+from nmm.serve.video import router as video_router
 
 
 def create_app(pipe: Pipeline, model_name: str, api_key: str | None = None, limits: Limits = Limits()) -> FastAPI:
@@ -49,6 +52,7 @@ def create_app(pipe: Pipeline, model_name: str, api_key: str | None = None, limi
     add_error_handlers(app)
     app.include_router(router)
     app.include_router(audio_router)
+    app.include_router(video_router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
 

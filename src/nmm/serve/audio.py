@@ -11,7 +11,6 @@ little; docs/server.md lists the limits.
 from __future__ import annotations
 
 import base64
-import binascii
 import io
 import time
 import uuid
@@ -26,8 +25,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from nmm.infer.scheduler import Request
 from nmm.modalities.audio import SAMPLE_RATE, AudioCodec, read_audio
-from nmm.serve.checks import check_common, or_default, sampling
-from nmm.serve.schemas import AUDIO_INPUT_FORMATS, ApiError, InputAudio, SpeechRequest
+from nmm.serve.checks import check_common, item_requests, sampling
+from nmm.serve.schemas import AUDIO_INPUT_FORMATS, ApiError, InputAudio, SpeechRequest, decode_base64
 from nmm.serve.state import ServerState, server
 from nmm.serve.streaming import collect, submit
 
@@ -85,15 +84,12 @@ def input_audio_reader(state: ServerState):
             raise ApiError(400, f"{param}.format: '{part.format}' is not supported; use one of "
                            f"{', '.join(AUDIO_INPUT_FORMATS)} (e.g. convert a browser recording to WAV)",
                            param=f"{param}.format", code="invalid_value")
-        if len(part.data) > limit * 4 // 3 + 4:  # refuse before decoding the base64
-            raise ApiError(400, f"{param}.data: the audio file is larger than {limit} bytes", param=f"{param}.data",
-                           code="audio_too_large")
-        try:
-            raw = base64.b64decode(part.data, validate=True)
-        except (binascii.Error, ValueError):
-            raise ApiError(400, f"{param}.data: not valid base64", param=f"{param}.data",
-                           code="invalid_audio") from None
-        return read_checked(state, raw, f"{param}.data")[0]
+        data = f"{param}.data"
+        raw = decode_base64(part.data, limit,
+                            ApiError(400, f"{data}: the audio file is larger than {limit} bytes", param=data,
+                                     code="audio_too_large"),
+                            ApiError(400, f"{data}: not valid base64", param=data, code="invalid_audio"))
+        return read_checked(state, raw, data)[0]
 
     return decode
 
@@ -105,25 +101,16 @@ def audio_tokens(state: ServerState, wave: np.ndarray) -> int:
 
 # ---- spoken answers ------------------------------------------------------------------------------
 def speech_requests(state: ServerState, text: str, n: int, req, param: str) -> tuple[list[Request], int]:
-    """n requests for speech of `text`: prompt `<bos> text <boa>`, audio codes until the model samples
-    `<eoa>` (at most the codec's longest item), CFG against `<bos> <boa>` when cfg_scale != 1 (default 1,
+    """n requests for speech of `text` (`item_requests`: prompt `<bos> text <boa>`, audio codes until the
+    model samples `<eoa>`, at most the codec's longest item), with CFG only when cfg_scale != 1 (default 1,
     as `Pipeline.speak`). Returns them and the prompt's length."""
-    pipe, codec = state.pipe, audio_codec(state, param)
+    audio_codec(state, param)
     if not state.can_speak:
-        raise ApiError(400, f"this model cannot generate audio (a {pipe.model.cfg.variant} model reads audio and "
-                       "writes text)", param=param, code="audio_not_supported")
+        raise ApiError(400, f"this model cannot generate audio (a {state.pipe.model.cfg.variant} model reads audio "
+                       "and writes text)", param=param, code="audio_not_supported")
     if not text.strip():
         raise ApiError(400, f"{param}: there is no text to speak", param=param, code="invalid_value")
-    prompt = pipe.item_prompt("audio", text.strip())
-    room = state.context - len(prompt)
-    if room < 2:  # at least one code and <eoa>
-        raise ApiError(400, f"the text is {len(prompt)} tokens; with speech it exceeds the model's context of "
-                       f"{state.context}", param=param, code="context_length_exceeded")
-    new = min(codec.max_tokens + 1, room)
-    cfg = or_default(req.cfg_scale, 1.0)
-    uncond = pipe.item_prompt("audio", "") if cfg != 1.0 else None
-    return [Request(prompt, new, sampling(req, 0.3, i, cfg_scale=cfg), uncond_prompt=uncond,
-                    allow_images=("audio",), stop_after_image=True) for i in range(n)], len(prompt)
+    return item_requests(state, "audio", text, n, req, param, cfg_default=1.0, what="speech")
 
 
 def answer_audio(wav_b64: str, transcript: str) -> dict:

@@ -1,6 +1,6 @@
 """The routes: GET /v1/models[/{model}], POST /v1/chat/completions, POST /v1/images/generations,
 GET /health, GET /metrics and the playground (GET /, its files under /static). The audio routes and
-the audio parts of chat are in nmm.serve.audio.
+the audio parts of chat are in nmm.serve.audio, the video ones in nmm.serve.video.
 
 Each handler is a module-level function on `router`; it gets the app's `ServerState` through the
 `server` dependency. A request is checked here (model, n, sizes, the token budget) before anything is
@@ -20,11 +20,13 @@ from fastapi.responses import FileResponse, PlainTextResponse, StreamingResponse
 
 from nmm.api import Pipeline
 from nmm.infer.scheduler import Request
+from nmm.modalities.document import ItemSegment
 from nmm.serve.audio import answer_audio, audio_tokens, input_audio_reader, speech_requests
 from nmm.serve.checks import check_common, or_default, sampling
 from nmm.serve.schemas import ApiError, ChatRequest, ImageRequest, picture_caption, prompt_segments, token_budget
 from nmm.serve.state import ServerState, server
 from nmm.serve.streaming import collect, progress, sse, start_pictures, submit
+from nmm.serve.video import video_card, video_requests, video_url_reader
 
 STATIC = Path(__file__).parent / "static"  # the playground: plain HTML/JS, no build step
 
@@ -84,14 +86,23 @@ async def chat(req: ChatRequest, state: State):
     check_common(state, req.model, req.n)
     pipe, limits, per_image = state.pipe, state.limits, state.per_image
     light = _text_only_and_short(req.messages)  # tokenised in place: a thread hop would cost more than that
-    args = (req.messages, pipe.codecs.encode_text, limits, state.image_size, input_audio_reader(state))
+    args = (req.messages, pipe.codecs.encode_text, limits, state.image_size, input_audio_reader(state),
+            video_url_reader(state))
     segments, last_user = prompt_segments(*args) if light else await run_in_threadpool(prompt_segments, *args)
     base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.model_name}
-    spoken = bool(req.modalities and "audio" in req.modalities)
+    wants = set(req.modalities or ())
+    spoken, filmed = "audio" in wants, "video" in wants
+    if filmed and (spoken or "image" in wants):
+        raise ApiError(400, f"modalities asks for a video and {'audio' if spoken else 'an image'}; an answer is "
+                       "one of them", param="modalities", code="invalid_value")
     # "draw ..." asks for a picture only of a model with images; `modalities: ["image"]` always does.
-    caption = None if spoken else picture_caption(last_user, req.modalities, triggers=state.image_size is not None)
-    item = "audio" if spoken else "image" if caption is not None else None
-    if spoken:  # the answer is speech of the last user text (what `Pipeline.speak` does)
+    caption = None if spoken or filmed else picture_caption(last_user, req.modalities,
+                                                            triggers=state.image_size is not None)
+    item = "audio" if spoken else "video" if filmed else "image" if caption is not None else None
+    if filmed:  # the answer is a clip of the last user text (what `Pipeline.generate_items("video")` does)
+        requests, prompt_tokens = video_requests(state, last_user, req.n, req, "messages")
+        handles, updates = submit(state, requests, req.stream)
+    elif spoken:  # the answer is speech of the last user text (what `Pipeline.speak` does)
         if req.audio is not None and req.audio.format != "wav":
             raise ApiError(400, f"audio.format '{req.audio.format}' is not supported; use 'wav'",
                            param="audio.format", code="invalid_value")
@@ -101,8 +112,7 @@ async def chat(req: ChatRequest, state: State):
         requests, prompt_tokens = _picture_requests(state, caption, req.n, req)
         handles, updates = await start_pictures(state, requests, req, req.stream)
     else:
-        prompt_tokens = 1 + sum(per_image + 2 if kind == "image" else audio_tokens(state, x) if kind == "audio"
-                                else len(x) for kind, x in segments)
+        prompt_tokens = 1 + sum(_segment_tokens(state, seg) for seg in segments)
         max_new = token_budget(req, prompt_tokens, state.context, limits)  # before encoding any item
         ids = _prompt_ids(pipe, segments) if light else await run_in_threadpool(_prompt_ids, pipe, segments)
         penalty = or_default(req.repetition_penalty, 1.0)
@@ -113,7 +123,7 @@ async def chat(req: ChatRequest, state: State):
     def usage() -> dict:  # read after generation: the handles' tokens are final by then
         if item == "image":
             completion = req.n * (per_image + 1)
-        else:  # text counts its <eos>; speech its codes and <eoa>, which are among its tokens
+        else:  # text counts its <eos>; speech and video their codes and end token, which are among its tokens
             completion = sum(len(h.tokens) + (h.finished and item is None) for h in handles)
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
                 "total_tokens": prompt_tokens + completion}
@@ -144,6 +154,8 @@ def _model_card(state: ServerState) -> dict:
     if state.audio is not None:
         card["audio"] = {"sample_rate": state.audio.config.sample_rate, "max_seconds": state.audio.config.max_seconds,
                          "tokens_per_second": state.audio.tokens_per_second, "can_speak": state.can_speak}
+    if state.video is not None:
+        card["video"] = video_card(state)
     return card
 
 
@@ -164,6 +176,14 @@ def _picture_requests(state: ServerState, caption: str, n: int, req) -> tuple[li
                     uncond_prompt=pipe.uncond_image_prompt(), stop_after_image=True) for i in range(n)], len(prompt)
 
 
+def _segment_tokens(state: ServerState, segment) -> int:
+    """Prompt tokens of one prompt segment: an item's codes and its begin and end tokens, or text's ids."""
+    if isinstance(segment, ItemSegment):  # a video, encoded as it was read
+        return len(segment.codes) + 2
+    kind, x = segment
+    return state.per_image + 2 if kind == "image" else audio_tokens(state, x) if kind == "audio" else len(x)
+
+
 def _text_only_and_short(messages, limit: int = 4000) -> bool:
     """No images and little text: preparing the prompt takes microseconds, so it can run on the event loop."""
     chars = 0
@@ -178,7 +198,7 @@ def _text_only_and_short(messages, limit: int = 4000) -> bool:
 
 
 def _prompt_ids(pipe: Pipeline, segments: list) -> list[int]:
-    """Prompt segments, ("text", ids), ("image", uint8 array) and ("audio", wave), -> ids (`Codecs.prompt`:
-    <bos>, each text, each item as <boi> codes <eoi> or <boa> codes <eoa>, a modality's items encoded in one
-    batch)."""
+    """Prompt segments, ("text", ids), ("image", uint8 array), ("audio", wave) and ItemSegment("video", codes),
+    -> ids (`Codecs.prompt`: <bos>, each text, each item as <boi> codes <eoi>, <boa> codes <eoa> or
+    <bov> codes <eov>, a modality's items encoded in one batch)."""
     return pipe.codecs.prompt(segments)

@@ -7,15 +7,40 @@ the `server` dependency, so handlers are plain module-level functions instead of
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
 
 from fastapi import Request as HTTPRequest
 
 from nmm.api import Pipeline
 from nmm.infer.scheduler import Scheduler
 from nmm.modalities.audio import AudioCodec
+from nmm.modalities.video import VideoCodec
 from nmm.serve.metrics import Metrics
 from nmm.serve.schemas import Limits
+
+
+class Store:
+    """What the server made and keeps for later requests (the videos API's clips), at most `capacity`
+    entries: adding one more evicts the oldest, so memory stays bounded. Only the event loop touches it."""
+
+    def __init__(self, capacity: int):
+        self.capacity, self._items = capacity, OrderedDict()
+
+    def add(self, key: str, value) -> None:
+        self._items[key] = value
+        while len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+
+    def get(self, key: str):
+        return self._items.get(key)
+
+    def pop(self, key: str):
+        return self._items.pop(key, None)
+
+    def values(self) -> list:
+        """Oldest first."""
+        return list(self._items.values())
 
 
 @dataclass(frozen=True)
@@ -32,6 +57,9 @@ class ServerState:
     can_draw: bool  # late and mid fusion read images but cannot draw them
     audio: AudioCodec | None  # the audio codec (16 kHz waves <-> codes); None: no audio modality
     can_speak: bool  # the model writes audio codes (an audio answer is <boa> codes <eoa>)
+    video: VideoCodec | None = None  # the video codec (clips <-> codes); None: no video modality
+    can_make_video: bool = False  # the model writes video codes (a video answer is <bov> codes <eov>)
+    videos: Store = field(default_factory=lambda: Store(0))  # /v1/videos results, by id
 
     @classmethod
     def create(cls, pipe: Pipeline, model_name: str, limits: Limits) -> ServerState:
@@ -39,13 +67,14 @@ class ServerState:
         max_cache = None if limits.max_cache_mb is None else int(limits.max_cache_mb * 2**20)
         scheduler = Scheduler(pipe.engine, max_batch=limits.max_batch, max_cache_bytes=max_cache,
                               max_queue=limits.max_queue)
-        image, audio = pipe.codecs.modalities.get("image"), pipe.codecs.modalities.get("audio")
+        image, audio, video = (pipe.codecs.modalities.get(name) for name in ("image", "audio", "video"))
         writes = {name: "M2G" in m.capabilities for name, m in pipe.model.modalities.items()}
         return cls(pipe, model_name, limits, scheduler, Metrics(), int(time.time()),
                    image_size=image.config.image_size if image is not None else None,
                    context=pipe.model.cfg.max_seq_len,
                    per_image=pipe.vocab.tokens_per_image if image is not None else 0,
-                   can_draw=writes.get("image", False), audio=audio, can_speak=writes.get("audio", False))
+                   can_draw=writes.get("image", False), audio=audio, can_speak=writes.get("audio", False),
+                   video=video, can_make_video=writes.get("video", False), videos=Store(limits.max_stored_videos))
 
 
 async def server(request: HTTPRequest) -> ServerState:

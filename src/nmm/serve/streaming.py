@@ -1,10 +1,10 @@
 """From the scheduler's thread to the client: queueing a request's choices, waking the event loop as
 tokens are decoded, turning them into text pieces (or a PNG once an image is complete, a WAV once
-speech is), and the server-sent events of a streamed chat completion.
+speech is, a GIF once a video clip is), and the server-sent events of a streamed chat completion.
 
     handles, updates = submit(state, requests, stream=True)
     async for i, kind, value in progress(state, handles, updates, item=None): ...
-    # kind: "text" (a piece of text), "image" (PNG, base64), "audio" (WAV, base64),
+    # kind: "text" (a piece of text), "image" (PNG, base64), "audio" (WAV, base64), "video" (GIF, base64),
     # "end" (finish_reason "stop" | "length")
 """
 
@@ -84,8 +84,8 @@ async def start_pictures(state: ServerState, requests: list[Request], req,
 async def progress(state: ServerState, handles: list[Handle], updates: _Updates,
                    item: str | None = None) -> AsyncIterator[tuple]:
     """What the choices produce, as it comes: (index, "text", piece) for text answers (`item` None);
-    (index, "image", png base64) or (index, "audio", wav base64) once the item is complete (`item` "image"
-    or "audio"); and (index, "end", finish_reason). Leaving early cancels what still runs."""
+    (index, item, file base64) once the item is complete (`item` "image": a PNG, "audio": a WAV, "video":
+    a GIF); and (index, "end", finish_reason). Leaving early cancels what still runs."""
     pipe, per_image = state.pipe, state.per_image
     texts = [_TextStream(pipe.codecs.decode_text) for _ in handles]
     seen, ended = [0] * len(handles), [False] * len(handles)
@@ -108,8 +108,8 @@ async def progress(state: ServerState, handles: list[Handle], updates: _Updates,
                     raise h.error
                 if item == "image":
                     yield i, "image", await run_in_threadpool(_png_of, pipe, h.tokens[:per_image])
-                elif item == "audio":
-                    yield i, "audio", await run_in_threadpool(_wav_of, pipe, h.tokens)
+                elif item is not None:
+                    yield i, item, await run_in_threadpool(_file_of, pipe, item, h.tokens)
                 elif piece := texts[i].finish():
                     yield i, "text", piece
                 yield i, "end", "stop" if h.finished else "length"
@@ -119,14 +119,14 @@ async def progress(state: ServerState, handles: list[Handle], updates: _Updates,
         for h in handles:
             if not h.done:
                 h.cancel()  # the client left (or a sibling choice failed): free the rows at once
-        # Text counts its <eos>; an item's tokens are its codes and its end token (<eoi>, <eoa>).
+        # Text counts its <eos>; an item's tokens are its codes and its end token (<eoi>, <eoa>, <eov>).
         state.metrics.add_tokens(item or "text", sum(len(h.tokens) + (h.finished and item is None) for h in handles))
 
 
 async def collect(state: ServerState, handles: list[Handle], updates: _Updates,
                   item: str | None = None) -> list[tuple]:
     """Wait for every choice: [(content, finish_reason)], content a string, [image_url part] (`item`
-    "image") or a base64 WAV (`item` "audio")."""
+    "image"), [video_url part] (`item` "video") or a base64 WAV (`item` "audio")."""
     contents: list = [[] for _ in handles]
     finishes = [None] * len(handles)
     async for i, kind, value in progress(state, handles, updates, item):
@@ -134,8 +134,8 @@ async def collect(state: ServerState, handles: list[Handle], updates: _Updates,
             finishes[i] = value
         else:
             contents[i].append(value)
-    if item == "image":
-        return [([_image_part(c[0])], f) for c, f in zip(contents, finishes)]
+    if item in PARTS:
+        return [([item_part(item, c[0])], f) for c, f in zip(contents, finishes)]
     if item == "audio":
         return [(c[0], f) for c, f in zip(contents, finishes)]
     return [("".join(c), f) for c, f in zip(contents, finishes)]
@@ -163,8 +163,8 @@ async def sse(base: dict, n: int, progress: AsyncIterator[tuple], usage: Callabl
         async for i, kind, value in progress:
             if kind == "text":
                 yield event(i, {"content": value})
-            elif kind == "image":  # a picture: one delta whose content is the list with the image_url part
-                yield event(i, {"content": [_image_part(value)]})
+            elif kind in PARTS:  # a picture or clip: one delta whose content is the list with its part
+                yield event(i, {"content": [item_part(kind, value)]})
             elif kind == "audio":
                 yield event(i, {"audio": {"data": value}})
                 yield event(i, {"audio": {"expires_at": audio[i]["expires_at"]}})
@@ -208,19 +208,28 @@ def _png_of(pipe: Pipeline, tokens: list[int]) -> str:
     return _png_b64(pipe.codecs.decode_images(np.array([tokens]))[0])
 
 
-def _wav_of(pipe: Pipeline, tokens: list[int]) -> str:
-    """A generated audio item's ids (codes, then <eoa> unless cut short) -> WAV as base64; no codes (the
-    model ended the item at once) is a valid WAV of no samples."""
-    end = pipe.vocab.end("audio")
-    codes = tokens[: tokens.index(end)] if end in tokens else tokens
-    codec = pipe.codecs.modalities["audio"]
-    wave = pipe.codecs.decode_items("audio", [np.asarray(codes, dtype=np.int64)])[0] if codes else \
-        np.zeros(0, np.float32)
-    return base64.b64encode(codec.to_bytes(wave)).decode("ascii")
+def decode_item(pipe: Pipeline, name: str, tokens: list[int]):
+    """A generated item's ids (codes, then its end token unless cut short) -> the item (a wave, a clip).
+    No codes (the model ended a variable-length item at once) is an item too: a wave of no samples, a
+    clip of empty frames."""
+    end, spec = pipe.vocab.end(name), pipe.vocab.spec(name)
+    codes = np.asarray(tokens[: tokens.index(end)] if end in tokens else tokens, dtype=np.int64)
+    return pipe.codecs.decode_items(name, codes[None, : spec.tokens_per_item] if spec.fixed_length else [codes])[0]
 
 
-def _image_part(png_b64: str) -> dict:
-    return {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png_b64}"}}
+def _file_of(pipe: Pipeline, name: str, tokens: list[int]) -> str:
+    """A generated item's ids -> its codec's file as base64 (`to_bytes`: a WAV for audio, a GIF for video)."""
+    return base64.b64encode(pipe.codecs.codec(name).to_bytes(decode_item(pipe, name, tokens))).decode("ascii")
+
+
+# The content part an item answer is sent as, its field and MIME type: an image as OpenAI's `image_url`,
+# a video clip as nmm's `video_url` (the shape of `image_url`; a GIF, which browsers play in an <img>).
+PARTS = {"image": ("image_url", "image/png"), "video": ("video_url", "image/gif")}
+
+
+def item_part(name: str, b64: str) -> dict:
+    field, mime = PARTS[name]
+    return {"type": field, field: {"url": f"data:{mime};base64,{b64}"}}
 
 
 def _png_b64(image: np.ndarray) -> str:

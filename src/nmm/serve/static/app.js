@@ -1,8 +1,8 @@
-// nmm playground: a chat over /v1/chat/completions with streaming, image and audio upload (or recording),
-// and image or spoken answers. wav.js (loaded first) turns audio into input_audio parts.
+// nmm playground: a chat over /v1/chat/completions with streaming, image, audio (or a recording) and video
+// upload, and image, spoken or video answers. wav.js (loaded first) turns audio into input_audio parts.
 "use strict";
 const $ = (id) => document.getElementById(id);
-const state = { model: null, history: [], image: null, audio: null, recorder: null };
+const state = { model: null, video: false, history: [], image: null, audio: null, clip: null, recorder: null };
 
 for (const id of ["temperature", "top_p", "cfg_scale"]) {
   const show = () => ($(id + "-v").textContent = $(id).value);
@@ -32,6 +32,9 @@ async function loadModel() {
     const facts = [m.id];
     if (m.image_size) facts.push(`${m.image_size}px images`);
     if (m.audio) facts.push(`audio up to ${m.audio.max_seconds} s`);
+    state.video = Boolean(m.video); // a GIF is then sent as a video; the video answer box is shown
+    if (m.video) facts.push(`${m.video.frames}-frame ${m.video.size}px clips`);
+    $("video-mode-label").hidden = !(m.video && m.video.can_generate);
     $("model").textContent = [...facts, `${m.context_length}-token context`].join(" · ");
     if (!m.image_size) $("prompt").placeholder = "type a sentence, or attach audio to transcribe";
   } catch (e) {
@@ -56,6 +59,12 @@ function addImage(div, url) {
   img.alt = "image";
   div.appendChild(img);
 }
+function addClip(div, url) { // a GIF plays in an <img>; an MP4 or WebM needs a <video>
+  if (url.startsWith("data:image/")) return addImage(div, url);
+  const video = document.createElement("video");
+  Object.assign(video, { src: url, muted: true, autoplay: true, loop: true });
+  div.appendChild(video);
+}
 function addAudio(div, url) {
   const audio = document.createElement("audio");
   audio.controls = true;
@@ -64,9 +73,13 @@ function addAudio(div, url) {
 }
 const scroll = () => ($("log").scrollTop = $("log").scrollHeight);
 
+function clearPicture() { // the attached image or clip
+  state.image = state.clip = null;
+  $("preview").hidden = $("video-preview").hidden = true;
+  $("video-preview").removeAttribute("src");
+}
 function clearAttachment() {
-  state.image = null;
-  $("preview").hidden = true;
+  clearPicture();
   $("file").value = "";
   clearAudio();
 }
@@ -109,20 +122,27 @@ $("record").addEventListener("click", async () => {
 $("file").addEventListener("change", () => {
   const file = $("file").files[0];
   if (!file) return;
-  if (file.type.startsWith("audio/") || /\.(wav|mp3|flac|ogg|webm|m4a)$/i.test(file.name)) {
+  const video = file.type.startsWith("video/");
+  if (!video && (file.type.startsWith("audio/") || /\.(wav|mp3|flac|ogg|webm|m4a)$/i.test(file.name))) {
     attachAudio(file, file.name);
     return;
   }
-  const reader = new FileReader(); // the image travels as a data URL, as OpenAI's API expects
+  // A video (or, for a model with video, a GIF) goes as a video_url part; GIFs and images preview in the <img>.
+  const clip = video || (state.video && file.type === "image/gif");
+  const reader = new FileReader(); // the file travels as a data URL, as OpenAI's API expects
   reader.onload = () => {
-    state.image = reader.result;
-    $("preview").src = reader.result;
-    $("preview").hidden = false;
+    clearPicture();
+    state[clip ? "clip" : "image"] = reader.result;
+    const shown = video ? $("video-preview") : $("preview");
+    shown.src = reader.result;
+    shown.hidden = false;
   };
   reader.readAsDataURL(file);
 });
-$("preview").title = "click to remove";
-$("preview").addEventListener("click", clearAttachment);
+for (const id of ["preview", "video-preview"]) {
+  $(id).title = "click to remove";
+  $(id).addEventListener("click", clearAttachment);
+}
 $("clear").addEventListener("click", () => {
   state.history = [];
   $("log").replaceChildren();
@@ -131,10 +151,10 @@ $("clear").addEventListener("click", () => {
 $("composer").addEventListener("submit", async (event) => {
   event.preventDefault();
   const text = $("prompt").value.trim();
-  if ($("send").disabled || (!text && !state.image && !state.audio)) return;
+  if ($("send").disabled || (!text && !state.image && !state.audio && !state.clip)) return;
   const user = bubble("user");
   let content = text;
-  if (state.image || state.audio) { // parts: the image, the audio, then the text (the server's order too)
+  if (state.image || state.audio || state.clip) { // parts: image, audio, video, then the text (the server's order)
     content = [];
     if (state.image) {
       addImage(user, state.image);
@@ -143,6 +163,10 @@ $("composer").addEventListener("submit", async (event) => {
     if (state.audio) {
       addAudio(user, $("audio-preview").src);
       content.push({ type: "input_audio", input_audio: state.audio });
+    }
+    if (state.clip) {
+      addClip(user, state.clip);
+      content.push({ type: "video_url", video_url: { url: state.clip } });
     }
     content.push({ type: "text", text });
   }
@@ -166,6 +190,7 @@ function requestBody(messages) {
                  top_p: num("top_p"), max_tokens: num("max_tokens"), cfg_scale: num("cfg_scale") };
   if ($("seed").value !== "") body.seed = num("seed");
   if ($("image_mode").checked) body.modalities = ["image"];
+  if ($("video_mode").checked && !$("video-mode-label").hidden) body.modalities = ["text", "video"];
   if ($("speak").checked) {  // a spoken answer: OpenAI's audio output fields (the model has one voice)
     body.modalities = ["text", "audio"];
     body.audio = { voice: "default", format: "wav" };
@@ -174,7 +199,7 @@ function requestBody(messages) {
 }
 
 // Streams one answer into a new bubble, rendering each text delta as the server decodes it; returns its
-// content (text or image parts; for speech, its transcript), or null on error.
+// content (text, or image or video parts; for speech, its transcript), or null on error.
 async function send(messages) {
   const div = bubble("assistant pending");
   const textEl = addText(div, "");
@@ -211,8 +236,8 @@ async function send(messages) {
           text += delta.content;
           textEl.textContent = text;
         } else if (Array.isArray(delta.content)) {
-          for (const part of delta.content.filter((p) => p.type === "image_url")) {
-            addImage(div, part.image_url.url);
+          for (const part of delta.content.filter((p) => p.type === "image_url" || p.type === "video_url")) {
+            addImage(div, (part.image_url || part.video_url).url); // a video answer is a GIF: it plays in <img>
             images.push(part);
           }
         }
