@@ -226,6 +226,18 @@ def test_server_process_reports_a_failed_start():
         pass
 
 
+def test_bench_video_quick_writes_json(tmp_path):
+    out = tmp_path / "video.json"
+    text = bench_cli("video", "--run", "video-tiny", "--quick", "--out", out)
+    assert "s/clip" in text
+    result = json.loads(out.read_text())["video"]
+    assert result["parity"]["max_abs_diff"] < result["parity"]["atol"]
+    assert {r["task"] for r in result["rows"]} == {"text_to_clip", "captioning"}
+    for row in result["rows"]:
+        assert positive(row["nmm_item_s"], row["hf_item_s"], row["speedup"])
+        assert row["tokens_match"] == 1.0  # greedy, same weights: the same tokens on both sides
+
+
 def test_bench_train_quick_reports_ratios_and_mfu(tmp_path):
     out = tmp_path / "train.json"
     text = bench_cli("train", "--quick", "--size", "32,2,4,2,64,2,32", "--out", out)

@@ -5,6 +5,7 @@
     nmm bench server --run shapes-demo
     nmm bench all    --run shapes-demo --compile --out bench.json   # eager and compiled pairs
     nmm bench train  --compile                                     # training step and MFU vs HF Llama
+    nmm bench video  --run runs/demo-video                         # seconds per clip vs HF generate
 
 Each subcommand prints a table and writes JSON: {"target": ..., "<benchmark>": {...}}, with every
 timing, the ratios and whether the goal was met. TARGET is a run directory (its trained weights) or
@@ -45,6 +46,7 @@ QUICK = {
     "server": {"clients": (1, 2), "requests_per_level": 4, "warmup_requests": 1, "max_tokens": 8},
     "speech": {"batches": (1, 2), "utterances": 2, "repeats": 1, "warmup": 0, "max_text_tokens": 8,
                "max_audio_tokens": 8},
+    "video": {"batches": (1, 2), "clips": 2, "repeats": 1, "warmup": 0, "max_text_tokens": 8, "max_tokens": 8},
 }
 
 
@@ -155,6 +157,25 @@ def speech(run: Run = "speech-demo", out: Out = None, quick: Quick = False, thre
         kw["repeats"] = repeats
     result = run_speech(_load(run), threads=threads, log=console.print, **kw)
     _finish({"speech": result}, run, quick, out, "speech")
+
+
+@bench_app.command("video")
+def video(run: Run = "video-demo", out: Out = None, quick: Quick = False, threads: Threads = 1,
+          repeats: Repeats = None):
+    """Seconds per clip for text -> clip and clip captioning: nmm's Engine vs HF `generate`, same weights.
+
+    Captions of moving-shapes clips are turned into clips (greedy, video codes until <eov>) and clips are
+    captioned (until <eos>), at batch 1 and 8 on both sides; the logits are checked to match first and the
+    table says whether both produced the same tokens. Decoding codes to frames is timed on its own."""
+    from nmm.bench.video import run_video
+    from nmm.config import load_config
+
+    kw = dict(QUICK["video"]) if quick else {}
+    if repeats:
+        kw["repeats"] = repeats
+    cfg = load_config(str(Path(run) / "config.yaml") if Path(run).is_dir() else run)
+    result = run_video(_load(run), cfg, threads=threads, log=console.print, **kw)
+    _finish({"video": result}, run, quick, out, "video")
 
 
 @bench_app.command("train")

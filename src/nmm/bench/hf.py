@@ -308,3 +308,16 @@ def quiet_transformers() -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
+
+
+def hf_generate(hf, prompts: list[list[int]], v, new_tokens: int, allowed: torch.Tensor, eos: int) -> list[list[int]]:
+    """Greedy HF `generate` of left-padded prompts, choosing only `allowed` ids (V,) bool, stopping at
+    `eos`: each row's new tokens up to and including `eos`."""
+    from transformers import GenerationConfig
+
+    ids, mask = left_pad(prompts, v.pad, hf.device)
+    cfg = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, pad_token_id=v.pad, eos_token_id=eos,
+                           use_cache=True)
+    seqs = hf.generate(input_ids=ids, attention_mask=mask, generation_config=cfg,
+                       logits_processor=[allowed_ids_processor(allowed.to(hf.device))])
+    return [row[: row.index(eos) + 1] if eos in row else row for row in seqs[:, ids.shape[1]:].tolist()]

@@ -94,3 +94,21 @@ def speech_table(result: dict) -> Table:
 
 
 TABLES["speech"] = speech_table
+
+
+def video_table(result: dict) -> Table:
+    p, c = result["parity"], result["config"]
+    table = Table(title=f"video: seconds per clip, nmm vs HF {p['hf_arch']}.generate (same weights, max |logit diff| "
+                        f"{p['max_abs_diff']:.1e}); {c['frames']}-frame clips, {c['layout']} layout",
+                  caption="s/clip = generation wall seconds / batch (lower is faster); decoding codes to frames apart")
+    for col in ("task", "batch", "nmm s/clip", "HF s/clip", "HF/nmm", "best", "same tokens", "tokens", "decode s"):
+        table.add_column(col, justify="right")
+    for r in result["rows"]:
+        table.add_row(r["task"], str(r["batch"]), f"{r['nmm_item_s']:.3f}", f"{r['hf_item_s']:.3f}",
+                      f"{r['speedup']:.2f}x", f"{r['speedup_best']:.2f}x", f"{r['tokens_match']:.0%}",
+                      f"{r['mean_tokens']:.0f}" if "mean_tokens" in r else "-",
+                      f"{r['decode_s']:.4f}" if "decode_s" in r else "-")
+    return table
+
+
+TABLES["video"] = video_table

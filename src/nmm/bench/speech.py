@@ -25,18 +25,12 @@ import time
 import numpy as np
 import torch
 
-from nmm.bench.common import env_info, pair, set_threads, time_turns
+from nmm.bench.common import env_info, set_threads
 from nmm.bench.decode import parity_ids
-from nmm.bench.hf import (
-    allowed_ids_processor,
-    left_pad,
-    logits_parity,
-    nmm_to_hf,
-    quiet_transformers,
-)
+from nmm.bench.hf import logits_parity, nmm_to_hf, quiet_transformers
+from nmm.bench.items import item_generation, text_completion
 from nmm.errors import NmmError
 from nmm.infer.engine import Engine
-from nmm.infer.sampling import SamplingConfig
 
 
 def _utterances(n: int, seed: int = 5):
@@ -96,70 +90,27 @@ def run_speech(pipe, batches=(1, 8), utterances: int = 8, repeats: int = 3, warm
     }
 
 
-def _hf_generate(hf, prompts, v, new_tokens, allowed, eos):
-    from transformers import GenerationConfig
-
-    ids, mask = left_pad(prompts, v.pad, hf.device)
-    cfg = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, pad_token_id=v.pad, eos_token_id=eos,
-                           use_cache=True)
-    seqs = hf.generate(input_ids=ids, attention_mask=mask, generation_config=cfg,
-                       logits_processor=[allowed_ids_processor(allowed.to(hf.device))])
-    out = []
-    for row in seqs[:, ids.shape[1]:].tolist():
-        out.append(row[: row.index(eos) + 1] if eos in row else row)
-    return out
-
-
 def _recognition(engine, hf, prompts, audio_seconds, new_tokens, repeats, warmup, log) -> dict:
-    v, greedy, out = engine.vocab, SamplingConfig(temperature=0.0), {}
-    text = torch.zeros(v.size, dtype=torch.bool)
-    text[: v.n_text] = True
-    text[v.eos] = True
-
-    @torch.no_grad()
-    def nmm():
-        res = engine.generate(prompts, new_tokens, greedy, allow_images=False)
-        out["nmm"] = [t + [v.eos] if d else t for t, d in zip(res.tokens, res.finished)]
-
-    @torch.no_grad()
-    def hf_():
-        out["hf"] = _hf_generate(hf, prompts, v, new_tokens, text, v.eos)
-
-    times = time_turns({"nmm": nmm, "hf": hf_}, repeats, warmup)
-    p = pair(times["nmm"], times["hf"], lambda t: round(t / audio_seconds, 5), "rtf")
-    p["tokens_match"] = sum(a == b for a, b in zip(out["nmm"], out["hf"])) / len(prompts)
-    p["audio_seconds"] = round(audio_seconds, 3)
+    p, _ = text_completion(engine, hf, prompts, new_tokens, repeats, warmup)
+    nmm_s, hf_s = p.pop("nmm_item_s"), p.pop("hf_item_s")
+    p.update(nmm_rtf=round(nmm_s * len(prompts) / audio_seconds, 5), hf_rtf=round(hf_s * len(prompts) / audio_seconds, 5),
+             audio_seconds=round(audio_seconds, 3))
     log(f"recognition batch {len(prompts)}: RTF nmm {p['nmm_rtf']:.4f}, HF {p['hf_rtf']:.4f}, {p['speedup']:.2f}x")
     return p
 
 
 def _synthesis(engine, hf, codec, prompts, new_tokens, repeats, warmup, log) -> dict:
-    v, greedy, out = engine.vocab, SamplingConfig(temperature=0.0), {}
-    end = v.end("audio")
-    audio = torch.zeros(v.size, dtype=torch.bool)
-    audio[slice(*v.range("audio"))] = True
-    audio[end] = True
-
-    @torch.no_grad()
-    def nmm():
-        res = engine.generate(prompts, new_tokens, greedy, allow_images=("audio",), stop_after_image=True)
-        out["nmm"] = res.tokens
-
-    @torch.no_grad()
-    def hf_():
-        out["hf"] = _hf_generate(hf, prompts, v, new_tokens, audio, end)
-
-    times = time_turns({"nmm": nmm, "hf": hf_}, repeats, warmup)
+    p, out = item_generation(engine, hf, "audio", prompts, new_tokens, repeats, warmup)
+    v, end = engine.vocab, engine.vocab.end("audio")
     codes = [[c - v.start("audio") for c in t if c != end] for t in out["nmm"]]
     audio_seconds = max(sum(len(c) for c in codes) / codec.tokens_per_second, 1e-9)
     t0 = time.perf_counter()
     codec.decode([torch.tensor(c, dtype=torch.long) for c in codes])
     vocoder_rtf = (time.perf_counter() - t0) / audio_seconds
-    p = pair(times["nmm"], times["hf"], lambda t: round(t / audio_seconds, 5), "rtf")
-    p["tokens_match"] = sum(a == b for a, b in zip(out["nmm"], out["hf"])) / len(prompts)
-    p["audio_seconds"] = round(audio_seconds, 3)
-    p["vocoder_rtf"] = round(vocoder_rtf, 5)
-    p["mean_codes"] = float(np.mean([len(c) for c in codes]))
+    nmm_s, hf_s = p.pop("nmm_item_s"), p.pop("hf_item_s")
+    p.update(nmm_rtf=round(nmm_s * len(prompts) / audio_seconds, 5), hf_rtf=round(hf_s * len(prompts) / audio_seconds, 5),
+             audio_seconds=round(audio_seconds, 3), vocoder_rtf=round(vocoder_rtf, 5),
+             mean_codes=float(np.mean([len(c) for c in codes])))
     log(f"synthesis batch {len(prompts)}: RTF nmm {p['nmm_rtf']:.4f}, HF {p['hf_rtf']:.4f}, {p['speedup']:.2f}x "
         f"(vocoder {vocoder_rtf:.4f})")
     return p

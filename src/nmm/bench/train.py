@@ -51,11 +51,11 @@ import torch.nn.functional as F
 
 # The nmm -> HF conversion lives in the package (one copy, shared with `nmm bench`).
 from nmm.bench.hf import hf_llama_config, make_hf_llama, nmm_to_hf_llama  # noqa: F401  (re-exported)
-from nmm.perf import count_flops, gemm_peak
 from nmm.config import ModelConfig
 from nmm.modalities.image import image_spec
 from nmm.modalities.vocab import Vocabulary
 from nmm.model.model import NativeMultimodalModel
+from nmm.perf import count_flops, gemm_peak
 
 # The nmm demo model's vocabulary: 768 text ids + 5 specials + 3200 image codes (200 shapes x 16 colours).
 DEMO_VOCAB = Vocabulary(768, (image_spec(3200, (200, 16), 64),))

@@ -51,6 +51,10 @@ class VideoCodec:
         self.mark = self.C + self.N  # delta: the frame mark
         self._background = None  # delta: the code of an empty patch, for a stream cut short
 
+    def eval(self) -> VideoCodec:  # like the other codecs (nn.Modules): inference mode for the frame tokenizer
+        self.frame_codec.eval()
+        return self
+
     # ---- the vocabulary's view ----------------------------------------------------------------
     @property
     def spec(self) -> ModalitySpec:

@@ -70,6 +70,7 @@ def build_random_pipeline(preset: str, seed: int = 0) -> Pipeline:
     from nmm.modalities.codecs import Codecs
     from nmm.modalities.image import ImageTokenizer
     from nmm.modalities.text import TextTokenizer
+    from nmm.modalities.video import VideoCodec
     from nmm.model.model import NativeMultimodalModel
 
     cfg = load_config(preset)
@@ -80,7 +81,8 @@ def build_random_pipeline(preset: str, seed: int = 0) -> Pipeline:
     else:
         texts = source.texts()
     text = TextTokenizer.train(texts, vocab_size=cfg.text.vocab_size)
-    build = {"image": lambda: ImageTokenizer(cfg.image), "audio": lambda: AudioCodec(cfg.audio)}
+    build = {"image": lambda: ImageTokenizer(cfg.image), "audio": lambda: AudioCodec(cfg.audio),
+             "video": lambda: VideoCodec(ImageTokenizer(cfg.image), cfg.video)}
     with torch.random.fork_rng(devices=[]):  # seeded weights without touching the caller's RNG
         torch.manual_seed(seed)
         codecs = Codecs(text, *(build[name]().eval() for name in source.modalities))
