@@ -22,12 +22,12 @@ from nmm.data.video_folder import (
     VideoFolder,
     VideoFolderSource,
     read_video_folder,
-    sample_indices,
     write_example_video_folder,
 )
 from nmm.errors import ConfigError, InputError, NmmError
 from nmm.modalities.document import ItemSegment, TextSegment
-from nmm.modalities.video import write_gif
+from nmm.modalities.image import ImageTokenizer
+from nmm.modalities.video import VideoCodec, sample_indices, write_gif
 
 
 # ---- fixtures: files written on the spot --------------------------------------------------------
@@ -289,7 +289,6 @@ def untrained_codecs(cfg, texts):
     from nmm.modalities.codecs import Codecs
     from nmm.modalities.image import ImageTokenizer
     from nmm.modalities.text import TextTokenizer
-    from nmm.modalities.video import VideoCodec
 
     torch.manual_seed(0)
     return Codecs(TextTokenizer.train(texts * 5, vocab_size=300), VideoCodec(ImageTokenizer(cfg.image), cfg.video))
@@ -333,3 +332,15 @@ def test_nmm_train_on_a_folder_of_videos(videos, tmp_path):
     stats = json.loads((out / "tokenizer_stats.json").read_text())["video"]
     assert "psnr_db" in stats and stats["tokens_per_clip"]["full"] == 8 * stats["tokens_per_clip"]["image"]
     assert "loss_video" in json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+
+
+def test_a_served_video_is_sampled_as_a_folders_training_clip(tmp_path):
+    """`VideoCodec.from_bytes` (what the server and the pipeline read) and the folder source pick the
+    same frames of the same file: a long MP4 is cut to the window, not spread over its length."""
+    data = encode(moving_square(24), fps=8)  # 3 s at 8 fps; the window is 8 frames at 4 fps = 2 s
+    (tmp_path / "long.mp4").write_bytes(data)
+    write_lines(tmp_path, [entry("long.mp4", "a square moves right")])
+    clips, _, _ = read_video_folder(tmp_path, frames=8, size=32, fps=4)
+    cfg = load_config("video-tiny")
+    served = VideoCodec(ImageTokenizer(cfg.image), cfg.video).from_bytes(data)
+    np.testing.assert_array_equal(served, clips[0])

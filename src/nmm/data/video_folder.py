@@ -47,11 +47,9 @@ import json
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from nmm.config import DataConfig, RunConfig
 from nmm.data.audio_folder import AudioFolder, Skipped, normalise_transcript
@@ -60,7 +58,15 @@ from nmm.data.mixture import RoleSampler, TranscriptPool, speech_roles
 from nmm.data.sources import register_source
 from nmm.errors import ConfigError, InputError
 from nmm.modalities.codecs import Codecs
-from nmm.modalities.video import read_frames, write_gif
+from nmm.modalities.video import (
+    fit_clip,
+    frame_times,
+    pil_durations,
+    probe,
+    read_frames,
+    sample_indices,
+    write_gif,
+)
 
 # A clip longer than this is skipped, unread; until `video.max_seconds` exists in the config.
 DEFAULT_MAX_SECONDS = 10.0
@@ -70,97 +76,8 @@ SUMMARY_NAMES = 5  # names listed per reason in the summary; the rest are counte
 # The roles `moving_shapes` offers over clips and captions (nmm.data.video_source.ROLE_NAMES, an app
 # module the core may not import): the same names, so a run's role weights carry over.
 ROLE_NAMES = ("video_captioning", "text_to_clip")
-_TOLERANCE = 1e-3  # seconds: timestamps closer than a millisecond to a sampling instant count as on it
 
 log = logging.getLogger(__name__)
-
-
-# ---- one file ---------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Probe:
-    """What a video file's container says without decoding it (PyAV): whether it holds a video
-    stream, its length in seconds (None if unknown) and its frames' presentation times, sorted and
-    starting at 0 (None if they are missing or not strictly increasing)."""
-
-    has_video: bool
-    seconds: float | None
-    times: np.ndarray | None
-
-
-def probe(path: Path) -> Probe | None:
-    """The container's view of `path` (demuxed, not decoded: cheap even for a long file), or None
-    where PyAV is missing or cannot open it (APNG, animated WebP: PIL reads those)."""
-    try:
-        import av
-    except ImportError:
-        return None
-    try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                return Probe(False, None, None)
-            stream = container.streams.video[0]
-            seconds = container.duration / av.time_base if container.duration else None
-            time_base = float(stream.time_base)
-            try:
-                # The last packet of some formats is a flush marker without a time.
-                pts = sorted(p.pts for p in container.demux(stream) if p.pts is not None)
-            except (av.error.FFmpegError, ValueError):
-                return Probe(True, seconds, None)  # the decoder will say what is wrong
-    except (av.error.FFmpegError, ValueError, OSError):
-        return None
-    times = (np.array(pts, dtype=np.float64) - (pts[0] if pts else 0)) * time_base
-    if len(times) > 1 and not (np.diff(times) > 0).all():
-        times = None  # repeated or backward times (joined streams, broken muxers): not a time line
-    return Probe(True, seconds, times)
-
-
-def frame_times(frames: list[Image.Image], found: Probe | None) -> np.ndarray | None:
-    """Each decoded frame's presentation time in seconds from the first, or None if unknown: the
-    container's times where there is one per frame, else PIL's per-frame durations (GIF, APNG)."""
-    if found is not None and found.times is not None and len(found.times) == len(frames):
-        return found.times
-    durations = pil_durations(frames)
-    return None if durations is None else np.concatenate([[0.0], np.cumsum(durations[:-1])])
-
-
-def pil_durations(frames: list[Image.Image]) -> np.ndarray | None:
-    """Each frame's display time in seconds as PIL read it (GIF, APNG, WebP), or None unless every
-    frame has a positive one."""
-    durations = [f.info.get("duration") for f in frames]
-    if durations and all(isinstance(d, (int, float)) and d > 0 for d in durations):
-        return np.array(durations, dtype=np.float64) / 1000.0
-    return None
-
-
-def sample_indices(times: np.ndarray | None, n_source: int, frames: int, fps: float,
-                   seconds: float | None = None) -> tuple[np.ndarray, str | None]:
-    """Which of `n_source` decoded frames make the `frames`-frame clip, and a note on how it was
-    fitted ("cut to the first 2 s", "padded to 2 s with its last frame"; None: it fills the window).
-
-    Frame k is the source frame on screen at time k / fps (the last one starting at or before it);
-    past the clip's end that is its last frame, i.e. a short clip is padded by repeating it ("padded"
-    only then: a 1.9 s clip covers every instant of a 2 s window at 4 fps, the last being 1.75 s).
-    `seconds` is the clip's length where known (else: its last frame's time plus a frame interval)."""
-    if times is None:
-        return np.linspace(0, n_source - 1, frames).round().astype(int), "sampled evenly (no usable timestamps)"
-    targets = np.arange(frames) / fps
-    picks = np.searchsorted(times, targets + _TOLERANCE, side="right") - 1
-    picks = np.clip(picks, 0, n_source - 1)
-    window = frames / fps
-    if seconds is None:
-        step = float(np.median(np.diff(times))) if len(times) > 1 else 1.0 / fps
-        seconds = float(times[-1]) + step
-    if seconds > window + _TOLERANCE:
-        return picks, f"cut to the first {window:g} s"
-    if targets[-1] >= seconds - _TOLERANCE:  # an instant after the clip ended: its last frame again
-        return picks, f"padded to {window:g} s with its last frame"
-    return picks, None
-
-
-def fit_clip(frames: list[Image.Image], picks: np.ndarray, size: int) -> np.ndarray:
-    """The picked frames as (len(picks), size, size, 3) uint8, by `VideoCodec.from_bytes`'s resize."""
-    return np.stack([np.asarray(frames[i].convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.uint8)
-                     for i in picks])
 
 
 # ---- the index file ---------------------------------------------------------------------------

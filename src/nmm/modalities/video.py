@@ -20,8 +20,10 @@ applies); `delta` mixes three kinds of token, so its codes are not factorised.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -101,7 +103,7 @@ class VideoCodec:
         """(F, N) -> key frame, then per later frame: mark, and for each run of changed patches (raster
         order) its first position and the run's new codes."""
         out = [codes[0]]
-        for prev, cur in zip(codes[:-1], codes[1:]):
+        for prev, cur in itertools.pairwise(codes):
             out.append(torch.tensor([self.mark]))
             changed = (cur != prev).nonzero().squeeze(1).tolist()
             for i, p in enumerate(changed):
@@ -167,15 +169,10 @@ class VideoCodec:
         return write_gif(clip, self.config.fps)
 
     def from_bytes(self, data: bytes) -> np.ndarray:
-        """An animated GIF (PIL) or MP4 / WebM (PyAV) -> (F, S, S, 3) uint8: frames resized to the
-        frame tokenizer's size and resampled to `video.frames` evenly over the clip."""
-        frames = read_frames(data)
-        if not frames:
-            raise ValueError("the video has no frames")
-        S, F = self.size, self.config.frames
-        pick = np.linspace(0, len(frames) - 1, F).round().astype(int)
-        out = [np.asarray(frames[i].convert("RGB").resize((S, S), Image.BILINEAR), dtype=np.uint8) for i in pick]
-        return np.stack(out)
+        """An animated GIF (PIL) or MP4 / WebM (PyAV) -> (F, S, S, 3) uint8: `video.frames` frames at
+        `video.fps` from the start, resized to the frame tokenizer's size: sampled as a video folder's
+        training clips are (`read_clip`)."""
+        return read_clip(data, self.config.frames, self.size, self.config.fps)[0]
 
     # ---- persistence --------------------------------------------------------------------------
     def save(self, run_dir: str | os.PathLike) -> None:
@@ -220,6 +217,111 @@ def read_frames(data: bytes) -> list[Image.Image]:
             return [frame.to_image() for frame in container.decode(video=0)]
     except (av.error.FFmpegError, ValueError, IndexError) as e:
         raise ValueError(f"not a readable video ({e.__class__.__name__}: {e})") from None
+
+
+# ---- sampling a video file's frames (the folder source and `from_bytes` alike) -------------------
+_TOLERANCE = 1e-3  # seconds: timestamps closer than a millisecond to a sampling instant count as on it
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What a video file's container says without decoding it (PyAV): whether it holds a video
+    stream, its length in seconds (None if unknown) and its frames' presentation times, sorted and
+    starting at 0 (None if they are missing or not strictly increasing)."""
+
+    has_video: bool
+    seconds: float | None
+    times: np.ndarray | None
+
+
+def probe(source: str | os.PathLike | bytes) -> Probe | None:
+    """The container's view of a file or its bytes (demuxed, not decoded: cheap even for a long file),
+    or None where PyAV is missing or cannot open it (GIF, APNG, animated WebP: PIL reads those)."""
+    try:
+        import av
+    except ImportError:
+        return None
+    try:
+        with av.open(io.BytesIO(source) if isinstance(source, bytes) else str(source)) as container:
+            if not container.streams.video:
+                return Probe(False, None, None)
+            stream = container.streams.video[0]
+            seconds = container.duration / av.time_base if container.duration else None
+            time_base = float(stream.time_base)
+            try:
+                # The last packet of some formats is a flush marker without a time.
+                pts = sorted(p.pts for p in container.demux(stream) if p.pts is not None)
+            except (av.error.FFmpegError, ValueError):
+                return Probe(True, seconds, None)  # the decoder will say what is wrong
+    except (av.error.FFmpegError, ValueError, OSError):
+        return None
+    times = (np.array(pts, dtype=np.float64) - (pts[0] if pts else 0)) * time_base
+    if len(times) > 1 and not (np.diff(times) > 0).all():
+        times = None  # repeated or backward times (joined streams, broken muxers): not a time line
+    return Probe(True, seconds, times)
+
+
+def frame_times(frames: list[Image.Image], found: Probe | None) -> np.ndarray | None:
+    """Each decoded frame's presentation time in seconds from the first, or None if unknown: the
+    container's times where there is one per frame, else PIL's per-frame durations (GIF, APNG)."""
+    if found is not None and found.times is not None and len(found.times) == len(frames):
+        return found.times
+    durations = pil_durations(frames)
+    return None if durations is None else np.concatenate([[0.0], np.cumsum(durations[:-1])])
+
+
+def pil_durations(frames: list[Image.Image]) -> np.ndarray | None:
+    """Each frame's display time in seconds as PIL read it (GIF, APNG, WebP), or None unless every
+    frame has a positive one."""
+    durations = [f.info.get("duration") for f in frames]
+    if durations and all(isinstance(d, (int, float)) and d > 0 for d in durations):
+        return np.array(durations, dtype=np.float64) / 1000.0
+    return None
+
+
+def sample_indices(times: np.ndarray | None, n_source: int, frames: int, fps: float,
+                   seconds: float | None = None) -> tuple[np.ndarray, str | None]:
+    """Which of `n_source` decoded frames make the `frames`-frame clip, and a note on how it was
+    fitted ("cut to the first 2 s", "padded to 2 s with its last frame"; None: it fills the window).
+
+    Frame k is the source frame on screen at time k / fps (the last one starting at or before it);
+    past the clip's end that is its last frame, i.e. a short clip is padded by repeating it ("padded"
+    only then: a 1.9 s clip covers every instant of a 2 s window at 4 fps, the last being 1.75 s).
+    `seconds` is the clip's length where known (else: its last frame's time plus a frame interval)."""
+    if times is None:
+        return np.linspace(0, n_source - 1, frames).round().astype(int), "sampled evenly (no usable timestamps)"
+    targets = np.arange(frames) / fps
+    picks = np.searchsorted(times, targets + _TOLERANCE, side="right") - 1
+    picks = np.clip(picks, 0, n_source - 1)
+    window = frames / fps
+    if seconds is None:
+        step = float(np.median(np.diff(times))) if len(times) > 1 else 1.0 / fps
+        seconds = float(times[-1]) + step
+    if seconds > window + _TOLERANCE:
+        return picks, f"cut to the first {window:g} s"
+    if targets[-1] >= seconds - _TOLERANCE:  # an instant after the clip ended: its last frame again
+        return picks, f"padded to {window:g} s with its last frame"
+    return picks, None
+
+
+def fit_clip(frames: list[Image.Image], picks: np.ndarray, size: int) -> np.ndarray:
+    """The picked frames as (len(picks), size, size, 3) uint8, by `VideoCodec.from_bytes`'s resize."""
+    return np.stack([np.asarray(frames[i].convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.uint8)
+                     for i in picks])
+
+
+def read_clip(data: bytes, frames: int, size: int, fps: float) -> tuple[np.ndarray, str | None]:
+    """A video file's bytes -> (frames, size, size, 3) uint8 sampled at `fps` from its start (cut or padded
+    to the window, see `sample_indices`), and the note on how it was fitted."""
+    decoded = read_frames(data)
+    if not decoded:
+        raise ValueError("the video has no frames")
+    found = probe(data)
+    seconds = found.seconds if found is not None else None
+    if seconds is None and (durations := pil_durations(decoded)) is not None:
+        seconds = float(durations.sum())
+    picks, note = sample_indices(frame_times(decoded, found), len(decoded), frames, fps, seconds)
+    return fit_clip(decoded, picks, size), note
 
 
 def tokens_per_clip(codec: VideoCodec, clips: np.ndarray) -> dict:
