@@ -259,8 +259,8 @@ UNREADABLE = "not a readable video" if HAVE_AV else "reading MP4 / WebM needs Py
 BAD_VIDEOS = [  # (file bytes, MIME type, error code, what the message says)
     (noise_gif(8, 128), "image/gif", "video_too_large", "larger than 100000 bytes"),
     (write_gif(moving_clip(41, 8)), "image/gif", "video_too_long", "more than 40 frames"),
-    (write_gif(moving_clip(4, 128)), "image/gif", "video_too_large", "4 frames of 128x128, 65536 pixels in all, "
-     "more than 40960"),
+    (write_gif(moving_clip(4, 128)), "image/gif", "video_too_large",
+     "4 frames of 128x128, 65536 pixels in all, more than 40960"),
     (write_gif(moving_clip(3, 8), fps=0.2), "image/gif", "video_too_long", "15.00 s long; at most 10 s"),
     (write_gif(moving_clip(8, 32))[:30], "image/gif", "invalid_video", UNREADABLE),
     (b"certainly not a video" * 10, "video/mp4", "invalid_video", UNREADABLE),
@@ -395,7 +395,7 @@ DRIVER = shutil.which("chromedriver")
 def test_playground_video_upload_and_answer(video_server, served_video, tmp_path):
     """Attach a GIF through the file input (it goes as a video_url part: its caption is the API's), then
     tick "Answer with a video": the answer is an <img> of a GIF that Chromium loads at the model's size."""
-    import selenium.webdriver as webdriver
+    from selenium import webdriver
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait

@@ -110,6 +110,9 @@ def probe(raw: bytes, most: int) -> VideoInfo:
         if not container.streams.video:
             raise ValueError("the file has no video stream")
         stream = container.streams.video[0]
+        context = stream.codec_context  # None: FFmpeg has no decoder for the stream's codec
+        if context is None or not (context.width and context.height):
+            raise ValueError("not a readable video (no decoder for its codec, or no frame size in its header)")
         if stream.duration and stream.time_base:
             seconds = float(stream.duration * stream.time_base)
         else:
@@ -122,7 +125,7 @@ def probe(raw: bytes, most: int) -> VideoInfo:
                     break
         except Exception as e:  # a file cut short or damaged between packets
             raise ValueError(f"not a readable video ({e.__class__.__name__})") from None
-        return VideoInfo(frames, stream.codec_context.width, stream.codec_context.height, seconds)
+        return VideoInfo(frames, context.width, context.height, seconds)
 
 
 def read_checked(state: ServerState, raw: bytes, param: str) -> np.ndarray:
@@ -141,7 +144,8 @@ def read_checked(state: ServerState, raw: bytes, param: str) -> np.ndarray:
     try:
         info = probe(raw, limits.max_video_frames)
     except Image.DecompressionBombError:
-        raise refuse("video_too_large", f"the video's frames are more than {limits.max_video_pixels} pixels") from None
+        raise refuse("video_too_large", f"a frame of the video is more than {2 * Image.MAX_IMAGE_PIXELS} pixels "
+                     "(Pillow refuses it as a decompression bomb)") from None
     except ValueError as e:
         raise refuse("invalid_video", str(e)) from None
     if info.frames == 0:
@@ -151,7 +155,8 @@ def read_checked(state: ServerState, raw: bytes, param: str) -> np.ndarray:
                      f"resampled to the model's {codec.config.frames}); send a shorter clip")
     pixels = info.frames * info.width * info.height
     if pixels > limits.max_video_pixels:
-        raise refuse("video_too_large", f"the video is {info.frames} frames of {info.width}x{info.height}, "
+        frames = f"{info.frames} frame{'s' if info.frames > 1 else ''}"
+        raise refuse("video_too_large", f"the video is {frames} of {info.width}x{info.height}, "
                      f"{pixels} pixels in all, more than {limits.max_video_pixels}; send a smaller or shorter clip")
     if info.seconds is not None and info.seconds > limits.max_video_seconds:
         raise refuse("video_too_long", f"the video is {info.seconds:.2f} s long; at most "
