@@ -81,3 +81,15 @@ def test_quick_sweep_writes_table_and_plots(tmp_path):
     # a second call keeps finished points
     again = run_sweep(out, "quick", variants=["early-discrete", "moe"], budget_flops=4e8, log=lambda *a, **k: None)
     assert again["points"]["moe-xs"]["train_seconds"] == points["moe-xs"]["train_seconds"]
+
+
+def test_inspect_lists_every_modality_and_its_positions_per_item():
+    a2a = describe("any-to-any-tiny")
+    assert a2a["modalities"] == ["text", "image", "audio", "video"]
+    assert a2a["positions_per_item"]["image"] == 66
+    assert a2a["positions_per_item"]["audio"] == "25 per second + 2"
+    assert a2a["positions_per_item"]["video"] == "at most 194"  # delta clips: up to video.max_tokens
+    assert set(a2a["params_active_by_modality"]) == {"text", "image", "audio", "video"}
+    video = describe("video-demo")
+    assert video["modalities"] == ["text", "video"] and "positions_per_image" not in video
+    assert video["flops_per_token"] > 0

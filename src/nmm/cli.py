@@ -109,6 +109,9 @@ def train_cmd(
     out_console.print(f"trained {summary['steps']} steps in {summary['train_minutes']:.2f} min -> {out}")
 
 
+ANSWERS = ("text", "image", "speech", "video")
+
+
 @app.command()
 def generate(
     run_dir: Annotated[Path, typer.Argument(help="A trained run directory.")],
@@ -116,65 +119,94 @@ def generate(
                                              "--image.")] = "describe",
     image: Annotated[Optional[Path], typer.Option(help="An input image: caption it (prompt 'describe') or ask about it.")] = None,
     audio: Annotated[Optional[Path], typer.Option(help="An input recording (WAV/FLAC/OGG/MP3): transcribe it.")] = None,
-    speak: Annotated[bool, typer.Option("--speak", help="Answer in speech: write the prompt spoken as a WAV "
-                                                        "(the default for a model without images).")] = False,
-    out: Annotated[Optional[Path], typer.Option(help="Where to write a generated image (PNG) or speech (WAV); "
-                                                     "default generated.png / generated.wav.")] = None,
+    video: Annotated[Optional[Path], typer.Option(help="An input clip (GIF/MP4/WebM): caption it.")] = None,
+    answer: Annotated[Optional[str], typer.Option(help="What to write: text | image | speech | video (default: text "
+                                                       "about an input, else the model's first output modality).")] = None,
+    speak: Annotated[bool, typer.Option("--speak", help="Answer in speech (the same as --answer speech).")] = False,
+    out: Annotated[Optional[Path], typer.Option(help="Where to write a generated image (PNG), speech (WAV) or clip "
+                                                     "(GIF); default generated.png / .wav / .gif.")] = None,
     cfg_scale: Annotated[Optional[float], typer.Option(help="Classifier-free guidance (1 = off; default 2 for "
-                                                            "images, 1 for speech).")] = None,
+                                                            "images and clips, 1 for speech).")] = None,
     temperature: Annotated[float, typer.Option(help="Sampling temperature (0 = greedy).")] = 0.3,
     top_k: Annotated[Optional[int], typer.Option(help="Sample from the k most likely tokens.")] = None,
     top_p: Annotated[Optional[float], typer.Option(help="Nucleus sampling mass.")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
 ):
-    """Text -> image (PNG) or speech (WAV); image -> text (a caption or an answer); speech -> text."""
+    """Text -> image (PNG), speech (WAV) or clip (GIF); image -> text (a caption or an answer); speech ->
+    text; clip -> text."""
     import nmm
-    from nmm.data.folder import load_image
 
     pipe = nmm.load(run_dir)
     has = set(pipe.codecs.modalities)
-    if audio is not None:
-        if "audio" not in has:
-            raise NmmError(f"{run_dir}: this model has no audio modality (it has: text, {', '.join(has) or 'nothing else'})")
+    given = {name: path for name, path in (("image", image), ("audio", audio), ("video", video)) if path is not None}
+    for name in given:
+        if name not in has:
+            raise NmmError(f"{run_dir}: this model has no {name} modality (it has: text, {', '.join(has) or 'nothing else'})")
+    kind = "speech" if speak else answer
+    if kind is None:
+        kind = "text" if given else next((k for k, m in (("image", "image"), ("speech", "audio"), ("video", "video"))
+                                          if m in has), "text")
+    if kind not in ANSWERS:
+        raise NmmError(f"--answer {kind}: expected one of {', '.join(ANSWERS)}")
+    if kind == "text":
+        out_console.print(_describe(pipe, given, prompt, temperature, seed))
+        return
+    if given:
+        raise NmmError(f"--answer {kind} writes from the prompt alone; drop --{next(iter(given))} (or answer in text)")
+    modality = {"image": "image", "speech": "audio", "video": "video"}[kind]
+    if modality not in has:
+        raise NmmError(f"{run_dir}: this model cannot write {kind} (no {modality} modality)")
+    scale = (1.0 if modality == "audio" else 2.0) if cfg_scale is None else cfg_scale
+    item = pipe.generate_items(modality, [prompt], cfg_scale=scale, temperature=temperature, top_k=top_k, top_p=top_p,
+                               seed=seed)[0]
+    out = out or Path("generated." + {"image": "png", "audio": "wav", "video": "gif"}[modality])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out_console.print(f"wrote {out}{_write(pipe, modality, item, out)}")
+
+
+def _describe(pipe, given: dict, prompt: str, temperature: float, seed: int) -> str:
+    """The text answer about an input item (a caption, a transcript, an answer to a question on an image)."""
+    if "audio" in given:
         from nmm.modalities.audio import read_audio
 
         try:
-            wave, notes = read_audio(audio, str(audio))
+            wave, notes = read_audio(given["audio"], str(given["audio"]))
         except (OSError, ValueError) as e:
             raise NmmError(str(e)) from None
         for note in notes:
-            out_console.print(f"[dim]{audio}: {note}[/dim]")
-        out_console.print(pipe.transcribe([wave], temperature=temperature, seed=seed)[0])
-        return
-    if image is None and (speak or "image" not in has):
-        if "audio" not in has:
-            raise NmmError(f"{run_dir}: this model cannot speak (no audio modality)")
+            out_console.print(f"[dim]{given['audio']}: {note}[/dim]")
+        return pipe.transcribe([wave], temperature=temperature, seed=seed)[0]
+    if "video" in given:
+        try:
+            clip = pipe.codecs.codec("video").from_bytes(given["video"].read_bytes())
+        except (OSError, ValueError) as e:
+            raise NmmError(f"{given['video']}: {e}") from None
+        return pipe.describe("video", clip[None], temperature=temperature, seed=seed)[0]
+    if "image" not in given:
+        raise NmmError("nothing to answer about: give --image, --audio or --video, or --answer image|speech|video")
+    from nmm.data.folder import load_image
+
+    arr = load_image(given["image"], pipe.codecs.image.config.image_size)[None]
+    if prompt.strip().lower() in ("describe", "caption", ""):
+        return pipe.caption(arr, temperature=temperature, seed=seed)[0]
+    return pipe.answer(arr, [prompt], temperature=temperature, seed=seed)[0]
+
+
+def _write(pipe, modality: str, item, out: Path) -> str:
+    """Write a generated item as a file people open (PNG upscaled to 256 px, WAV, looping GIF)."""
+    if modality == "audio":
         from nmm.modalities.audio import write_wav
 
-        wave = pipe.speak([prompt], cfg_scale=1.0 if cfg_scale is None else cfg_scale, temperature=temperature,
-                          seed=seed)[0]
-        out = out or Path("generated.wav")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        write_wav(out, wave)
-        out_console.print(f"wrote {out} ({len(wave) / 16_000:.2f} s)")
-        return
-    if image is None:
-        img = pipe.generate_images([prompt], cfg_scale=2.0 if cfg_scale is None else cfg_scale,
-                                   temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)[0]
-        from PIL import Image
+        write_wav(out, item)
+        return f" ({len(item) / 16_000:.2f} s)"
+    if modality == "video":
+        out.write_bytes(pipe.codecs.codec("video").to_bytes(item))
+        return f" ({len(item)} frames)"
+    from PIL import Image
 
-        out = out or Path("generated.png")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        scale = max(1, 256 // img.shape[0])
-        Image.fromarray(img).resize((img.shape[1] * scale, img.shape[0] * scale), Image.NEAREST).save(out)
-        out_console.print(f"wrote {out}")
-        return
-    arr = load_image(image, pipe.codecs.image.config.image_size)[None]
-    if prompt.strip().lower() in ("describe", "caption", ""):
-        text = pipe.caption(arr, temperature=temperature, seed=seed)[0]
-    else:
-        text = pipe.answer(arr, [prompt], temperature=temperature, seed=seed)[0]
-    out_console.print(text)
+    scale = max(1, 256 // item.shape[0])
+    Image.fromarray(item).resize((item.shape[1] * scale, item.shape[0] * scale), Image.NEAREST).save(out)
+    return ""
 
 
 @app.command("eval")

@@ -22,33 +22,65 @@ from nmm.perf import count_flops
 CAPTION_TOKENS = 12  # a typical shapes caption
 
 
-def build_model(cfg: RunConfig):
+def source_modalities(cfg: RunConfig) -> tuple[str, ...]:
+    """The modalities of a run's data source(s) (`data.source`, joined with "+"), without building them."""
+    import importlib
+
+    from nmm.data.sources import PLUGINS, SOURCES
+
+    names = []
+    for name in cfg.data.source.split("+"):
+        if name not in SOURCES and name in PLUGINS:
+            importlib.import_module(PLUGINS[name])
+        for m in getattr(SOURCES.get(name), "modalities", ("image",)):
+            if m not in names:
+                names.append(m)
+    return tuple(names)
+
+
+def build_codecs(cfg: RunConfig) -> dict:
+    """Untrained codecs of the run's modalities: what they add to the vocabulary does not depend on training."""
+    from nmm.modalities.audio import AudioCodec
     from nmm.modalities.image import ImageTokenizer
+    from nmm.modalities.video import VideoCodec
+
+    build = {"image": lambda: ImageTokenizer(cfg.image), "audio": lambda: AudioCodec(cfg.audio),
+             "video": lambda: VideoCodec(ImageTokenizer(cfg.image), cfg.video)}
+    return {name: build[name]() for name in source_modalities(cfg)}
+
+
+def build_model(cfg: RunConfig):
     from nmm.model.model import NativeMultimodalModel
 
-    image_tok = ImageTokenizer(cfg.image)
-    vocab = Vocabulary(cfg.text.vocab_size, (image_tok.spec,))
+    codecs = build_codecs(cfg)
+    vocab = Vocabulary(cfg.text.vocab_size, tuple(c.spec for c in codecs.values()))
     cfg.model.max_seq_len = max(cfg.model.max_seq_len, cfg.train.seq_len)
-    return NativeMultimodalModel(cfg.model, vocab), image_tok
+    return NativeMultimodalModel(cfg.model, vocab), codecs
 
 
-def reference_batch(vocab: Vocabulary, seq_len: int, generate: bool, seed: int = 0):
-    """One packed row: alternating captioning (image -> text) and, if the model can generate,
-    generation (text -> image) documents, random ids of the right kinds."""
+def _item_length(spec) -> int:
+    # A variable-length item (speech, a delta clip) at a typical length: 64 codes (2.6 s of speech).
+    return spec.tokens_per_item or 64
+
+
+def reference_batch(vocab: Vocabulary, seq_len: int, generate: dict[str, bool], seed: int = 0):
+    """One packed row: for each modality in turn, a reading document (item -> text) and, if the model
+    writes that modality (`generate[name]`), a writing one (text -> item); random ids of the right kinds."""
     g = torch.Generator().manual_seed(seed)
 
     def text(n):
         return torch.randint(0, vocab.n_text, (n,), generator=g).tolist()
 
-    def image():
-        codes = vocab.ids("image", torch.randint(0, vocab.image_codes, (vocab.tokens_per_image,), generator=g))
-        return [vocab.begin("image"), *codes.tolist(), vocab.end("image")]
+    def item(spec):
+        codes = vocab.ids(spec.name, torch.randint(0, spec.codes, (_item_length(spec),), generator=g))
+        return [vocab.begin(spec.name), *codes.tolist(), vocab.end(spec.name)]
 
+    kinds = [(spec, writes) for spec in vocab.modalities for writes in (False, True) if not writes or generate.get(spec.name)]
     ids, targets, doc_ids, generated, positions = [], [], [], [], []
     doc = 0
     while True:
-        gen_doc = generate and doc % 2 == 1
-        parts = [(text(CAPTION_TOKENS), False), (image(), True)] if gen_doc else [(image(), False), (text(CAPTION_TOKENS), True)]
+        spec, gen_doc = kinds[doc % len(kinds)]
+        parts = [(text(CAPTION_TOKENS), False), (item(spec), True)] if gen_doc else [(item(spec), False), (text(CAPTION_TOKENS), True)]
         toks, tgt = [vocab.bos], [False]
         for part, loss in parts:
             toks += part
@@ -56,13 +88,18 @@ def reference_batch(vocab: Vocabulary, seq_len: int, generate: bool, seed: int =
         toks.append(vocab.eos)
         tgt.append(True)
         if len(ids) + len(toks) > seq_len:
-            break
+            if doc == 0:  # an item longer than the row: train on what fits
+                toks, tgt = toks[:seq_len], tgt[:seq_len]
+            else:
+                break
         ids += toks
         targets += [t if flag else -100 for t, flag in zip(toks[1:], tgt[1:])] + [-100]
         generated += (vocab.is_code(torch.tensor(toks)) & gen_doc).tolist()
         positions += list(range(len(toks)))
         doc_ids += [doc] * len(toks)
         doc += 1
+        if len(ids) >= seq_len:
+            break
     pad = seq_len - len(ids)
     as_t = lambda xs, fill, dt=torch.long: torch.tensor([xs + [fill] * pad], dtype=dt)
     return (as_t(ids, vocab.pad), as_t(targets, -100), as_t(positions, 0), as_t(doc_ids, -1),
@@ -71,11 +108,26 @@ def reference_batch(vocab: Vocabulary, seq_len: int, generate: bool, seed: int =
 
 def measured_flops_per_token(model, seq_len: int) -> int:
     """Forward FLOPs per token of a training step (2 per multiply-add), measured on `reference_batch`."""
-    generate = "M2G" in model.images.capabilities
+    generate = {name: "M2G" in interface.capabilities for name, interface in model.modalities.items()}
     (ids, targets, positions, doc_ids, generated), n = reference_batch(model.vocab, seq_len, generate)
     with torch.no_grad():
         flops = count_flops(lambda: model.loss(ids, targets, positions, doc_ids, {}, 0.0, generated))
     return int(flops / n)
+
+
+def positions_per_item(codecs: dict) -> dict:
+    """Sequence positions one item takes, per modality: fixed (begin + codes + end), per second of
+    speech, or a clip's bound (delta clips: the key frame, marks and changes; at most max_tokens)."""
+    out = {}
+    for name, codec in codecs.items():
+        spec = codec.spec
+        if spec.fixed_length:
+            out[name] = spec.tokens_per_item + 2
+        elif hasattr(codec, "tokens_per_second"):
+            out[name] = f"{codec.tokens_per_second:g} per second + 2"
+        else:
+            out[name] = f"at most {codec.max_tokens + 2}"
+    return out
 
 
 def _params(module) -> int:
@@ -89,33 +141,42 @@ def describe(target: str) -> dict:
 
 
 def describe_model(cfg: RunConfig) -> dict:
-    model, image_tok = build_model(cfg)
-    images = model.images
+    model, codecs = build_model(cfg)
+    first = next(iter(model.modalities.values()))
+    images = model.images if model.images is not None else first  # the design-space axes are the image variant's
     total = model.num_params()
     active = count_active_params(model)  # experts a token does not use and other MoT towers left out
-    # Each modality's own input/output parameters are idle for tokens of the other.
-    text_only = _params(model.text_embed) + _params(model.text_head)
-    per_modality = {"text": active - _params(images), "image": active - text_only}
+    # Each modality's own input/output parameters are idle for tokens of the others.
+    own = {"text": _params(model.text_embed) + _params(model.text_head),
+           **{name: _params(interface) for name, interface in model.modalities.items()}}
+    per_modality = {name: active - sum(v for k, v in own.items() if k != name) for name in own}
     vocab = model.vocab
-    return {
+    info = {
         "name": cfg.name,
         "fusion": images.fusion,
         "representation": images.representation,
         "capabilities": list(images.capabilities),
         "routing": cfg.model.routing,
-        "modalities": ["text", "image"],
+        "rope": cfg.model.rope,
+        "modalities": ["text", *model.modalities],
         "params_total": total,
         "params_active": max(per_modality.values()),
         "params_active_by_modality": per_modality,
-        "params_image_interface": _params(images),
         "params_frozen": sum(p.numel() for p in model.parameters() if not p.requires_grad),
-        "image_tokenizer_params": _params(image_tok),
-        "positions_per_image": vocab.tokens_per_image + 2,
-        "image_in_sequence": {"early": "tokens", "late": "projected encoder features",
-                              "mid": "placeholders; features via cross-attention"}[images.fusion],
-        "image_codes": vocab.image_codes,
-        "image_code_factors": list(vocab.image_factors),
+        "codec_params": {name: _params(c.frame_codec if hasattr(c, "frame_codec") else c) for name, c in codecs.items()},
+        "positions_per_item": positions_per_item(codecs),
         "vocab_size": vocab.size,
         "seq_len": cfg.train.seq_len,
         "flops_per_token": measured_flops_per_token(model, cfg.train.seq_len),
     }
+    if model.images is not None:  # the image variant's own view (the sweep and earlier reports read these)
+        info.update({
+            "params_image_interface": _params(model.images),
+            "image_tokenizer_params": info["codec_params"]["image"],
+            "positions_per_image": vocab.tokens_per_image + 2,
+            "image_in_sequence": {"early": "tokens", "late": "projected encoder features",
+                                  "mid": "placeholders; features via cross-attention"}[model.images.fusion],
+            "image_codes": vocab.image_codes,
+            "image_code_factors": list(vocab.image_factors),
+        })
+    return info

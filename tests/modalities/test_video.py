@@ -118,3 +118,15 @@ def test_save_and_load(frames, tmp_path):
     assert loaded.config == c.config and loaded.spec == c.spec
     clips = moving_square_clips(2)
     assert torch.equal(loaded.encode(clips), c.encode(clips))
+
+
+def test_delta_codes_keep_the_frame_tokenizers_factors(frames):
+    c = codec(frames)
+    f0, f1 = frames.code_factors
+    assert c.spec.factors == (f0 + 5, f1) and c.spec.codes == (f0 + 5) * f1  # 64 positions + mark: 5 rows of 16
+    # a frame code's factors are the frame tokenizer's (shape, colour); positions and the mark come after
+    code = 7 * f1 + 3
+    assert divmod(code, f1) == (7, 3)
+    assert divmod(c.C + 17, f1) == (f0 + 1, 1) and divmod(c.mark, f1) == (f0 + 4, 0)
+    unused = torch.tensor([*range(64)] + [c.mark, c.C + 5, c.spec.codes - 1, 9])  # an unused code is skipped
+    assert c._undelta(unused)[1, 5] == 9

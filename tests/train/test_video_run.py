@@ -34,13 +34,17 @@ def test_batches_teach_every_video_role(video_run):
     mixture = prepare_mixture(load_config("video-tiny"), pipe.codecs)
     v, rng = pipe.vocab, np.random.default_rng(0)
     docs = [mixture.sample(rng) for _ in range(60)]
-    assert {d.role for d in docs} == {"video_captioning", "text_to_clip", "video_qa"}
+    assert {d.role for d in docs} == {"video_captioning", "text_to_clip", "video_qa", "clip_continuation"}
     for doc in docs:
         ids, target = (np.array(x) for x in pipe.codecs.encode_document(doc))
         video = v.is_modality("video", ids)
         assert video.any()
         if doc.role == "text_to_clip":  # loss on the clip, never on its caption
             assert (target & video).any() and not (target & (ids < v.n_text)).any()
+        elif doc.role == "clip_continuation":  # the first half is given, the rest and the end are learned
+            codes = np.flatnonzero(video)
+            assert not target[codes[:64]].any() and target[codes[-1]] and target[codes[-1] + 1]
+            assert not (target & (ids < v.n_text)).any()
         else:  # loss on the words only
             assert not (target & video).any() and (target & (ids < v.n_text)).any()
 
@@ -56,3 +60,23 @@ def test_the_same_weights_caption_and_make_clips(video_run):
     assert np.asarray(made).shape == (1, 8, 32, 32, 3) and np.asarray(made).dtype == np.uint8
     gif = pipe.codecs.codec("video").to_bytes(made[0])
     assert pipe.codecs.codec("video").from_bytes(gif).shape == (8, 32, 32, 3)
+
+
+def test_nmm_generate_writes_a_gif_and_captions_one(video_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from nmm.cli import app
+
+    out = tmp_path / "clip.gif"
+    made = CliRunner().invoke(app, ["generate", str(video_run), "--prompt", "a small red circle at the top appears",
+                                    "--out", str(out), "--temperature", "1"])
+    assert made.exit_code == 0, made.output
+    assert "wrote" in made.output and "8 frames" in made.output and out.read_bytes()[:3] == b"GIF"
+    read = CliRunner().invoke(app, ["generate", str(video_run), "--video", str(out)])
+    assert read.exit_code == 0, read.output
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"\x00\x00 not a video")
+    failed = CliRunner().invoke(app, ["generate", str(video_run), "--video", str(bad)])
+    assert failed.exit_code != 0 and "bad.mp4" in str(failed.exception or failed.output)
+    nope = CliRunner().invoke(app, ["generate", str(video_run), "--answer", "speech"])
+    assert nope.exit_code != 0 and "cannot write speech" in str(nope.exception or nope.output)

@@ -34,6 +34,7 @@ import logging
 import re
 import unicodedata
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,31 +142,7 @@ class AudioFolder:
 
     def _records(self, path: Path):
         """(line number, parsed object or None if the line was skipped) for each non-blank line."""
-        if not path.is_file():
-            raise InputError(f"transcripts file not found: {path} (one JSON object per line: "
-                             f'{{"file": "clip.wav", "text": "what is said"}})')
-        try:
-            # utf-8-sig: editors on Windows like to start files with a byte-order mark.
-            text = path.read_text(encoding="utf-8-sig")
-        except (OSError, UnicodeDecodeError) as e:
-            raise InputError(f"cannot read {path}: {e}") from e
-        # split("\n"), not splitlines(): the latter also splits on characters valid inside JSON strings.
-        lines = [(n, line) for n, line in enumerate(text.split("\n"), start=1) if line.strip()]
-        if not lines:
-            raise InputError(f"{path} lists no recordings")
-        for line_number, line in lines:
-            where = f"{TRANSCRIPTS_FILE}:{line_number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                self._skip("bad JSON", f"line {line_number}", f"{where}: invalid JSON ({e.msg})")
-                yield line_number, None
-                continue
-            if not isinstance(record, dict):
-                self._skip("bad JSON", f"line {line_number}",
-                           f'{where}: expected an object like {{"file": ..., "text": ...}}')
-                record = None
-            yield line_number, record
+        return read_index(path, '{"file": "clip.wav", "text": "what is said"}', "recordings", self._skip, "transcripts")
 
     def _load(self, line_number: int, record: dict) -> None:
         where = f"{TRANSCRIPTS_FILE}:{line_number}"
@@ -219,22 +196,60 @@ class AudioFolder:
         return True
 
     def _summarise(self) -> str:
-        out = f"loaded {len(self._texts)} of {self.listed} items"
-        if self.skipped:
-            by_reason: dict[str, list[str]] = {}
-            for s in self.skipped:
-                by_reason.setdefault(s.reason, []).append(s.name)
-            parts = []
-            for reason in REASONS:
-                names = by_reason.get(reason, [])
-                if names:
-                    shown = ", ".join(names[:SUMMARY_NAMES])
-                    more = f", and {len(names) - SUMMARY_NAMES} more" if len(names) > SUMMARY_NAMES else ""
-                    parts.append(f"{len(names)} {reason} ({shown}{more})")
-            out += f"; skipped {len(self.skipped)}: " + ", ".join(parts)
-        if self.notes:
-            out += "; notes: " + ", ".join(f"{count} {note}" for note, count in sorted(self.notes.items()))
-        return out
+        return summarise(len(self._texts), self.listed, self.skipped, self.notes, REASONS)
+
+
+def read_index(path: Path, example: str, nothing: str, skip: Callable[[str, str, str], None],
+               what: str = "captions") -> Iterator[tuple[int, dict | None]]:
+    """(line number, parsed object, or None where the line was skipped via `skip(reason, name,
+    message)`) for each non-blank line of a JSON-lines index. A missing, unreadable or empty file
+    is an `InputError` (`example` shows one line, `nothing` ends "PATH lists no ...", `what` names the
+    file: "captions", "transcripts"). Shared by the folder sources of audio and video."""
+    if not path.is_file():
+        raise InputError(f"{what} file not found: {path} (one JSON object per line: {example})")
+    try:
+        # utf-8-sig: editors on Windows like to start files with a byte-order mark.
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read {path}: {e}") from e
+    # split("\n"), not splitlines(): the latter also splits on characters valid inside JSON strings.
+    lines = [(n, line) for n, line in enumerate(text.split("\n"), start=1) if line.strip()]
+    if not lines:
+        raise InputError(f"{path} lists no {nothing}")
+    for line_number, line in lines:
+        where = f"{path.name}:{line_number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            skip("bad JSON", f"line {line_number}", f"{where}: invalid JSON ({e.msg})")
+            yield line_number, None
+            continue
+        if not isinstance(record, dict):
+            skip("bad JSON", f"line {line_number}", f"{where}: expected an object like {example}")
+            record = None
+        yield line_number, record
+
+
+def summarise(loaded: int, listed: int, skipped: list[Skipped], notes: Counter, reasons: tuple[str, ...]) -> str:
+    """The one-line account of a load, e.g. "loaded 3 of 5 items; skipped 2: 1 missing file (a.mp4),
+    1 unreadable (b.mp4); notes: 3 cut to the first 2 s" (reasons in the order of `reasons`)."""
+    out = f"loaded {loaded} of {listed} items"
+    if skipped:
+        by_reason: dict[str, list[str]] = {}
+        for s in skipped:
+            by_reason.setdefault(s.reason, []).append(s.name)
+        parts = []
+        for reason in reasons:
+            names = by_reason.get(reason, [])
+            if names:
+                shown = ", ".join(names[:SUMMARY_NAMES])
+                more = f", and {len(names) - SUMMARY_NAMES} more" if len(names) > SUMMARY_NAMES else ""
+                parts.append(f"{len(names)} {reason} ({shown}{more})")
+        out += f"; skipped {len(skipped)}: " + ", ".join(parts)
+    if notes:
+        out += "; notes: " + ", ".join(f"{count} {note}" for note, count in sorted(notes.items()))
+    return out
+
 
 
 def normalise_transcript(text: str) -> str:

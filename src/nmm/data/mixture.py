@@ -182,7 +182,8 @@ def speech_roles(pool: TranscriptPool, caption_dropout: float,
 # (a folder of images has no questions); a name outside this list and the run's roles is a typo.
 KNOWN_ROLES = ("captioning", "generation", "qa", "edit", "text",
                "transcription", "synthesis", "spoken_qa", "tone_captioning", "tone_synthesis",
-               "spoken_generation", "video_captioning", "text_to_clip", "video_qa")
+               "spoken_generation", "video_captioning", "text_to_clip", "video_qa",
+               "clip_continuation")
 
 
 class DocumentMixture:

@@ -46,13 +46,18 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 
 from nmm.config import DataConfig, RunConfig
-from nmm.data.audio_folder import AudioFolder, Skipped, normalise_transcript
+from nmm.data.audio_folder import (
+    AudioFolder,
+    Skipped,
+    normalise_transcript,
+    read_index,
+    summarise,
+)
 from nmm.data.folder import CAPTIONS_FILE
 from nmm.data.mixture import RoleSampler, TranscriptPool, speech_roles
 from nmm.data.sources import register_source
@@ -72,7 +77,6 @@ from nmm.modalities.video import (
 DEFAULT_MAX_SECONDS = 10.0
 # Kinds of skipped item, in the order the summary lists them.
 REASONS = ("bad JSON", "bad field", "empty caption", "missing file", "too long", "no frames", "unreadable")
-SUMMARY_NAMES = 5  # names listed per reason in the summary; the rest are counted
 # The roles `moving_shapes` offers over clips and captions (nmm.data.video_source.ROLE_NAMES, an app
 # module the core may not import): the same names, so a run's role weights carry over.
 ROLE_NAMES = ("video_captioning", "text_to_clip")
@@ -81,57 +85,6 @@ log = logging.getLogger(__name__)
 
 
 # ---- the index file ---------------------------------------------------------------------------
-def read_index(path: Path, example: str, nothing: str,
-               skip: Callable[[str, str, str], None]) -> Iterator[tuple[int, dict | None]]:
-    """(line number, parsed object, or None where the line was skipped via `skip(reason, name,
-    message)`) for each non-blank line of a JSON-lines index. A missing, unreadable or empty file
-    is an `InputError` (`example` shows one line, `nothing` ends "PATH lists no ...")."""
-    if not path.is_file():
-        raise InputError(f"captions file not found: {path} (one JSON object per line: {example})")
-    try:
-        # utf-8-sig: editors on Windows like to start files with a byte-order mark.
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"cannot read {path}: {e}") from e
-    # split("\n"), not splitlines(): the latter also splits on characters valid inside JSON strings.
-    lines = [(n, line) for n, line in enumerate(text.split("\n"), start=1) if line.strip()]
-    if not lines:
-        raise InputError(f"{path} lists no {nothing}")
-    for line_number, line in lines:
-        where = f"{path.name}:{line_number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            skip("bad JSON", f"line {line_number}", f"{where}: invalid JSON ({e.msg})")
-            yield line_number, None
-            continue
-        if not isinstance(record, dict):
-            skip("bad JSON", f"line {line_number}", f"{where}: expected an object like {example}")
-            record = None
-        yield line_number, record
-
-
-def summarise(loaded: int, listed: int, skipped: list[Skipped], notes: Counter, reasons: tuple[str, ...]) -> str:
-    """The one-line account of a load, e.g. "loaded 3 of 5 items; skipped 2: 1 missing file (a.mp4),
-    1 unreadable (b.mp4); notes: 3 cut to the first 2 s" (reasons in the order of `reasons`)."""
-    out = f"loaded {loaded} of {listed} items"
-    if skipped:
-        by_reason: dict[str, list[str]] = {}
-        for s in skipped:
-            by_reason.setdefault(s.reason, []).append(s.name)
-        parts = []
-        for reason in reasons:
-            names = by_reason.get(reason, [])
-            if names:
-                shown = ", ".join(names[:SUMMARY_NAMES])
-                more = f", and {len(names) - SUMMARY_NAMES} more" if len(names) > SUMMARY_NAMES else ""
-                parts.append(f"{len(names)} {reason} ({shown}{more})")
-        out += f"; skipped {len(skipped)}: " + ", ".join(parts)
-    if notes:
-        out += "; notes: " + ", ".join(f"{count} {note}" for note, count in sorted(notes.items()))
-    return out
-
-
 # ---- the folder -------------------------------------------------------------------------------
 class VideoFolder:
     """(clip, caption) pairs from a folder with a ``captions.jsonl`` file; clips are

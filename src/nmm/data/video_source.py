@@ -9,6 +9,8 @@ Roles (`data.roles`):
   text_to_clip      caption <video>            loss on the clip      (M2G; the caption dropped at
                                                                       data.caption_dropout, for CFG)
   video_qa          <video> question answer    loss on the answer    (M2T)
+  clip_continuation <video: first frames | the rest>  loss on the rest (the world-model task: what
+                                                    happens next; `continuation_split`)
 """
 
 from __future__ import annotations
@@ -97,7 +99,25 @@ class MovingShapesSource:
             return Document([ItemSegment("video", codes=pool.codes[i], loss=False), TextSegment(question, loss=False),
                              TextSegment(answer)], "video_qa")
 
-        return {**roles, "video_qa": video_qa}
+        def clip_continuation(rng) -> Document:
+            i = int(rng.integers(len(pool)))
+            given = continuation_split(codecs, pool.codes[i])
+            return Document([ItemSegment("video", codes=pool.codes[i], loss_from=given)], "clip_continuation")
+
+        return {**roles, "video_qa": video_qa, "clip_continuation": clip_continuation}
+
+
+def continuation_split(codecs: Codecs, ids: np.ndarray, frames_given: int | None = None) -> int:
+    """How many of a clip's ids show its first half (`frames_given` frames): for a delta clip, up to the
+    mark that opens the next frame; for full / stride, that many frames' codes."""
+    codec = codecs.codec("video")
+    given = frames_given if frames_given is not None else codec.config.frames // 2
+    if codec.config.layout != "delta":
+        per = codec.spec.tokens_per_item // (codec.config.frames // (codec.config.stride if codec.config.layout == "stride" else 1))
+        kept = given // (codec.config.stride if codec.config.layout == "stride" else 1)
+        return kept * per
+    marks = np.flatnonzero(codecs.vocab.codes("video", np.asarray(ids)) == codec.mark)
+    return int(marks[given - 1]) if len(marks) >= given else len(ids)
 
 
 register_source("moving_shapes", MovingShapesSource)

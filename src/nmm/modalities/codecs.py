@@ -122,7 +122,8 @@ class Codecs:
         for seg in doc.segments:
             part = self.encode_text(seg.text) if isinstance(seg, TextSegment) else self.item_block(seg)
             ids += part
-            target += [seg.loss] * len(part)
+            given = 1 + seg.loss_from if isinstance(seg, ItemSegment) and seg.loss and seg.loss_from else 0
+            target += [False] * given + [seg.loss] * (len(part) - given)
         ids.append(self.vocab.eos)
         target.append(bool(doc.segments) and doc.segments[-1].loss)
         return ids, target

@@ -24,6 +24,9 @@ class ItemSegment:
     item: Any = None
     loss: bool = True
     codes: np.ndarray | None = None  # (N,) vocabulary ids
+    # With `loss`: the first `loss_from` codes (and the begin token) are given, not learned; the rest
+    # and the end token are. Continuation: the first frames of a clip in, the rest out.
+    loss_from: int = 0
 
 
 def ImageSegment(image: np.ndarray | None = None, loss: bool = True, codes: np.ndarray | None = None) -> ItemSegment:

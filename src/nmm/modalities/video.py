@@ -13,8 +13,8 @@ of the token stream, between `<bov>` and `<eov>`:
           still; variable length, ended by a sampled `<eov>` (capped at `video.max_tokens`)
 
 Delta codes share one range: [0, C) frame codes, [C, C + N) patch positions, C + N the frame mark.
-`stride` and `full` keep the frame tokenizer's factorised codes (the model's factorised head
-applies); `delta` mixes three kinds of token, so its codes are not factorised.
+Every layout keeps the frame tokenizer's factorised codes (shape x colour: the model's factorised
+head applies); delta's positions and mark continue the first factor's range (`VideoCodec.factors`).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,10 +64,27 @@ class VideoCodec:
         c, f = self.config, self.frame_codec
         g = f.grid
         if c.layout == "delta":  # the key frame has a grid; the changes after it keep 1D positions
-            return ModalitySpec("video", "<bov>", "<eov>", self.C + self.N + 1, (), (), None, "image/gif", (1, g, g))
+            return ModalitySpec("video", "<bov>", "<eov>", self.codes, self.factors, (), None, "image/gif", (1, g, g))
         kept = c.frames // (c.stride if c.layout == "stride" else 1)
         return ModalitySpec("video", "<bov>", "<eov>", self.C, f.code_factors, f.code_levels, kept * self.N,
                             "image/gif", (kept, g, g))
+
+    @property
+    def factors(self) -> tuple[int, ...]:
+        """Delta codes keep the frame tokenizer's factorisation (shape x colour): frame code c is
+        (c // F1, c % F1), and positions and the mark continue the first factor's range (C + p =
+        (F0 + p // F1, p % F1)), so the model's factorised head still predicts shape and colour apart.
+        The code count is rounded up to whole rows of F1 (a few unused codes after the mark). Only
+        when N is a multiple of F1 (else: one unfactorised range)."""
+        f = self.frame_codec.code_factors
+        if len(f) != 2 or self.N % f[1]:
+            return ()
+        return (f[0] + -(-(self.N + 1) // f[1]), f[1])
+
+    @property
+    def codes(self) -> int:
+        """Delta: frame codes, N patch positions, the frame mark (and the unused rest of the last row)."""
+        return math.prod(self.factors) if self.factors else self.C + self.N + 1
 
     @property
     def max_tokens(self) -> int:

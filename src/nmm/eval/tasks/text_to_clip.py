@@ -23,7 +23,14 @@ import numpy as np
 
 from nmm.eval.clip_judge import ClipJudge
 from nmm.eval.task import EvalContext, SplitResult, Task, register
-from nmm.eval.tasks.video_captioning import REPORT_CLIPS, SPLITS, eval_clips, filmstrip, gif_data_uri, moving_world
+from nmm.eval.tasks.video_captioning import (
+    REPORT_CLIPS,
+    SPLITS,
+    eval_clips,
+    filmstrip,
+    gif_data_uri,
+    moving_world,
+)
 
 METRICS = ("exact", "first_frame", "frames", "events")
 

@@ -8,6 +8,9 @@ colour/kind pairs too.
 
 Metrics (means over clips; an unparseable caption scores 0):
   exact       the caption is entirely right: the first frame's shapes and every event
+  attributes  per-attribute accuracy: the first frame's shapes' kind, colour, size and position
+              (matched as in shapes captioning), and each true event's action, direction, distance
+              and new colour where it has them (found by its shape), all averaged
   first_frame the first frame's shapes (kind, colour, size, position) are all right
   events      events named right, over the larger of the true and the written event count
   parsed      the output parses as a caption at all
@@ -21,8 +24,9 @@ from collections import Counter
 
 import numpy as np
 
-from nmm.data.moving_shapes import Clip, MovingShapesWorld
+from nmm.data.moving_shapes import Clip, ClipDescription, MovingShapesWorld
 from nmm.data.video_source import make_moving_world
+from nmm.eval.judge import ATTRIBUTES, compare_scenes
 from nmm.eval.task import EvalContext, SplitResult, Task, register
 from nmm.modalities.video import write_gif
 
@@ -57,6 +61,24 @@ def gif_data_uri(ctx: EvalContext, frames: np.ndarray) -> str:
     return "data:image/gif;base64," + base64.b64encode(write_gif(frames, ctx.cfg.video.fps)).decode()
 
 
+def attribute_accuracy(truth: ClipDescription, got: ClipDescription | None) -> float:
+    """Mean over the first frame's shape attributes (compare_scenes) and the true events' attributes
+    (action, direction, distance, new colour: those the event has), each event found by its shape."""
+    if got is None:
+        return 0.0
+    scene = compare_scenes(truth.first, got.first)
+    checks = [scene[a] for a in ATTRIBUTES]
+    by_shape = {(e.shape.colour, e.shape.kind): e for e in got.events}
+    for e in truth.events:
+        mine = by_shape.get((e.shape.colour, e.shape.kind))
+        checks.append(float(mine is not None and mine.action == e.action))
+        if e.action == "moves":
+            checks += [float(mine is not None and mine.direction == e.direction), float(mine is not None and mine.cells == e.cells)]
+        elif e.action == "changes colour":
+            checks.append(float(mine is not None and mine.colour == e.colour))
+    return float(np.mean(checks))
+
+
 @register
 class VideoCaptioning(Task):
     name = "video_captioning"
@@ -66,7 +88,7 @@ class VideoCaptioning(Task):
     world = "moving_shapes"
     splits = SPLITS
     flat_prefix = "vcap"
-    headline = ("exact", "events")
+    headline = ("attributes", "exact")
     report_samples = REPORT_CLIPS
 
     def build(self, ctx: EvalContext, split: str) -> list[tuple[Clip, np.ndarray]]:
@@ -91,11 +113,12 @@ class VideoCaptioning(Task):
         for (clip, _), text in zip(items, outputs):
             got, truth = world.parse_caption(text), clip.description()
             shown = sum((Counter(truth.events) & Counter(got.events)).values()) if got else 0
-            rows.append({"exact": got == truth, "first_frame": got is not None and got.first == truth.first,
+            rows.append({"exact": got == truth, "attributes": attribute_accuracy(truth, got),
+                         "first_frame": got is not None and got.first == truth.first,
                          "events": shown / max(len(truth.events), len(got.events) if got else 0, 1),
                          "parsed": got is not None, "caption": text, "target": world.caption(clip)})
         metrics = {m: ctx.mean([float(r[m]) for r in rows], self.name, split, m)
-                   for m in ("exact", "first_frame", "events", "parsed")}
+                   for m in ("exact", "attributes", "first_frame", "events", "parsed")}
         k = self.report_samples
         samples = [{"title": f"{r['target']} → {r['caption'] or '(nothing)'}", "ok": bool(r["exact"]),
                     "target": r["target"], "caption": r["caption"], "video": gif_data_uri(ctx, f)}
