@@ -23,19 +23,10 @@ CAPTION_TOKENS = 12  # a typical shapes caption
 
 
 def source_modalities(cfg: RunConfig) -> tuple[str, ...]:
-    """The modalities of a run's data source(s) (`data.source`, joined with "+"), without building them."""
-    import importlib
+    """The modalities of a run's data source(s) (`data.source`, joined with "+")."""
+    from nmm.data.sources import data_source
 
-    from nmm.data.sources import PLUGINS, SOURCES
-
-    names = []
-    for name in cfg.data.source.split("+"):
-        if name not in SOURCES and name in PLUGINS:
-            importlib.import_module(PLUGINS[name])
-        for m in getattr(SOURCES.get(name), "modalities", ("image",)):
-            if m not in names:
-                names.append(m)
-    return tuple(names)
+    return tuple(data_source(cfg).modalities)
 
 
 def build_codecs(cfg: RunConfig) -> dict:

@@ -232,11 +232,12 @@ def test_results_file_has_a_record_with_interval_per_task_split_and_metric(full_
     assert not outcome.failed, outcome.failed
     assert data["format"] == "nmm-eval/1" and data["config_hash"] and data["weights"] and "git" in data
     # Only an optional dataset's absence (Debian's dataset-fashion-mnist) may skip a task, and the
-    # tasks of modalities this text + image model does not have (speech, tones: audio).
+    # tasks of modalities this text + image model does not have (speech, tones: audio; clips: video).
     tasks = {t["name"]: t for t in list_tasks()}
     for name, info in data["tasks"].items():
-        if "audio" in tasks[name]["modalities"]:
-            assert info["status"] == "skipped" and "needs the audio modality" in info["reason"], (name, info)
+        missing = [m for m in ("audio", "video") if m in tasks[name]["modalities"]]
+        if missing:  # a modality this model lacks: skipped, saying which
+            assert info["status"] == "skipped" and f"needs the {missing[0]}" in info["reason"], (name, info)
         else:
             assert info["status"] == "done" or (name == "fashion_mnist" and info["status"] == "skipped"), (name, info)
     seen = {(r["task"], r["split"]) for r in data["records"]}
