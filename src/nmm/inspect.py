@@ -31,13 +31,9 @@ def source_modalities(cfg: RunConfig) -> tuple[str, ...]:
 
 def build_codecs(cfg: RunConfig) -> dict:
     """Untrained codecs of the run's modalities: what they add to the vocabulary does not depend on training."""
-    from nmm.modalities.audio import AudioCodec
-    from nmm.modalities.image import ImageTokenizer
-    from nmm.modalities.video import VideoCodec
+    from nmm.modalities.codecs import untrained_codec
 
-    build = {"image": lambda: ImageTokenizer(cfg.image), "audio": lambda: AudioCodec(cfg.audio),
-             "video": lambda: VideoCodec(ImageTokenizer(cfg.image), cfg.video)}
-    return {name: build[name]() for name in source_modalities(cfg)}
+    return {name: untrained_codec(name, cfg) for name in source_modalities(cfg)}
 
 
 def build_model(cfg: RunConfig):

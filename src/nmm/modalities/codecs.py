@@ -45,6 +45,20 @@ def _batch(items: list):
     return items
 
 
+def untrained_codec(name: str, cfg) -> ModalityCodec:
+    """A built-in modality's codec at a run config's settings, weights at their initialisation: what
+    random-weight pipelines and `nmm inspect` need (the vocabulary it adds does not depend on training)."""
+    from nmm.modalities.audio import AudioCodec
+    from nmm.modalities.image import ImageTokenizer
+    from nmm.modalities.video import VideoCodec
+
+    build = {"image": lambda: ImageTokenizer(cfg.image), "audio": lambda: AudioCodec(cfg.audio),
+             "video": lambda: VideoCodec(ImageTokenizer(cfg.image), cfg.video)}
+    if name not in build:
+        raise KeyError(f"no built-in codec for modality {name!r} (have {', '.join(build)})")
+    return build[name]()
+
+
 class Codecs:
     def __init__(self, text: TextTokenizer, *codecs: ModalityCodec):
         """`Codecs(text_tokenizer, image_tokenizer, ...)`: the vocabulary lays the modalities out in

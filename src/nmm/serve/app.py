@@ -66,11 +66,8 @@ def build_random_pipeline(preset: str, seed: int = 0) -> Pipeline:
     tokenizer, an audio codec) and the transformer are left at their random initialisation."""
     from nmm.config import load_config
     from nmm.data.sources import data_source, world_texts
-    from nmm.modalities.audio import AudioCodec
-    from nmm.modalities.codecs import Codecs
-    from nmm.modalities.image import ImageTokenizer
+    from nmm.modalities.codecs import Codecs, untrained_codec
     from nmm.modalities.text import TextTokenizer
-    from nmm.modalities.video import VideoCodec
     from nmm.model.model import NativeMultimodalModel
 
     cfg = load_config(preset)
@@ -81,11 +78,9 @@ def build_random_pipeline(preset: str, seed: int = 0) -> Pipeline:
     else:
         texts = source.texts()
     text = TextTokenizer.train(texts, vocab_size=cfg.text.vocab_size)
-    build = {"image": lambda: ImageTokenizer(cfg.image), "audio": lambda: AudioCodec(cfg.audio),
-             "video": lambda: VideoCodec(ImageTokenizer(cfg.image), cfg.video)}
     with torch.random.fork_rng(devices=[]):  # seeded weights without touching the caller's RNG
         torch.manual_seed(seed)
-        codecs = Codecs(text, *(build[name]().eval() for name in source.modalities))
+        codecs = Codecs(text, *(untrained_codec(name, cfg).eval() for name in source.modalities))
         model = NativeMultimodalModel(cfg.model, codecs.vocab).eval()
     return Pipeline(model, codecs, "cpu")
 

@@ -17,14 +17,12 @@ from __future__ import annotations
 import numpy as np
 
 from nmm.data.video_source import continuation_split
-from nmm.eval.clip_judge import ClipJudge
 from nmm.eval.task import EvalContext, SplitResult, Task, register
+from nmm.eval.tasks.text_to_clip import judged_clips
 from nmm.eval.tasks.video_captioning import (
     REPORT_CLIPS,
     SPLITS,
     eval_clips,
-    filmstrip,
-    gif_data_uri,
     moving_world,
 )
 from nmm.infer.sampling import SamplingConfig
@@ -65,17 +63,9 @@ class ClipContinuation(Task):
         return [f for _, f in items]
 
     def score(self, ctx: EvalContext, split: str, items, outputs) -> SplitResult:
-        world = moving_world(ctx)
-        if "clip_judge" not in ctx.memo:
-            ctx.memo["clip_judge"] = ClipJudge(world)
-        judge, half = ctx.memo["clip_judge"], world.frames // 2
-        rows = [{**judge.score(np.asarray(f), c), "caption": world.caption(c),
-                 "foreseeable": all(e.frames and e.frames[0] < half for e in c.events)}
-                for (c, _), f in zip(items, outputs)]
-        metrics = {m: ctx.mean([float(r[m]) for r in rows], self.name, split, m) for m in METRICS}
-        metrics["oracle_bound"] = ctx.mean([float(r["foreseeable"]) for r in rows], self.name, split, "oracle_bound")
-        k = self.report_samples
-        samples = [{"title": r["caption"], "ok": bool(r["exact"]), "caption": r["caption"],
-                    "video": gif_data_uri(ctx, np.asarray(f))} for r, f in zip(rows[:k], outputs[:k])]
-        images = np.stack([filmstrip(np.asarray(f)) for f in outputs[:k]]) if len(outputs) else None
-        return SplitResult(metrics, samples, images, extra={"rows": rows})
+        half = moving_world(ctx).frames // 2
+
+        def oracle_bound(clip) -> dict:  # every event starts in the given half: it can be foreseen
+            return {"oracle_bound": all(e.frames and e.frames[0] < half for e in clip.events)}
+
+        return judged_clips(self, ctx, split, [c for c, _ in items], outputs, METRICS, oracle_bound)

@@ -65,14 +65,22 @@ class TextToClip(Task):
         return [world.render(c) for c in items]
 
     def score(self, ctx: EvalContext, split: str, items, outputs) -> SplitResult:
-        world = moving_world(ctx)
-        if "clip_judge" not in ctx.memo:
-            ctx.memo["clip_judge"] = ClipJudge(world)
-        judge = ctx.memo["clip_judge"]
-        rows = [{**judge.score(np.asarray(f), c), "caption": world.caption(c)} for c, f in zip(items, outputs)]
-        metrics = {m: ctx.mean([float(r[m]) for r in rows], self.name, split, m) for m in METRICS}
-        k = self.report_samples
-        samples = [{"title": r["caption"], "ok": bool(r["exact"]), "caption": r["caption"],
-                    "video": gif_data_uri(ctx, np.asarray(f))} for r, f in zip(rows[:k], outputs[:k])]
-        images = np.stack([filmstrip(np.asarray(f)) for f in outputs[:k]]) if len(outputs) else None
-        return SplitResult(metrics, samples, images, extra={"rows": rows})
+        return judged_clips(self, ctx, split, items, outputs, METRICS)
+
+
+def judged_clips(task: Task, ctx: EvalContext, split: str, clips, outputs, metrics: tuple[str, ...],
+                 extra=lambda clip: {}) -> SplitResult:
+    """Clips a model made, read by the clip judge against `clips`: the means of `metrics` (and of each
+    `extra(clip)` field), filmstrips and GIFs of the first examples; `extra={"rows": ...}` keeps every row."""
+    world = moving_world(ctx)
+    if "clip_judge" not in ctx.memo:
+        ctx.memo["clip_judge"] = ClipJudge(world)
+    judge = ctx.memo["clip_judge"]
+    rows = [{**judge.score(np.asarray(f), c), **extra(c), "caption": world.caption(c)} for c, f in zip(clips, outputs)]
+    names = (*metrics, *(extra(clips[0]) if clips else ()))
+    means = {m: ctx.mean([float(r[m]) for r in rows], task.name, split, m) for m in names}
+    k = task.report_samples
+    samples = [{"title": r["caption"], "ok": bool(r["exact"]), "caption": r["caption"],
+                "video": gif_data_uri(ctx, np.asarray(f))} for r, f in zip(rows[:k], outputs[:k])]
+    images = np.stack([filmstrip(np.asarray(f)) for f in outputs[:k]]) if len(outputs) else None
+    return SplitResult(means, samples, images, extra={"rows": rows})
