@@ -51,7 +51,7 @@ def static_step(model, caches):
 
     def attention(a, x, cos, sin, mask, cache, slot):
         B, T, _ = x.shape
-        q, k, v = a.wqkv(x).split([a.n_heads * a.head_dim, a.n_kv * a.head_dim, a.n_kv * a.head_dim], dim=-1)
+        q, k, v = a.wq(x), a.wk(x), a.wv(x)
         q = q.view(B, T, a.n_heads, a.head_dim).transpose(1, 2)
         k = k.view(B, T, a.n_kv, a.head_dim).transpose(1, 2)
         v = v.view(B, T, a.n_kv, a.head_dim).transpose(1, 2)

@@ -25,6 +25,8 @@ from nmm.errors import ConfigError
 FUSIONS = ("early", "mid", "late")
 IMAGE_REPRS = ("discrete", "continuous", "decoupled")
 ROUTINGS = ("dense", "moe", "moe-aware", "mot")
+QK_NORM_KINDS = ("rms", "layernorm-per-head")  # the first is the default
+NORM_ORDERS = ("pre", "swin")
 
 
 @dataclass
@@ -167,6 +169,11 @@ class ModelConfig:
     rope: str = "1d"
     mrope_sections: list[int] = field(default_factory=list)
     qk_norm: bool = True  # normalising q and k keeps attention logits bounded (Chameleon's fix for spikes)
+    # rms: one RMSNorm over head_dim shared by every head (nmm's own). layernorm-per-head: a LayerNorm with
+    # weight and bias per head, at eps 1e-5 (Chameleon's checkpoints, nmm.interop; exported back exactly).
+    qk_norm_kind: str = "rms"
+    # pre: x + f(norm(x)) (Llama, nmm). swin: x + norm(f(x)) (Chameleon's `swin_norm`), dense blocks only.
+    norm_order: str = "pre"
     norm_eps: float = 1e-5
     factorised_image_head: bool = True  # image logits = sum of per-factor logits (shape, colour)
     init_std: float = 0.02
@@ -192,6 +199,12 @@ class ModelConfig:
                               f"head_dim / 2 = {half}, got {self.mrope_sections}")
         if self.routing == "moe-aware" and self.moe.n_experts < 2 and not self.moe.modality_experts:
             raise ConfigError("model.routing=moe-aware needs model.moe.n_experts >= 2 (experts are split by modality)")
+        for key, value, allowed in (("qk_norm_kind", self.qk_norm_kind, QK_NORM_KINDS),
+                                    ("norm_order", self.norm_order, NORM_ORDERS)):
+            if value not in allowed:
+                raise ConfigError(f"config key 'model.{key}': '{value}' is not one of {', '.join(allowed)}")
+            if value != allowed[0] and self.routing == "mot":  # MoT towers build their own attention and norms
+                raise ConfigError(f"model.{key}={value} is not available with model.routing=mot")
 
     @property
     def rope_sections(self) -> tuple[int, int, int]:
@@ -232,6 +245,11 @@ class DataConfig:
     )
     min_shapes: int = 1
     max_shapes: int = 3
+    # data.source=shards: WebDataset shard sets (`nmm data pack` writes them) and their mixture weights,
+    # {"/data/photos/shard-{000000..000099}.tar": 0.7, "https://host/speech-{0..9}.tar": 0.3}.
+    shards: dict[str, float] = field(default_factory=dict)
+    num_workers: int = 0  # background loader processes per rank (0 = batches are built in the training process)
+    prefetch: int = 2  # batches each loader process keeps ready
 
 
 @dataclass
@@ -256,6 +274,27 @@ class TrainConfig:
     ckpt_every: int = 500
     keep_checkpoints: int = 2
     threads: int | None = None  # torch intra-op threads; None = torch's default
+    # ---- scale-out (nmm.train.parallel; one process ignores all but activation_checkpointing) ----
+    parallelism: str = "ddp"  # ddp | fsdp2 (fully_shard per block + root) under torchrun
+    tp: int = 1  # tensor-parallel degree (fsdp2 only): a (processes / tp, tp) mesh
+    activation_checkpointing: bool = False  # recompute each block in the backward (less memory, ~1/3 more compute)
+    mixed_precision: bool = False  # fsdp2: bf16 parameters and compute, fp32 gradient reduction
+    cpu_offload: bool = False  # fsdp2 on GPUs: parameters and optimizer state live in CPU memory
+    async_checkpoint: bool = False  # write checkpoints in a background thread; training goes on meanwhile
+    # ---- loss spikes (seed 004: the hard part of training native multimodal models) ----------------
+    # A step whose loss is above spike_factor x its running average, or is not finite, or whose
+    # gradient is not finite: off = log it; skip = also drop that update; rollback = reload the last
+    # checkpoint and skip the batches since it plus the spiking one (`spike_skip_window` more).
+    spike_policy: str = "off"  # off | skip | rollback
+    spike_factor: float = 2.0
+    spike_warmup: int = 20  # steps before spikes count (the early loss falls fast)
+    spike_skip_window: int = 0
+
+    def __post_init__(self):
+        if self.spike_policy not in ("off", "skip", "rollback"):
+            raise ConfigError(f"config key 'train.spike_policy': '{self.spike_policy}' is not one of off, skip, rollback")
+        if self.spike_factor <= 1.0:
+            raise ConfigError(f"config key 'train.spike_factor': must be > 1, got {self.spike_factor}")
 
 
 @dataclass

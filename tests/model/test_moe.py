@@ -164,7 +164,7 @@ def test_single_expert_top1_equals_plain_swiglu():
     dense = SwiGLU(D, H)
     moe = MoEFeedForward(D, H, n_experts=1, top_k=1)
     with torch.no_grad():
-        moe.w_gate_up.weight[0] = dense.w_gate_up.weight.t()  # nn.Linear stores (out, in)
+        moe.w_gate_up.weight[0] = torch.cat([dense.w_gate.weight, dense.w_up.weight]).t()  # nn.Linear stores (out, in)
         moe.w_down.weight[0] = dense.w_down.weight.t()
     x, mod = batch()
     torch.testing.assert_close(moe(x, mod), dense(x), atol=1e-6, rtol=1e-5)

@@ -3,7 +3,7 @@
 `nmm bench` and `benchmarks/train_throughput.py` compare nmm against Hugging Face on the *same*
 weights, so the only difference measured is the code around them. The mapping:
 
-- `wqkv` is split into q/k/v projections and `w_gate_up` into gate/up (row order [q|k|v], [gate|up]);
+- q/k/v, gate/up/down and the norms map one to one (`wq` -> `q_proj`, `w_gate` -> `gate_proj`, ...);
 - the text and image heads are stacked in vocabulary order (text ids, specials, image codes);
 - a factorised image embedding/head (a sum of per-factor tables) is materialised into one ordinary
   (image_codes, D) table: the sum of factor rows for the embedding, and for the head the rows
@@ -125,8 +125,6 @@ def make_hf_qwen3(model_cfg: ModelConfig, vocab_size: int):
 @torch.no_grad()
 def _hf_state_dict(model: NativeMultimodalModel) -> dict[str, torch.Tensor]:
     cfg = model.cfg
-    hd = cfg.d_model // cfg.n_heads
-    nq, nkv = cfg.n_heads * hd, cfg.n_kv_heads * hd
     sd = {
         "model.embed_tokens.weight": torch.cat([model.text_embed.weight, *map(_code_table, _discrete(model))], 0),
         "model.norm.weight": model.backbone.norm.weight,
@@ -138,17 +136,15 @@ def _hf_state_dict(model: NativeMultimodalModel) -> dict[str, torch.Tensor]:
             sd["lm_head.weight"][model.vocab.end(interface.name)] = interface.end_head.weight[0]
     for i, blk in enumerate(model.backbone.blocks):
         p = f"model.layers.{i}."
-        wq, wk, wv = blk.attn.wqkv.weight.split([nq, nkv, nkv], 0)  # wqkv rows: [q | k | v]
-        gate, up = blk.ffn.w_gate_up.weight.chunk(2, 0)  # w_gate_up rows: [gate | up]
         sd.update({
             p + "input_layernorm.weight": blk.attn_norm.weight,
-            p + "self_attn.q_proj.weight": wq,
-            p + "self_attn.k_proj.weight": wk,
-            p + "self_attn.v_proj.weight": wv,
+            p + "self_attn.q_proj.weight": blk.attn.wq.weight,
+            p + "self_attn.k_proj.weight": blk.attn.wk.weight,
+            p + "self_attn.v_proj.weight": blk.attn.wv.weight,
             p + "self_attn.o_proj.weight": blk.attn.wo.weight,
             p + "post_attention_layernorm.weight": blk.ffn_norm.weight,
-            p + "mlp.gate_proj.weight": gate,
-            p + "mlp.up_proj.weight": up,
+            p + "mlp.gate_proj.weight": blk.ffn.w_gate.weight,
+            p + "mlp.up_proj.weight": blk.ffn.w_up.weight,
             p + "mlp.down_proj.weight": blk.ffn.w_down.weight,
         })
         if cfg.qk_norm:  # Qwen3: RMSNorm over head_dim on q and k before RoPE, exactly nmm's q_norm/k_norm

@@ -1,5 +1,7 @@
 """The backbone's layers: RMSNorm, RoPE, a static KV cache, grouped-query attention, SwiGLU and the
 dense block. Every block variant (`transformer.BLOCKS`: dense, MoE, MoT) is built from these.
+Chameleon's per-head LayerNorm QK-norm and its swin norm order are options (`ModelConfig.qk_norm_kind`,
+`norm_order`), so imported checkpoints (nmm.interop) run on the same layers.
 
 Every sequence position carries its own RoPE position and the caller supplies the attention mask,
 so one code path serves packed training (positions restart at each document, block-diagonal
@@ -23,6 +25,34 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class PerHeadLayerNorm(nn.Module):
+    """LayerNorm over head_dim with its own weight and bias per head: Chameleon's QK-norm
+    (`model.qk_norm_kind=layernorm-per-head`). Its statistics are per head, its affine parameters are
+    not shared: Chameleon trained with tensor parallelism and never reduced them across shards. The
+    parameters are stored flat, (heads * head_dim,), so `init_weights`, which initialises every 2-D
+    parameter as a matrix, leaves them at 1 and 0. eps is Chameleon's, fixed at 1e-5 (its code does
+    not read it from the config)."""
+
+    def __init__(self, heads: int, head_dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.heads, self.head_dim, self.eps = heads, head_dim, eps
+        self.weight = nn.Parameter(torch.ones(heads * head_dim))
+        self.bias = nn.Parameter(torch.zeros(heads * head_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, heads, T, hd) -> same
+        x = F.layer_norm(x, (self.head_dim,), None, None, self.eps)
+        return x * self.weight.view(-1, 1, self.head_dim) + self.bias.view(-1, 1, self.head_dim)
+
+
+def qk_norm(cfg: ModelConfig, heads: int, head_dim: int) -> nn.Module:
+    """The norm applied to q (or k) of `heads` heads before RoPE, as `cfg` asks (identity without QK-norm)."""
+    if not cfg.qk_norm:
+        return nn.Identity()
+    if cfg.qk_norm_kind == "layernorm-per-head":
+        return PerHeadLayerNorm(heads, head_dim)
+    return RMSNorm(head_dim, cfg.norm_eps)
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,24 +94,27 @@ class Attention(nn.Module):
             raise ValueError("d_model must divide by n_heads, and n_heads by n_kv_heads")
         self.n_heads, self.n_kv = cfg.n_heads, cfg.n_kv_heads
         self.head_dim = cfg.d_model // cfg.n_heads
-        self.wqkv = nn.Linear(cfg.d_model, (cfg.n_heads + 2 * cfg.n_kv_heads) * self.head_dim, bias=False)
+        # Separate q, k and v projections (not one fused matrix) so tensor parallelism can shard each
+        # by heads (`nmm.train.parallel`); a fused [q|k|v] would split across ranks in the wrong places.
+        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.d_model, cfg.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.d_model, bias=False)
-        self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
-        self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
+        self.q_norm = qk_norm(cfg, cfg.n_heads, self.head_dim)
+        self.k_norm = qk_norm(cfg, cfg.n_kv_heads, self.head_dim)
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None = None, start: int = 0):
         B, T, _ = x.shape  # (B, T, D)
-        q, k, v = self.wqkv(x).split(
-            [self.n_heads * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim], dim=-1
-        )
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
-        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        # Head counts come from the projections' widths (-1): under tensor parallelism a rank holds
+        # H / tp query heads and Hkv / tp key/value heads.
+        q = self.wq(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = self.wk(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = self.wv(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
         if cache is not None:
             k, v = cache.update(start, k, v)  # (B, Hkv, start+T, hd)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv != self.n_heads
+            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=k.shape[1] != q.shape[1]
         )
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -89,12 +122,13 @@ class Attention(nn.Module):
 class SwiGLU(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.w_gate_up = nn.Linear(dim, 2 * hidden, bias=False)  # one matmul for both branches
+        # Two matrices, not one fused [gate|up]: tensor parallelism shards each along the hidden width.
+        self.w_gate = nn.Linear(dim, hidden, bias=False)
+        self.w_up = nn.Linear(dim, hidden, bias=False)
         self.w_down = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x, modality=None):  # modality: unused, the signature every FFN shares
-        gate, up = self.w_gate_up(x).chunk(2, dim=-1)
-        return self.w_down(F.silu(gate) * up)
+        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
 
 
 class Block(nn.Module):
@@ -104,7 +138,12 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = ffn if ffn is not None else SwiGLU(cfg.d_model, cfg.ffn_hidden)
+        # Chameleon's swin_norm (model.norm_order=swin) normalises each sublayer's output instead of its input.
+        self.swin = cfg.norm_order == "swin"
 
     def forward(self, x, cos, sin, mask, cache=None, start=0, modality=None):
+        if self.swin:
+            x = x + self.attn_norm(self.attn(x, cos, sin, mask, cache, start))
+            return x + self.ffn_norm(self.ffn(x, modality))
         x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, start)
         return x + self.ffn(self.ffn_norm(x), modality)

@@ -20,7 +20,6 @@ from nmm.modalities.vocab import Vocabulary
 from nmm.model.fusion import LossTerm, ModalityInterface, build_interfaces
 from nmm.model.fusion.base import loss_rows
 from nmm.model.heads import TextHead, init_weights
-from nmm.model.positions import mrope_positions
 from nmm.model.masks import (
     SpanLayout,
     causal_mask,
@@ -28,6 +27,7 @@ from nmm.model.masks import (
     packed_causal_mask,
     with_bidirectional_items,
 )
+from nmm.model.positions import mrope_positions
 from nmm.model.transformer import KVCache, Transformer
 
 __all__ = ["NativeMultimodalModel", "packed_causal_mask"]
@@ -167,12 +167,24 @@ class NativeMultimodalModel(nn.Module):
             total = total + torch.stack([a.float() for a in aux]).sum()
         return total, stats
 
-    @staticmethod
-    def upgrade_state_dict(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Weights saved before modalities were plugins keep the image interface under `images.`:
-        read them as `modalities.image.` (same tensors, same order, so optimizer state still lines up)."""
-        return {("modalities.image." + k[len("images."):] if k.startswith("images.") else k): v
-                for k, v in tensors.items()}
+    def upgrade_state_dict(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Read weights saved by an older nmm: the image interface under `images.` (before modalities
+        were plugins) becomes `modalities.image.`; a fused `wqkv` ([q | k | v] rows) and `w_gate_up`
+        ([gate | up]) are split into the separate projections that tensor parallelism shards."""
+        hd = self.cfg.d_model // self.cfg.n_heads
+        sizes = [self.cfg.n_heads * hd, self.cfg.n_kv_heads * hd, self.cfg.n_kv_heads * hd]
+        out = {}
+        for k, v in tensors.items():
+            k = "modalities.image." + k[len("images."):] if k.startswith("images.") else k
+            if k.endswith("attn.wqkv.weight"):
+                for name, part in zip(("wq", "wk", "wv"), v.split(sizes, 0)):
+                    out[k.replace("wqkv", name)] = part.contiguous()
+            elif k.endswith("ffn.w_gate_up.weight") and v.dim() == 2:  # MoE experts stay stacked (3-D)
+                gate, up = v.chunk(2, 0)
+                out[k.replace("w_gate_up", "w_gate")], out[k.replace("w_gate_up", "w_up")] = gate.contiguous(), up.contiguous()
+            else:
+                out[k] = v
+        return out
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

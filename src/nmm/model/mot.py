@@ -15,9 +15,9 @@ on zero tokens, so all parameters are in the graph and DDP needs no `find_unused
 (with `modality=None` only tower 0 runs).
 
 Parameter count: total = M * tower, active per token = tower (one modality's weights), where
-    tower = 2*D (norms) + D*(H + 2*Hkv)*hd (qkv) + H*hd*D (out) + 2*hd (q/k norms, if qk_norm) + 3*D*F (FFN).
-Attribute names inside a tower mirror `transformer.Block` (attn_norm, attn.wqkv, attn.wo, attn.q_norm,
-attn.k_norm, ffn_norm, ffn.w_gate_up, ffn.w_down), so a dense Block's state_dict loads into each tower
+    tower = 2*D (norms) + D*(H + 2*Hkv)*hd (q, k, v) + H*hd*D (out) + 2*hd (q/k norms, if qk_norm) + 3*D*F (FFN).
+Attribute names inside a tower mirror `transformer.Block` (attn_norm, attn.wq/wk/wv, attn.wo, attn.q_norm,
+attn.k_norm, ffn_norm, ffn.w_gate/w_up, ffn.w_down), so a dense Block's state_dict loads into each tower
 (`block.towers[m].load_state_dict(dense.state_dict())`), and `init_weights` finds the residual output
 projections by their `wo.weight` / `w_down.weight` suffixes.
 
@@ -41,7 +41,9 @@ class _AttentionWeights(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         hd = cfg.d_model // cfg.n_heads
-        self.wqkv = nn.Linear(cfg.d_model, (cfg.n_heads + 2 * cfg.n_kv_heads) * hd, bias=False)
+        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * hd, bias=False)
+        self.wk = nn.Linear(cfg.d_model, cfg.n_kv_heads * hd, bias=False)
+        self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * hd, bias=False)
         self.wo = nn.Linear(cfg.n_heads * hd, cfg.d_model, bias=False)
         self.q_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
         self.k_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
@@ -90,7 +92,8 @@ class MoTBlock(nn.Module):
 
         # ---- per modality: attention norm, qkv projection, q/k norms --------------------------
         def pre_attention(tower: _Tower, xm: torch.Tensor) -> torch.Tensor:  # (n, D) -> (n, (H+2Hkv)*hd)
-            q, k, v = tower.attn.wqkv(tower.attn_norm(xm)).split([H * hd, Hkv * hd, Hkv * hd], dim=-1)
+            xn = tower.attn_norm(xm)
+            q, k, v = tower.attn.wq(xn), tower.attn.wk(xn), tower.attn.wv(xn)
             q = tower.attn.q_norm(q.unflatten(-1, (H, hd))).flatten(-2)  # the norms are per head
             k = tower.attn.k_norm(k.unflatten(-1, (Hkv, hd))).flatten(-2)
             return torch.cat([q, k, v], dim=-1)

@@ -17,8 +17,8 @@ from torch import nn
 from nmm.config import ModelConfig
 from nmm.model.layers import Block, KVCache, RMSNorm, SwiGLU, rope_tables
 from nmm.model.moe import MoEFeedForward
-from nmm.model.positions import rope_at
 from nmm.model.mot import MoTBlock
+from nmm.model.positions import rope_at
 
 
 def modality_expert_groups(n_experts: int, modalities: tuple[str, ...], listed: dict[str, list[int]]) -> list[list[int]]:

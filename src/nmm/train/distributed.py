@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +18,16 @@ class DistInfo:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    # Data parallelism: ranks that share a tensor-parallel group read the same data. With the
+    # (dp, tp) mesh of nmm.train.parallel, rank = dp_rank * tp + tp_rank; set by `set_tensor_parallel`.
+    dp_rank: int = 0
+    dp_size: int = 1
+
+    def __post_init__(self):
+        self.dp_rank, self.dp_size = self.rank, self.world_size
+
+    def set_tensor_parallel(self, tp: int) -> None:
+        self.dp_rank, self.dp_size = self.rank // tp, self.world_size // tp
 
     @property
     def is_main(self) -> bool:
@@ -25,9 +38,23 @@ class DistInfo:
         return self.world_size > 1
 
 
+def die_with_parent() -> None:
+    """Make this process die when its parent does (Linux). A torchrun worker otherwise outlives a
+    killed torchrun (kill -9 reaches only the agent) and goes on training and writing checkpoints
+    while the user resumes the same run: two writers, and the resumed run reads a checkpoint the
+    orphan is deleting."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() == 1:  # the parent died before prctl took effect
+            os._exit(1)
+
+
 def setup() -> DistInfo:
     """Join the process group torchrun describes in the environment (WORLD_SIZE, RANK, ...)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun
+        die_with_parent()
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
@@ -50,6 +77,15 @@ def broadcast_int(info: DistInfo, value: int) -> int:
     t = torch.tensor([value], dtype=torch.long)
     dist.broadcast(t, src=0)
     return int(t.item())
+
+
+def mean_over_ranks(info: DistInfo, value: float) -> float:
+    """The mean of a per-rank number over all ranks (every rank gets the same value)."""
+    if not info.enabled:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=info.device)
+    dist.all_reduce(t)
+    return float(t.item()) / info.world_size
 
 
 def teardown(info: DistInfo) -> None:

@@ -61,8 +61,8 @@ def prepare_codecs(cfg: RunConfig, run_dir: Path, progress=None, log=print) -> t
     return codecs, stats
 
 
-def prepare_mixture(cfg: RunConfig, codecs: Codecs) -> DocumentMixture:
-    source = data_source(cfg)
+def prepare_mixture(cfg: RunConfig, codecs: Codecs, source=None) -> DocumentMixture:
+    source = data_source(cfg) if source is None else source
     roles = source.roles(codecs, cfg.data)
     return DocumentMixture(cfg.data, codecs, roles, english=english_paragraphs(cfg), pool=source.image_pool,
                            world=source.world)

@@ -1,0 +1,192 @@
+"""How one model is spread over the processes torchrun starts: DDP, FSDP2 and tensor parallelism,
+through PyTorch's own stack (DeviceMesh, DTensor, `fully_shard`, `parallelize_module`), as torchtitan
+does. The model is written for one device; everything here wraps it from outside.
+
+    train.parallelism=ddp        every rank holds the whole model; gradients are all-reduced
+    train.parallelism=fsdp2      every block (and the rest, at the root) is sharded over the ranks:
+                                 parameters are gathered per block for its forward and backward
+    train.tp=2                   with fsdp2: the ranks form a (data, tensor) mesh; each block's q/k/v,
+                                 output, gate/up and down projections are split by heads / hidden
+                                 width over the tensor dimension (Megatron's column / row split), and
+                                 FSDP2 shards over the data dimension
+
+Options on top: `train.activation_checkpointing` (recompute each block in the backward instead of
+keeping its activations), `train.mixed_precision` (FSDP2: bf16 parameters and compute, fp32 gradient
+reduction), `train.cpu_offload` (FSDP2 keeps parameters and optimizer state in CPU memory; GPU only),
+and `train.compile` (per block under FSDP2, the whole step otherwise).
+
+A rank whose batch has no image, no audio or no token for some expert must not leave the others
+waiting for a gradient that never comes. Every loss term runs its head even on zero positions
+(`nmm.model.fusion.base.loss_rows`), so a dense model's parameters all get a (zero) gradient; the
+routed and multi-interface models may leave parameters out of a step's graph, so DDP is told to look
+for them (`find_unused_parameters`), and FSDP2 reduces every parameter of a group whether used or not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+    checkpoint_wrapper,
+)
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel
+
+from nmm.config import TrainConfig
+from nmm.errors import ConfigError
+
+PARALLELISMS = ("ddp", "fsdp2")
+
+# DTensor warns at every 2-D reduction that a flattened mesh would take one collective, not two: true,
+# and irrelevant at the one scalar per step (the gradient norm) where nmm meets it.
+logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
+
+# Tensor-parallel plan of one dense block (nmm.model.layers.Block): module name -> split.
+# q/k/v and gate/up split their output features (heads, hidden units) over the tensor ranks; the
+# output and down projections split their input features and all-reduce their output.
+TP_PLAN = {"attn.wq": "colwise", "attn.wk": "colwise", "attn.wv": "colwise", "attn.wo": "rowwise",
+           "ffn.w_gate": "colwise", "ffn.w_up": "colwise", "ffn.w_down": "rowwise"}
+
+
+def check_parallel_config(cfg: TrainConfig, model_cfg, world_size: int, device: torch.device) -> None:
+    """Refuse a parallel layout that cannot work, naming the key, before anything is built."""
+    if cfg.parallelism not in PARALLELISMS:
+        raise ConfigError(f"config key 'train.parallelism': '{cfg.parallelism}' is not one of {', '.join(PARALLELISMS)}")
+    if cfg.tp < 1 or world_size % cfg.tp:
+        raise ConfigError(f"config key 'train.tp': {cfg.tp} must divide the number of processes ({world_size})")
+    if cfg.tp > 1:
+        if cfg.parallelism != "fsdp2":
+            raise ConfigError("train.tp > 1 composes with FSDP2 on a (data, tensor) mesh: set train.parallelism=fsdp2")
+        if model_cfg.routing != "dense":
+            raise ConfigError(f"train.tp > 1 splits dense blocks; model.routing={model_cfg.routing} is not supported "
+                              "with tensor parallelism (use train.tp=1: FSDP2 shards experts and towers)")
+        for key in ("n_heads", "n_kv_heads", "ffn_hidden"):
+            if getattr(model_cfg, key) % cfg.tp:
+                raise ConfigError(f"train.tp={cfg.tp} must divide model.{key}={getattr(model_cfg, key)}")
+    if cfg.cpu_offload and (cfg.parallelism != "fsdp2" or device.type != "cuda"):
+        raise ConfigError("train.cpu_offload moves FSDP2's parameters to CPU memory: it needs "
+                          "train.parallelism=fsdp2 on GPUs (on a CPU they are in CPU memory already)")
+    if cfg.mixed_precision and cfg.parallelism != "fsdp2":
+        raise ConfigError("train.mixed_precision is FSDP2's bf16-parameter policy: set train.parallelism=fsdp2 "
+                          "(for DDP or one process use train.dtype=bf16, autocast)")
+
+
+def device_mesh(world_size: int, tp: int, device: torch.device) -> DeviceMesh:
+    """The ranks as a (dp, tp) grid; tensor-parallel ranks are neighbours (on one node, fast links)."""
+    return init_device_mesh(device.type, (world_size // tp, tp), mesh_dim_names=("dp", "tp"))
+
+
+def apply_tensor_parallel(blocks: nn.ModuleList, tp_mesh: DeviceMesh) -> None:
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
+    for block in blocks:
+        parallelize_module(block, tp_mesh, {name: styles[kind]() for name, kind in TP_PLAN.items()})
+
+
+def apply_activation_checkpointing(blocks: nn.ModuleList) -> None:
+    """Each block recomputes its forward during the backward: activation memory of one block, not all.
+    The wrapper keeps parameter names unchanged in state dicts (checkpoints load either way)."""
+    for i, block in enumerate(blocks):
+        blocks[i] = checkpoint_wrapper(block, preserve_rng_state=False)
+
+
+def apply_fsdp2(root: nn.Module, blocks: nn.ModuleList, dp_mesh: DeviceMesh, cfg: TrainConfig) -> None:
+    from torch.distributed.fsdp import (
+        CPUOffloadPolicy,
+        MixedPrecisionPolicy,
+        fully_shard,
+    )
+
+    kwargs = {"mesh": dp_mesh}
+    if cfg.mixed_precision:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if cfg.cpu_offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    for i, block in enumerate(blocks):
+        # The last block's parameters are needed again at once by the backward: keep them gathered.
+        fully_shard(block, reshard_after_forward=i < len(blocks) - 1, **kwargs)
+    fully_shard(root, **kwargs)  # embeddings, heads, modality interfaces: one group at the root
+
+
+def parallelize(net: nn.Module, model: nn.Module, cfg: TrainConfig, info) -> tuple[nn.Module, nn.Module]:
+    """Wrap `net` (the model + loss) for this run's parallelism; `model` is the module inside it.
+    -> (what the training step calls, the same without a whole-step torch.compile: the fallback if
+    compiling fails). FSDP2 compiles per block, in place, so both are the same module there."""
+    check_parallel_config(cfg, model.cfg, info.world_size, info.device)
+    blocks = model.backbone.blocks
+    if cfg.parallelism == "fsdp2" and info.enabled:
+        mesh = device_mesh(info.world_size, cfg.tp, info.device)
+        if cfg.tp > 1:
+            apply_tensor_parallel(blocks, mesh["tp"])
+        if cfg.activation_checkpointing:
+            apply_activation_checkpointing(blocks)
+        if cfg.compile:
+            for block in blocks:
+                block.compile()
+        # The root group is the loss module: its forward (not the model's) is what the step calls.
+        apply_fsdp2(net, blocks, mesh["dp"], cfg)
+        return net, net
+    if cfg.activation_checkpointing:
+        apply_activation_checkpointing(blocks)
+    if info.enabled:
+        # Experts, modality-specific towers and frozen encoders may get no gradient in a given step.
+        sparse = model.cfg.routing != "dense" or model.cfg.variant != "early-discrete"
+        net = DistributedDataParallel(net, find_unused_parameters=sparse)
+    return (torch.compile(net) if cfg.compile else net), net
+
+
+def no_sync(net: nn.Module, last_micro: bool):
+    """Skip the gradient reduction on all but the last micro-batch of a step (gradient accumulation)."""
+    inner = getattr(net, "_orig_mod", net)
+    if isinstance(inner, DistributedDataParallel) and not last_micro:
+        return inner.no_sync()
+    if hasattr(inner, "set_requires_gradient_sync"):  # FSDP2's root module
+        inner.set_requires_gradient_sync(last_micro)
+    return contextlib.nullcontext()
+
+
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
+    """Clip the global gradient norm over every rank's shards and return it (before clipping).
+
+    Plain tensors (one process, DDP, or replicated across tensor ranks) count as they are; DTensor
+    shards are summed over their mesh with `full_tensor()` of the squared norm (one scalar per parameter)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    # Sum squares per (mesh, placements) group, then one reduction per group: DTensor shards of FSDP2
+    # (data mesh) and of tensor parallelism (2-D mesh) sum over their ranks; plain tensors are whole.
+    groups: dict = {}
+    for g in grads:
+        sq = g.detach().float().pow(2).sum()
+        key = (sq.device_mesh, sq.placements) if isinstance(sq, DTensor) else None
+        groups.setdefault(key, []).append(sq)
+    parts = []
+    for key, squares in groups.items():
+        total = torch.stack(squares).sum()
+        parts.append(total.full_tensor() if key is not None else total)
+    total = torch.stack(parts).sum().sqrt()
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.detach().mul_(coef.to(g.dtype) if not isinstance(g, DTensor) else coef.item())
+    return float(total)
+
+
+def full_state_dict(model: nn.Module, info) -> dict[str, torch.Tensor]:
+    """The whole model's weights, gathered onto rank 0 in CPU memory (collective; others get {})."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+    )
+
+    if not info.enabled:
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
