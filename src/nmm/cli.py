@@ -9,6 +9,7 @@
     nmm inspect shapes-demo
     nmm sweep --out runs/sweep                 the design space (fusion x routing x size) at matched compute
     nmm bench decode --run shapes-demo           nmm vs Hugging Face on the same weights (decode|image|server|all)
+    nmm data pack shapes OUT --count 20000     WebDataset shards for data.source=shards, curated (docs/data.md)
 """
 
 from __future__ import annotations
@@ -358,6 +359,68 @@ def serve(
                       f"batch of {app.state.scheduler.rows} rows, {dtype}{', compiled' if compile else ''})")
     uvicorn.run(app, host=host, port=port, log_level="info")
 
+
+# `nmm data pack`: shards for data.source=shards (nmm/data/pack.py, nmm/data/curation.py, docs/data.md).
+data_app = typer.Typer(no_args_is_help=True, help="Data at scale: the shapes world or a folder of data into WebDataset "
+                                                  "shards for data.source=shards, curated on the way (docs/data.md).")
+
+
+@data_app.command("pack")
+def data_pack(
+    src: Annotated[str, typer.Argument(help="'shapes' (the built-in world), or a folder: images + captions.jsonl "
+                                            '({"image", "caption"}), recordings + transcripts.jsonl ({"file", "text"}) '
+                                            'or videos + captions.jsonl ({"file", "caption"}).')],
+    out: Annotated[Path, typer.Argument(help="Folder to create: shard-000000.tar, ... and report.json.")],
+    shard_size: Annotated[int, typer.Option(help="Samples per shard (a run needs at least ranks x data.num_workers "
+                                                 "shards).")] = 1000,
+    count: Annotated[int, typer.Option(help="shapes: scenes to render.")] = 1000,
+    seed: Annotated[int, typer.Option(help="shapes: random seed of the scenes.")] = 0,
+    image_size: Annotated[int, typer.Option(help="shapes: pixels per side of the rendered images.")] = 32,
+    kind: Annotated[Optional[str], typer.Option(help="A folder's kind: image, audio or video (default: from its "
+                                                     "index file).")] = None,
+    min_size: Annotated[int, typer.Option(help="Drop images whose shorter side is under this many pixels.")] = 16,
+    min_caption_chars: Annotated[int, typer.Option(help="Drop items whose caption / transcript is shorter.")] = 3,
+    max_caption_chars: Annotated[int, typer.Option(help="Drop items whose caption / transcript is longer.")] = 500,
+    near_dup_distance: Annotated[Optional[int], typer.Option(
+        help="Drop an image whose perceptual hash (64-bit pHash) is within this many bits of one kept; -1: off. "
+             "Default 6, and off for shapes (its scenes can differ in colour alone, which pHash does not see).")] = None,
+    max_seconds: Annotated[Optional[float], typer.Option(help="Drop recordings and clips longer than this.")] = None,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress.")] = True,
+):
+    """Pack data into WebDataset tar shards for `data.source=shards`, curated on the way.
+
+    Items are stored raw (image, audio or video files + a .txt caption), so any run's codecs can
+    read them. Dropped with a reason: bad index lines, missing and unreadable files, images under
+    --min-size, captions outside the length bounds, recordings or clips over --max-seconds, exact
+    duplicates (SHA-256 of the file) and near-duplicate images (perceptual hash). OUT/report.json
+    counts kept and dropped items by reason, with example keys, and lists the shards. Then train:
+
+        nmm train shapes-tiny --out runs/s data.source=shards 'data.shards={"OUT/shard-{000000..000009}.tar": 1.0}'
+    """
+    from nmm.data.curation import CurationOptions
+    from nmm.data.pack import pack
+
+    options = CurationOptions(min_size=min_size, min_caption_chars=min_caption_chars,
+                              max_caption_chars=max_caption_chars, max_seconds=max_seconds,
+                              near_dup_distance=(-1 if src == "shapes" else CurationOptions.near_dup_distance)
+                              if near_dup_distance is None else near_dup_distance)
+    report = pack(src, out, kind=kind, shard_size=shard_size, count=count, seed=seed, image_size=image_size,
+                  options=options, show_progress=progress)
+    table = Table(title=f"nmm data pack {src}: kept {report['kept']} of {report['seen']} {report['kind']} items "
+                        f"in {len(report['shards'])} shards ({report['seconds']:.1f} s)", title_justify="left")
+    for column in ("dropped", "count", "for example"):
+        table.add_column(column, justify="right" if column == "count" else "left")
+    for reason, dropped in report["dropped_by_reason"].items():
+        first = dropped["examples"][0]
+        table.add_row(reason, str(dropped["count"]), f"{first['key']}: {first['detail']}")
+    if not report["dropped_by_reason"]:
+        table.add_row("nothing", "0", "")
+    out_console.print(table)
+    out_console.print(f"report: {out / 'report.json'}\nshards: {report['pattern']}\ntrain with: {report['train_with']}")
+
+
+app.add_typer(data_app, name="data", help="Data at scale: pack data into WebDataset shards, with curation. See "
+                                          "`nmm data pack --help`.")
 
 # `nmm bench decode|image|server|all`: the subcommands live in nmm/bench/cli.py (imports nothing heavy).
 from nmm.bench.cli import bench_app  # noqa: E402

@@ -6,6 +6,7 @@
     nmm bench all    --run shapes-demo --compile --out bench.json   # eager and compiled pairs
     nmm bench train  --compile                                     # training step and MFU vs HF Llama
     nmm bench video  --run runs/demo-video                         # seconds per clip vs HF generate
+    nmm bench loader                                               # shard loader samples/s at 0/1/2 workers
 
 Each subcommand prints a table and writes JSON: {"target": ..., "<benchmark>": {...}}, with every
 timing, the ratios and whether the goal was met. TARGET is a run directory (its trained weights) or
@@ -204,6 +205,33 @@ def train(out: Out = None, quick: Quick = False, compile: Annotated[bool, typer.
     print(format_table(result))  # plain: a wide table must not wrap at the terminal width
     path = out or Path("bench-train.json")
     write_json(path, {"target": "synthetic", "quick": quick, "train": result})
+    console.print(f"wrote {path}")
+
+
+@bench_app.command("loader")
+def loader(out: Out = None, quick: Quick = False,
+           samples: Annotated[int, typer.Option(help="Shapes scenes packed into shards.")] = 2000,
+           batches: Annotated[int, typer.Option(help="Timed batches per variant.")] = 40,
+           workers: Annotated[str, typer.Option(help="data.num_workers values to time, comma-separated.")] = "0,1,2",
+           batch_size: Annotated[int, typer.Option(help="Rows per batch.")] = 16,
+           seq_len: Annotated[int, typer.Option(help="Tokens per row.")] = 256,
+           threads: Annotated[int, typer.Option(help="torch threads of the main process.")] = 2):
+    """Shard loader throughput: samples/s and batches/s of StreamingBatches at data.num_workers 0, 1, 2.
+
+    Packs SAMPLES shapes scenes into shards (100 per shard), then times the loader that
+    `data.source=shards` trains from (tar reading, PNG decoding, image tokenizer encoding, roles,
+    packing; in DataLoader workers when num_workers > 0) and, for comparison, PackedBatches over the
+    same images pre-tokenised in memory. The first batch (worker start-up) is timed apart."""
+    from nmm.bench.common import write_json
+    from nmm.bench.loader import format_table, run_loader
+
+    counts = tuple(int(w) for w in workers.split(",") if w.strip())
+    kw = {"samples": 300, "batches": 4, "batch_size": 4, "seq_len": 160} if quick else {
+        "samples": samples, "batches": batches, "batch_size": batch_size, "seq_len": seq_len}
+    result = run_loader(workers=counts, threads=threads, log=console.print, **kw)
+    print(format_table(result))
+    path = out or Path("bench-loader.json")
+    write_json(path, {"target": "shapes shards", "quick": quick, "loader": result})
     console.print(f"wrote {path}")
 
 

@@ -11,7 +11,8 @@ Roles (their weights come from `DataConfig.roles`); each is a sampler a data sou
   text           english paragraph          loss on everything         (keeps the language model a language model)
 
 Batches are a pure function of (seed, rank, batch index): resuming at batch k reproduces the
-exact stream, and each rank draws a different shard, without any loader state to save.
+exact stream, and each rank draws a different shard, without any loader state to save. `pack_rows`
+is the one packer; the streamed source (`nmm.data.shards`) packs through it too.
 """
 
 from __future__ import annotations
@@ -209,8 +210,58 @@ class DocumentMixture:
         return self.samplers[self.roles[rng.choice(len(self.roles), p=self.weights)]](rng)
 
 
+# A row whose free tail is shorter than this is closed: no document is that short.
+MIN_TAIL = 8
+
+Encoded = tuple[list[int], list[bool]]  # a document's ids and is_target (`Codecs.encode_document`)
+
+
+def pack_rows(draw: Callable[[int], Encoded], batch_size: int, seq_len: int, vocab, max_misses: int = 8,
+              put_back: Callable[[list[int], list[bool]], None] | None = None) -> Batch:
+    """Lay documents end to end in (batch_size, seq_len) rows: the one packer of nmm.
+
+    `draw(room)` gives the next document as (ids, is_target); `room` is the free tail of the row,
+    for a source that can pick a document that fits (a pool's sampler ignores it). A document
+    longer than a row is cut, not dropped. One that does not fit the free tail is a miss, and the
+    row closes after `max_misses` of them (another draw may fit: short ones fill the tail). A miss
+    is dropped, or, with `put_back(ids, is_target)` (streams, where every sample counts:
+    `nmm.data.shards`), handed back for the source to give again when it fits.
+    Each document gets positions from 0, its index in the row (`doc_ids`), next-token targets inside
+    the document only (its last token predicts nothing), and `generated` marks on the item codes it
+    learns to produce. Padding: `vocab.pad`, doc_id -1, no target."""
+    B, T = batch_size, seq_len
+    ids = np.full((B, T), vocab.pad, dtype=np.int64)
+    targets = np.full((B, T), -100, dtype=np.int64)
+    positions = np.zeros((B, T), dtype=np.int64)
+    doc_ids = np.full((B, T), -1, dtype=np.int64)
+    generated = np.zeros((B, T), dtype=bool)
+    for row in range(B):
+        fill, doc_index, misses = 0, 0, 0
+        while misses < max_misses and T - fill >= MIN_TAIL:
+            tokens, is_target = draw(T - fill)
+            tokens, is_target = tokens[:T], is_target[:T]  # an over-long document is cut, not dropped
+            n = len(tokens)
+            if fill + n > T:  # doesn't fit: try a few more draws (short ones fill the tail)
+                if put_back is not None:
+                    put_back(tokens, is_target)
+                misses += 1
+                continue
+            ids[row, fill : fill + n] = tokens
+            nxt = np.array(tokens[1:], dtype=np.int64)
+            targets[row, fill : fill + n - 1] = np.where(np.array(is_target[1:]), nxt, -100)
+            positions[row, fill : fill + n] = np.arange(n)
+            doc_ids[row, fill : fill + n] = doc_index
+            generated[row, fill : fill + n] = vocab.is_code(np.array(tokens)) & np.array(is_target)
+            fill, doc_index = fill + n, doc_index + 1
+    return Batch(*(torch.from_numpy(a) for a in (ids, targets, positions, doc_ids, generated)))
+
+
 class PackedBatches:
-    """Packs documents into (batch_size, seq_len) rows; batch k is a pure function of (seed, rank, k)."""
+    """Packs documents into (batch_size, seq_len) rows; batch k is a pure function of (seed, rank, k).
+
+    The trainer reads data through `batch(index)`, `state_dict()` and `load_state_dict(state)`,
+    which `nmm.data.shards.StreamingBatches` offers too. Here the state is empty: any batch can be
+    recomputed from its index, so resuming needs nothing saved."""
 
     def __init__(self, mixture: DocumentMixture, batch_size: int, seq_len: int, seed: int, rank: int = 0):
         self.mixture, self.batch_size, self.seq_len = mixture, batch_size, seq_len
@@ -220,27 +271,15 @@ class PackedBatches:
 
     def batch(self, index: int) -> Batch:
         rng = np.random.default_rng([self.seed, self.rank, index])
-        B, T = self.batch_size, self.seq_len
-        ids = np.full((B, T), self.pad, dtype=np.int64)
-        targets = np.full((B, T), -100, dtype=np.int64)
-        positions = np.zeros((B, T), dtype=np.int64)
-        doc_ids = np.full((B, T), -1, dtype=np.int64)
-        generated = np.zeros((B, T), dtype=bool)
-        vocab = self.mixture.codecs.vocab
-        for row in range(B):
-            fill, doc_index, misses = 0, 0, 0
-            while misses < self.max_misses and T - fill >= 8:
-                tokens, is_target = self.mixture.codecs.encode_document(self.mixture.sample(rng))
-                tokens, is_target = tokens[:T], is_target[:T]  # an over-long document is cut, not dropped
-                n = len(tokens)
-                if fill + n > T:  # doesn't fit: try a few more draws (short ones fill the tail)
-                    misses += 1
-                    continue
-                ids[row, fill : fill + n] = tokens
-                nxt = np.array(tokens[1:], dtype=np.int64)
-                targets[row, fill : fill + n - 1] = np.where(np.array(is_target[1:]), nxt, -100)
-                positions[row, fill : fill + n] = np.arange(n)
-                doc_ids[row, fill : fill + n] = doc_index
-                generated[row, fill : fill + n] = vocab.is_code(np.array(tokens)) & np.array(is_target)
-                fill, doc_index = fill + n, doc_index + 1
-        return Batch(*(torch.from_numpy(a) for a in (ids, targets, positions, doc_ids, generated)))
+        codecs = self.mixture.codecs
+        return pack_rows(lambda room: codecs.encode_document(self.mixture.sample(rng)), self.batch_size,
+                         self.seq_len, codecs.vocab, self.max_misses)
+
+    def state_dict(self) -> dict:
+        """Nothing: batch k is a pure function of (seed, rank, k)."""
+        return {}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        """Accepts the empty state `state_dict` gives (or None, from a checkpoint that has none)."""
+        if state:
+            raise ValueError(f"PackedBatches keeps no loader state, got {sorted(state)} (a checkpoint of a streamed run?)")

@@ -13,8 +13,10 @@ A data source gives the core everything it takes from outside itself:
 and, for each modality, what that modality's codec trainer asks for (the plugin's `train`): images()
 for images ((N, H, W, 3) uint8, or None to render `world`'s), waves() for audio (1-D float32 at 16 kHz).
 
-The core ships two sources: "folder" (a user's images with a captions.jsonl, `nmm.data.folder`) and
-"audio_folder" (a user's recordings with a transcripts.jsonl, `nmm.data.audio_folder`).
+The core ships three sources: "folder" (a user's images with a captions.jsonl, `nmm.data.folder`),
+"audio_folder" (a user's recordings with a transcripts.jsonl, `nmm.data.audio_folder`) and "shards"
+(WebDataset tar shards, streamed: `nmm.data.shards`; such a source also offers `batches(codecs, cfg,
+rank, world_size)`, which the trainer reads instead of packing its roles in memory).
 The shapes world and the speech and tone worlds are applications built on the core, so no core
 module imports them: `PLUGINS` names the module that defines each, and `data_source` imports it
 the first time that source is asked for; the module registers itself, the way Python entry points
@@ -43,6 +45,7 @@ from nmm.data.mixture import (
     image_roles,
     speech_roles,
 )
+from nmm.data.shards import ShardSource
 from nmm.errors import ConfigError
 from nmm.modalities.codecs import Codecs
 
@@ -216,3 +219,4 @@ class AudioFolderSource:
 
 
 register_source("audio_folder", AudioFolderSource)
+register_source("shards", ShardSource)  # nmm.data.shards
