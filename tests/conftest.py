@@ -75,6 +75,26 @@ def tiny_run(tmp_path_factory):
     return run_dir
 
 
+CODEC_FILES = ("vocab.json", "text_tokenizer.json", "image_tokenizer.json", "image_tokenizer.safetensors",
+               "tokenizer_stats.json")
+
+
+@pytest.fixture(scope="session")
+def with_codecs(tiny_run):
+    """with_codecs(path) -> a new run directory holding tiny_run's trained tokenizers, so only the
+    language model trains in it."""
+    import shutil
+
+    def make(run_dir):
+        run_dir.mkdir(parents=True)
+        for name in CODEC_FILES:
+            if (tiny_run / name).exists():
+                shutil.copy(tiny_run / name, run_dir / name)
+        return run_dir
+
+    return make
+
+
 @pytest.fixture(scope="session")
 def tiny_pipe(tiny_run):
     import nmm

@@ -28,7 +28,7 @@ def assert_one_line_error(proc, *needles):
         assert needle in lines[0]
 
 
-@pytest.mark.parametrize("cmd", ["demo", "train", "generate", "eval", "inspect", "serve", "compare"])
+@pytest.mark.parametrize("cmd", ["demo", "train", "generate", "eval", "inspect", "serve", "compare", "export", "import", "data"])
 def test_help(cmd):
     proc = nmm(cmd, "--help")
     assert proc.returncode == 0 and "Usage" in proc.stdout

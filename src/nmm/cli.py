@@ -422,6 +422,58 @@ def data_pack(
 app.add_typer(data_app, name="data", help="Data at scale: pack data into WebDataset shards, with curation. See "
                                           "`nmm data pack --help`.")
 
+# `nmm import hf SRC DST` / `nmm export RUN [--hf DST]`: checkpoints in and out (docs/checkpoints.md, docs/scaling.md).
+import_app = typer.Typer(no_args_is_help=True, help="Bring another project's checkpoint in as an nmm run directory.")
+
+
+@import_app.command("hf")
+def import_hf_command(
+    src: Annotated[Path, typer.Argument(help="A local Hugging Face model directory: config.json, safetensors "
+                                             "weights (one file or shards), tokenizer.json. Today: Chameleon.")],
+    dst: Annotated[Path, typer.Argument(help="The nmm run directory to create (nmm.load, generate, serve read it).")],
+    dtype: Annotated[Optional[str], typer.Option(help="Store the weights as bf16 or fp32 (default: as stored).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace DST if it exists and is not empty.")] = False,
+):
+    """Convert a checkpoint, streaming (memory: about one 64 MiB block above the baseline, not the model)."""
+    from nmm.interop import import_hf
+
+    summary = import_hf(src, dst, dtype=dtype, overwrite=overwrite)
+    flat = {k: v for k, v in summary.items() if not isinstance(v, (dict, list))} | summary.get("vocab", {})
+    out_console.print(_metrics_table(flat, f"imported {src}"))
+    out_console.print(f"run: {dst}\ntry: nmm generate {dst} --image picture.png --prompt describe")
+
+
+@app.command("export")
+def export_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="An nmm run directory (trained, being trained, or imported).")],
+    hf: Annotated[Optional[Path], typer.Option(help="Write a Hugging Face checkpoint to this directory instead "
+                                                    "(Chameleon or Llama / Qwen3, see --family).")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option(help="The checkpoint folder to consolidate "
+                                                            "(default: the run's latest).")] = None,
+    family: Annotated[Optional[str], typer.Option(help="With --hf: chameleon | llama (Llama, or Qwen3 with QK-norm); "
+                                                       "default: chameleon for Chameleon's QK-norm, else llama.")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="With --hf: write the weights as bf16 or fp32.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="With --hf: replace the directory if it is not empty.")] = False,
+):
+    """Consolidate a training checkpoint (sharded by any number of processes) into RUN/model.safetensors,
+    the file `nmm.load`, generate, serve and eval read; or, with --hf, write a Hugging Face checkpoint
+    that transformers' from_pretrained loads."""
+    if hf is None:
+        from nmm.train.checkpoint import consolidate
+
+        path, step = consolidate(run_dir, checkpoint)
+        out_console.print(f"exported step {step} -> {path}")
+        return
+    from nmm.interop import export_hf
+
+    summary = export_hf(run_dir, hf, family=family, dtype=dtype, overwrite=overwrite)
+    out_console.print(_metrics_table({k: v for k, v in summary.items() if not isinstance(v, (dict, list))},
+                                     f"exported {run_dir}"))
+    out_console.print(f"checkpoint: {hf}")
+
+
+app.add_typer(import_app, name="import", help="Bring a Hugging Face checkpoint in: `nmm import hf SRC DST`.")
+
 # `nmm bench decode|image|server|all`: the subcommands live in nmm/bench/cli.py (imports nothing heavy).
 from nmm.bench.cli import bench_app  # noqa: E402
 

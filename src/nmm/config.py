@@ -283,16 +283,16 @@ class TrainConfig:
     async_checkpoint: bool = False  # write checkpoints in a background thread; training goes on meanwhile
     # ---- loss spikes (seed 004: the hard part of training native multimodal models) ----------------
     # A step whose loss is above spike_factor x its running average, or is not finite, or whose
-    # gradient is not finite: off = log it; skip = also drop that update; rollback = reload the last
+    # gradient is not finite: log = only log it; skip = also drop that update; rollback = reload the last
     # checkpoint and skip the batches since it plus the spiking one (`spike_skip_window` more).
-    spike_policy: str = "off"  # off | skip | rollback
+    spike_policy: str = "log"  # log | skip | rollback
     spike_factor: float = 2.0
     spike_warmup: int = 20  # steps before spikes count (the early loss falls fast)
     spike_skip_window: int = 0
 
     def __post_init__(self):
-        if self.spike_policy not in ("off", "skip", "rollback"):
-            raise ConfigError(f"config key 'train.spike_policy': '{self.spike_policy}' is not one of off, skip, rollback")
+        if self.spike_policy not in ("log", "skip", "rollback"):
+            raise ConfigError(f"config key 'train.spike_policy': '{self.spike_policy}' is not one of log, skip, rollback")
         if self.spike_factor <= 1.0:
             raise ConfigError(f"config key 'train.spike_factor': must be > 1, got {self.spike_factor}")
 

@@ -137,14 +137,14 @@ def routing_histogram(model, batches) -> list[list[list[int]]] | None:
 def score_run(cfg, run_dir: Path, fpt: int, tokens_per_step: int, log=print) -> dict:
     import nmm
     from nmm.eval.harness import evaluate_tasks
-    from nmm.train.checkpoint import load_state_dict_into, load_weights
+    from nmm.train.checkpoint import load_model_weights
 
     pipe = nmm.load(run_dir, device="cpu")
     batches = heldout_batches(cfg, pipe.codecs)
     curve = []
     for ckpt in sorted((run_dir / "checkpoints").glob("step_*")):
         step = int(ckpt.name.split("_")[1])
-        load_state_dict_into(pipe.model, load_weights(ckpt / "model.safetensors"), ckpt / "model.safetensors")
+        load_model_weights(ckpt, pipe.model)
         curve.append({"step": step, "train_flops": 3.0 * fpt * tokens_per_step * step,
                       "heldout_text_loss": heldout_loss(pipe.model, batches)})
     pipe = nmm.load(run_dir, device="cpu")  # the final weights again

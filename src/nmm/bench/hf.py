@@ -1,7 +1,8 @@
-"""nmm weights -> a Hugging Face causal LM computing the same logits, and the parity check.
+"""The Hugging Face side of `nmm bench`: the parity check, logits processors and the compiled baseline.
 
 `nmm bench` and `benchmarks/train_throughput.py` compare nmm against Hugging Face on the *same*
-weights, so the only difference measured is the code around them. The mapping:
+weights, so the only difference measured is the code around them. The conversion (nmm weights -> a
+Llama / Qwen3 computing the same logits) is `nmm.interop.llama`, re-exported here. The mapping:
 
 - q/k/v, gate/up/down and the norms map one to one (`wq` -> `q_proj`, `w_gate` -> `gate_proj`, ...);
 - the text and image heads are stacked in vocabulary order (text ids, specials, image codes);
@@ -24,169 +25,25 @@ from __future__ import annotations
 
 import torch
 
-from nmm.config import ModelConfig
 from nmm.errors import NmmError
-from nmm.modalities.base import split_codes
+# The conversion itself lives in nmm.interop.llama (it also writes exported checkpoints); the benches
+# import it from here as before.
+from nmm.interop.llama import (  # noqa: F401  (re-exported)
+    hf_arch,
+    hf_llama_config,
+    hf_qwen3_config,
+    make_hf_llama,
+    make_hf_qwen3,
+    nmm_to_hf,
+    nmm_to_hf_llama,
+    nmm_to_hf_qwen3,
+)
 from nmm.model.model import NativeMultimodalModel
 
 
 class ParityError(NmmError):
     """The converted Hugging Face model does not compute nmm's logits: a benchmark would compare two
     different functions, so it must not run."""
-
-
-# ---- tables ---------------------------------------------------------------------------------------
-@torch.no_grad()
-def _code_table(interface) -> torch.Tensor:
-    """(codes, D) embedding of every code of one modality (the sum of its factor embeddings)."""
-    emb = interface.embed_codes
-    codes = torch.arange(interface.spec.codes, device=emb.tables[0].weight.device)
-    return sum(t.weight[part] for t, part in zip(emb.tables, split_codes(codes, emb.factors)))
-
-
-@torch.no_grad()
-def _code_head_matrix(interface) -> torch.Tensor:
-    """(codes, D) weight whose rows give the logits of one modality's head (a sum of per-factor
-    logits is linear in h, so a factorised head is an ordinary linear head with W[c] = sum_i W_i[c_i])."""
-    head = interface.head
-    codes = torch.arange(interface.spec.codes, device=head.proj[0].weight.device)
-    return sum(p.weight[part] for p, part in zip(head.proj, split_codes(codes, head.factors)))
-
-
-def _discrete(model: NativeMultimodalModel) -> list:
-    """The model's modality interfaces in vocabulary order; each must embed and predict codes."""
-    out = []
-    for spec in model.vocab.modalities:
-        interface = model.modalities[spec.name]
-        if getattr(interface, "embed_codes", None) is None or getattr(interface, "head", None) is None:
-            raise ValueError(f"HF conversion needs discrete {spec.name} codes (early fusion); this model's "
-                             f"{spec.name} interface is {type(interface).__name__}")
-        out.append(interface)
-    return out
-
-
-# ---- configs --------------------------------------------------------------------------------------
-def _common_config(model_cfg: ModelConfig, vocab_size: int) -> dict:
-    return {
-        "vocab_size": vocab_size,
-        "hidden_size": model_cfg.d_model,
-        "intermediate_size": model_cfg.ffn_hidden,
-        "num_hidden_layers": model_cfg.n_layers,
-        "num_attention_heads": model_cfg.n_heads,
-        "num_key_value_heads": model_cfg.n_kv_heads,
-        "head_dim": model_cfg.d_model // model_cfg.n_heads,
-        "hidden_act": "silu",
-        "max_position_embeddings": model_cfg.max_seq_len,
-        "rms_norm_eps": model_cfg.norm_eps,
-        "rope_parameters": {"rope_type": "default", "rope_theta": float(model_cfg.rope_theta)},
-        "attention_bias": False,
-        "tie_word_embeddings": False,
-        "initializer_range": model_cfg.init_std,
-        "use_cache": False,  # training default; generation passes use_cache=True
-        "pad_token_id": None,
-        "bos_token_id": None,
-        "eos_token_id": None,
-    }
-
-
-def hf_llama_config(model_cfg: ModelConfig, vocab_size: int):
-    from transformers import LlamaConfig
-
-    cfg = LlamaConfig(**_common_config(model_cfg, vocab_size), mlp_bias=False)
-    cfg._attn_implementation = "sdpa"
-    return cfg
-
-
-def hf_qwen3_config(model_cfg: ModelConfig, vocab_size: int):
-    from transformers import Qwen3Config
-
-    cfg = Qwen3Config(**_common_config(model_cfg, vocab_size), use_sliding_window=False)
-    cfg._attn_implementation = "sdpa"
-    return cfg
-
-
-def make_hf_llama(model_cfg: ModelConfig, vocab_size: int):
-    from transformers import LlamaForCausalLM
-
-    model = LlamaForCausalLM(hf_llama_config(model_cfg, vocab_size))
-    model.config._attn_implementation = "sdpa"
-    return model
-
-
-def make_hf_qwen3(model_cfg: ModelConfig, vocab_size: int):
-    from transformers import Qwen3ForCausalLM
-
-    model = Qwen3ForCausalLM(hf_qwen3_config(model_cfg, vocab_size))
-    model.config._attn_implementation = "sdpa"
-    return model
-
-
-# ---- conversion -----------------------------------------------------------------------------------
-@torch.no_grad()
-def _hf_state_dict(model: NativeMultimodalModel) -> dict[str, torch.Tensor]:
-    cfg = model.cfg
-    sd = {
-        "model.embed_tokens.weight": torch.cat([model.text_embed.weight, *map(_code_table, _discrete(model))], 0),
-        "model.norm.weight": model.backbone.norm.weight,
-        "lm_head.weight": torch.cat([model.text_head.proj.weight, *map(_code_head_matrix, _discrete(model))], 0),
-    }
-    for interface in _discrete(model):  # a variable-length item's end token is scored by its own head
-        if getattr(interface, "end_head", None) is not None:
-            sd["lm_head.weight"] = sd["lm_head.weight"].clone()
-            sd["lm_head.weight"][model.vocab.end(interface.name)] = interface.end_head.weight[0]
-    for i, blk in enumerate(model.backbone.blocks):
-        p = f"model.layers.{i}."
-        sd.update({
-            p + "input_layernorm.weight": blk.attn_norm.weight,
-            p + "self_attn.q_proj.weight": blk.attn.wq.weight,
-            p + "self_attn.k_proj.weight": blk.attn.wk.weight,
-            p + "self_attn.v_proj.weight": blk.attn.wv.weight,
-            p + "self_attn.o_proj.weight": blk.attn.wo.weight,
-            p + "post_attention_layernorm.weight": blk.ffn_norm.weight,
-            p + "mlp.gate_proj.weight": blk.ffn.w_gate.weight,
-            p + "mlp.up_proj.weight": blk.ffn.w_up.weight,
-            p + "mlp.down_proj.weight": blk.ffn.w_down.weight,
-        })
-        if cfg.qk_norm:  # Qwen3: RMSNorm over head_dim on q and k before RoPE, exactly nmm's q_norm/k_norm
-            sd[p + "self_attn.q_norm.weight"] = blk.attn.q_norm.weight
-            sd[p + "self_attn.k_norm.weight"] = blk.attn.k_norm.weight
-    return sd
-
-
-def _load(hf, model: NativeMultimodalModel, name: str):
-    sd = _hf_state_dict(model)
-    missing, unexpected = hf.load_state_dict({k: v.detach().clone() for k, v in sd.items()}, strict=False)
-    missing = [k for k in missing if "rotary_emb" not in k]
-    if missing or unexpected:
-        raise RuntimeError(f"{name}: missing {missing}, unexpected {unexpected}")
-    return hf.to(model.text_embed.weight.device)
-
-
-@torch.no_grad()
-def nmm_to_hf_llama(model: NativeMultimodalModel):
-    """nmm model -> `LlamaForCausalLM` computing the same logits (vocabulary order: text, specials,
-    image codes). Needs `qk_norm=False` (Llama has no QK-norm; see `nmm_to_hf`)."""
-    if model.cfg.qk_norm:
-        raise ValueError("nmm_to_hf_llama: Llama has no QK-norm; build the nmm model with qk_norm=False "
-                         "(or use nmm_to_hf, which converts a QK-norm model to Qwen3)")
-    return _load(make_hf_llama(model.cfg, model.vocab.size), model, "nmm_to_hf_llama")
-
-
-@torch.no_grad()
-def nmm_to_hf_qwen3(model: NativeMultimodalModel):
-    """nmm model with QK-norm -> `Qwen3ForCausalLM` (Llama + per-head QK RMSNorm) with the same logits."""
-    if not model.cfg.qk_norm:
-        raise ValueError("nmm_to_hf_qwen3: the nmm model has no QK-norm; use nmm_to_hf_llama")
-    return _load(make_hf_qwen3(model.cfg, model.vocab.size), model, "nmm_to_hf_qwen3")
-
-
-def nmm_to_hf(model: NativeMultimodalModel):
-    """The Hugging Face model with exactly nmm's architecture: Llama without QK-norm, Qwen3 with it."""
-    return (nmm_to_hf_qwen3 if model.cfg.qk_norm else nmm_to_hf_llama)(model).eval()
-
-
-def hf_arch(model: NativeMultimodalModel) -> str:
-    return "Qwen3ForCausalLM" if model.cfg.qk_norm else "LlamaForCausalLM"
 
 
 # ---- parity ---------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ This module imports nothing else of nmm: it is the bottom layer every other laye
 
 from __future__ import annotations
 
+import importlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -155,3 +156,31 @@ def modality_plugin(name: str) -> ModalityPlugin:
         return MODALITIES[name]
     except KeyError:
         raise KeyError(f"unknown modality {name!r}; registered: {', '.join(sorted(MODALITIES)) or 'none'}") from None
+
+
+# ---- codecs that stand in for a modality plugin's own ---------------------------------------------
+# A tokenizer imported from another model's checkpoint (nmm.interop: Chameleon's VQ-VAE) serves a
+# built-in modality ("image") with a codec class of its own. A run names such codecs by kind in
+# codecs.json ({"image": "chameleon_vq"}); `codec_class` imports the module that registers a kind the
+# first time it is asked for, found by module name at run time as nmm.data.sources finds its sources.
+CODEC_PLUGINS: dict[str, str] = {"chameleon_vq": "nmm.interop.chameleon"}
+CODECS: dict[str, type] = {}
+
+
+def register_codec(kind: str, codec: type) -> None:
+    """Make `kind` in a run's codecs.json load with `codec.load(run_dir)`; a codec class says its kind
+    in `codec_kind`, which `Codecs.save` writes. Re-registering the same class is a no-op."""
+    known = CODECS.get(kind)
+    if known is not None and known is not codec:
+        raise ValueError(f"codec kind {kind!r} is already registered with {known.__qualname__}")
+    CODECS[kind] = codec
+
+
+def codec_class(kind: str) -> type:
+    if kind not in CODECS and kind in CODEC_PLUGINS:
+        importlib.import_module(CODEC_PLUGINS[kind])
+    try:
+        return CODECS[kind]
+    except KeyError:
+        known = ", ".join(sorted({*CODECS, *CODEC_PLUGINS})) or "none"
+        raise KeyError(f"unknown codec kind {kind!r}; known: {known}") from None

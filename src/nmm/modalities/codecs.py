@@ -24,12 +24,13 @@ from nmm.errors import CheckpointError
 from nmm.modalities import audio as _audio_plugin  # noqa: F401  (registers the built-in audio modality)
 from nmm.modalities import image as _image_plugin  # noqa: F401  (registers the built-in image modality)
 from nmm.modalities import video as _video_plugin  # noqa: F401  (registers the built-in video modality)
-from nmm.modalities.base import ModalityCodec, modality_plugin
+from nmm.modalities.base import ModalityCodec, codec_class, modality_plugin
 from nmm.modalities.document import Document, ItemSegment, TextSegment
 from nmm.modalities.text import TextTokenizer
 from nmm.modalities.vocab import Vocabulary, VocabularyError
 from nmm.utils import atomic_write_json
 
+CODECS_FILE = "codecs.json"  # modality -> codec kind, for codecs that are not their plugin's own
 PromptSegment = str | TextSegment | ItemSegment | tuple[str, Any]  # see `Codecs.prompt`
 
 
@@ -208,6 +209,12 @@ class Codecs:
         self.text.save(run_dir / "text_tokenizer.json")
         for codec in self.modalities.values():
             codec.save(run_dir)
+        # Codecs other than their modality's own (an imported tokenizer) are named by kind for `load`.
+        kinds = {name: c.codec_kind for name, c in self.modalities.items() if getattr(c, "codec_kind", None)}
+        if kinds:
+            atomic_write_json(run_dir / CODECS_FILE, kinds)
+        else:
+            (run_dir / CODECS_FILE).unlink(missing_ok=True)
         atomic_write_json(run_dir / "vocab.json", self.vocab.to_dict())
 
     @classmethod
@@ -221,10 +228,16 @@ class Codecs:
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"{run_dir / 'vocab.json'}: missing or corrupt ({e.__class__.__name__}: {e})") from None
         try:
-            plugins = [modality_plugin(m.name) for m in saved.modalities]
+            kinds = json.loads((run_dir / CODECS_FILE).read_text()) if (run_dir / CODECS_FILE).is_file() else {}
+        except ValueError as e:
+            raise CheckpointError(f"{run_dir / CODECS_FILE}: corrupt ({e})") from None
+        try:
+            classes = [codec_class(kinds[m.name]) if m.name in kinds else modality_plugin(m.name).codec
+                       for m in saved.modalities]
         except KeyError as e:
-            raise CheckpointError(f"{run_dir / 'vocab.json'}: {e.args[0]}") from None
-        codecs = cls(TextTokenizer.load(run_dir / "text_tokenizer.json"), *(p.codec.load(run_dir) for p in plugins))
+            where = CODECS_FILE if any(m.name in kinds for m in saved.modalities) else "vocab.json"
+            raise CheckpointError(f"{run_dir / where}: {e.args[0]}") from None
+        codecs = cls(TextTokenizer.load(run_dir / "text_tokenizer.json"), *(c.load(run_dir) for c in classes))
         if saved != codecs.vocab:
             raise CheckpointError(f"{run_dir}: the vocabulary layout in vocab.json does not match the saved tokenizers "
                                   f"({saved.describe_difference(codecs.vocab)}): token ids would be misread")

@@ -276,3 +276,27 @@ def load_state_dict_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor
         if v.shape != own[k].shape:
             raise CheckpointError(f"{source}: '{k}' has shape {tuple(v.shape)}, model expects {tuple(own[k].shape)}")
     model.load_state_dict(tensors)
+
+
+def consolidate(run_dir: Path, checkpoint: Path | None = None) -> tuple[Path, int]:
+    """A training checkpoint (any world size, any parallelism) -> `run_dir/model.safetensors` and
+    `model.json`, the files `nmm.load` reads, in this one process. Default: the latest checkpoint.
+    -> (the weights file, the checkpoint's step)."""
+    from nmm.config import load_config, to_dict
+    from nmm.modalities.codecs import Codecs
+    from nmm.model.model import NativeMultimodalModel
+    from nmm.utils import save_safetensors
+
+    run_dir = Path(run_dir)
+    ckpt = Path(checkpoint) if checkpoint is not None else latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise CheckpointError(f"{run_dir}: no checkpoint in {run_dir / 'checkpoints'} to export")
+    if not (run_dir / "config.yaml").exists():
+        raise CheckpointError(f"{run_dir}: no config.yaml (is it a run directory?)")
+    cfg = load_config(run_dir / "config.yaml")
+    cfg.model.max_seq_len = max(cfg.model.max_seq_len, cfg.train.seq_len)  # as the trainer builds it
+    model = NativeMultimodalModel(cfg.model, Codecs.load(run_dir).vocab)
+    load_model_weights(ckpt, model)
+    save_safetensors(model.state_dict(), run_dir / "model.safetensors")
+    atomic_write_json(run_dir / "model.json", to_dict(model.cfg))
+    return run_dir / "model.safetensors", checkpoint_state(ckpt)["step"]

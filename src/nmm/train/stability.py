@@ -5,7 +5,7 @@ divergences came from the image tokens' logits growing). The model side keeps lo
 (QK-norm, z-loss); this is the trainer side:
 
     non-finite loss or gradient   the update is always dropped (AdamW's moments would be poisoned)
-    loss > spike_factor x EMA     off: logged; skip: the update is dropped; rollback: the run reloads
+    loss > spike_factor x EMA     log: logged; skip: the update is dropped; rollback: the run reloads
                                   its last checkpoint and skips the batches from there to the spike
                                   (plus `spike_skip_window` more), so the bad data window is not replayed
 
@@ -44,7 +44,7 @@ class SpikeGuard:
             kind = "nonfinite_loss" if not math.isfinite(loss) else "nonfinite_grad"
             return SpikeEvent(kind, "rolled_back" if self.policy == "rollback" else "skipped", loss, self.ema)
         if self.ema is not None and step >= self.warmup and loss > self.factor * self.ema:
-            action = {"off": "logged", "skip": "skipped", "rollback": "rolled_back"}[self.policy]
+            action = {"log": "logged", "skip": "skipped", "rollback": "rolled_back"}[self.policy]
             return SpikeEvent("loss_spike", action, loss, self.ema)
         return None
 

@@ -1,0 +1,66 @@
+"""Checkpoints of other projects in and out of nmm: `import_hf` and `export_hf`.
+
+One adapter module per model family (like torchtitan's `state_dict_adapter.py`), each mapping that
+family's Hugging Face checkpoint to an nmm run directory and back; `nmm.interop.common` holds the
+streaming reader and writer they share. The family of a source directory is its config.json's
+`model_type`.
+
+    from nmm.interop import import_hf, export_hf
+    import_hf("~/models/chameleon-7b", "runs/chameleon-7b", dtype="bf16")
+    pipe = nmm.load("runs/chameleon-7b")
+    export_hf("runs/chameleon-7b", "out/chameleon-7b-hf")
+
+This package sits at the top of the core (beside nmm.serve): it may use everything below it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from nmm.errors import CheckpointError
+from nmm.interop.common import read_json
+
+FAMILIES = ("chameleon",)  # model_type values import_hf reads
+EXPORT_FAMILIES = ("chameleon", "llama")  # llama: Llama, or Qwen3 with QK-norm
+
+
+def import_hf(src_dir: str | Path, dst_run: str | Path, dtype: str | None = None, overwrite: bool = False) -> dict:
+    """A local Hugging Face checkpoint directory -> an nmm run directory (`nmm.load` reads it). The
+    family comes from config.json's model_type. `dtype`: "bf16" / "fp32" / None (keep the checkpoint's).
+    Returns a summary (parameters, shards, seconds, peak RSS), also saved as import.json in the run."""
+    src = Path(src_dir).expanduser()
+    kind = read_json(src / "config.json", "a Hugging Face model directory's config").get("model_type")
+    if kind == "chameleon":
+        from nmm.interop.chameleon import import_chameleon
+
+        return import_chameleon(src, Path(dst_run).expanduser(), dtype=dtype, overwrite=overwrite)
+    raise CheckpointError(f"{src / 'config.json'}: model_type {kind!r} is not one nmm imports ({', '.join(FAMILIES)})")
+
+
+def export_hf(run_dir: str | Path, dst_dir: str | Path, family: str | None = None, dtype: str | None = None,
+              overwrite: bool = False) -> dict:
+    """An nmm run -> a Hugging Face checkpoint directory computing the same logits. `family`:
+
+    - "chameleon": `ChameleonForConditionalGeneration` (early fusion, discrete images, Chameleon's
+      per-head LayerNorm QK-norm: an imported Chameleon goes back exactly);
+    - "llama": `LlamaForCausalLM` without QK-norm, `Qwen3ForCausalLM` with nmm's RMSNorm QK-norm, over
+      the whole vocabulary (codes as ordinary ids);
+    - None: "chameleon" for a run with Chameleon's QK-norm, else "llama"."""
+    run, dst = Path(run_dir).expanduser(), Path(dst_dir).expanduser()
+    if family is None:
+        model = read_json(run / "model.json", "the run's model config")
+        family = "chameleon" if model.get("qk_norm_kind") == "layernorm-per-head" else "llama"
+    if family not in EXPORT_FAMILIES:
+        raise CheckpointError(f"export family {family!r}: one of {', '.join(EXPORT_FAMILIES)}")
+    if dst.exists() and any(dst.iterdir()) and not overwrite:
+        raise CheckpointError(f"{dst}: exists and is not empty (overwrite=True, or --overwrite, replaces it)")
+    if family == "chameleon":
+        from nmm.interop.chameleon import export_chameleon
+
+        return export_chameleon(run, dst, dtype=dtype, overwrite=overwrite)
+    from nmm.interop.llama import export_llama
+
+    return export_llama(run, dst, dtype=dtype)
+
+
+__all__ = ["EXPORT_FAMILIES", "FAMILIES", "export_hf", "import_hf"]
