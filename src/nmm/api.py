@@ -21,7 +21,7 @@ from nmm.infer.sampling import SamplingConfig
 from nmm.modalities.codecs import Codecs
 from nmm.modalities.document import Document, ItemSegment, TextSegment
 from nmm.model.model import NativeMultimodalModel
-from nmm.train.checkpoint import load_state_dict_into, load_weights
+from nmm.quant import load_weights_at, params_on_meta, resolve_precision
 
 
 class Pipeline:
@@ -172,8 +172,15 @@ class Pipeline:
         return float(np.exp(nll / max(count, 1)))
 
 
-def load(path: str | Path, device: str | None = None) -> Pipeline:
-    """Load a trained run directory (model.safetensors, model.json and the codecs)."""
+def load(path: str | Path, device: str | None = None, dtype: str | torch.dtype | None = None,
+         quantize: str | None = None) -> Pipeline:
+    """Load a trained run directory (model.safetensors, model.json and the codecs).
+
+    `dtype`: "fp32" (default) | "bf16" | "int8" (int8 weight-only linear layers, the rest fp32), or
+    torch.float32 / torch.bfloat16. `quantize`: None | "int8" (int8 linear layers, the rest in `dtype`:
+    `dtype="bf16", quantize="int8"`). The weights are read tensor by tensor straight into that precision,
+    so a bf16 or int8 load never holds an fp32 copy of the model (`nmm.quant`, docs/checkpoints.md)."""
+    precision = resolve_precision(dtype, quantize)  # a bad value fails before any file is read
     run_dir = Path(path)
     if not run_dir.is_dir():
         raise CheckpointError(f"{run_dir}: no such run directory")
@@ -184,7 +191,8 @@ def load(path: str | Path, device: str | None = None) -> Pipeline:
     except (OSError, ValueError):
         raise CheckpointError(f"{run_dir / 'model.json'}: missing or corrupt") from None
     codecs = Codecs.load(run_dir)
-    model = NativeMultimodalModel(model_cfg, codecs.vocab)
-    load_state_dict_into(model, load_weights(run_dir / "model.safetensors"), run_dir / "model.safetensors")
+    with params_on_meta():
+        model = NativeMultimodalModel(model_cfg, codecs.vocab)
+    load_weights_at(model, run_dir / "model.safetensors", precision)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return Pipeline(model.to(device).eval(), codecs, device)

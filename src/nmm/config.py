@@ -277,6 +277,9 @@ class TrainConfig:
     # ---- scale-out (nmm.train.parallel; one process ignores all but activation_checkpointing) ----
     parallelism: str = "ddp"  # ddp | fsdp2 (fully_shard per block + root) under torchrun
     tp: int = 1  # tensor-parallel degree (fsdp2 only): a (processes / tp, tp) mesh
+    # fsdp2: shard over groups of this many data-parallel ranks and replicate across the groups (HSDP:
+    # set it to the GPUs of one node, so the parameter all-gathers stay on the fast links); 0 = all ranks.
+    dp_shard: int = 0
     activation_checkpointing: bool = False  # recompute each block in the backward (less memory, ~1/3 more compute)
     mixed_precision: bool = False  # fsdp2: bf16 parameters and compute, fp32 gradient reduction
     cpu_offload: bool = False  # fsdp2 on GPUs: parameters and optimizer state live in CPU memory
@@ -335,10 +338,66 @@ class VideoCodecConfig:
 
 
 @dataclass
+class ImageVQConfig:
+    """The general image tokenizer (nmm.modalities.image_vq, docs/image-tokenizers.md): a conv autoencoder
+    with VQ (EMA codebook, dead-code restarts) or FSQ codes, trained with L1 (+ L2) and a PatchGAN hinge
+    loss, for real pictures at 64-256 px. `enabled: true` makes it a run's image codec in place of the
+    shapes tokenizer (the `image:` section, whose `image_size` stays the resolution every data source
+    resizes to)."""
+
+    enabled: bool = False  # the switch: image_vq.enabled=true
+    image_size: int | None = None  # None: image.image_size; set (e.g. 128) for a tokenizer trained on its own
+    downsample: int = 8  # 8 or 16 (any power of two >= 2): 64 px / 8 -> 8x8 = 64 codes
+    patch: int = 4  # the encoder's stem: pixel-unshuffle patch x patch blocks (a power of two <= downsample)
+    channels: int = 32  # conv width after the stem; doubles at every further downsampling, up to max_channels
+    max_channels: int = 128
+    res_blocks: int = 1  # residual blocks per resolution, in the encoder and in the decoder
+    quantizer: str = "vq"  # vq (EMA codebook) | fsq (fsq_levels)
+    codebook_size: int = 1024  # vq: number of codes
+    code_dim: int = 8  # vq: dimension of a codebook vector (small dims keep more of the codebook in use)
+    ema_decay: float = 0.99  # vq: codebook vectors are EMA means of the encoder outputs assigned to them
+    commitment: float = 0.25  # vq: weight of |z - sg(e)|^2
+    dead_after: int = 50  # vq: a code no vector picked in this many training steps restarts at an encoder output
+    fsq_levels: list[int] = field(default_factory=lambda: [8, 5, 5, 5])  # fsq: 1000 codes
+    l1_weight: float = 1.0
+    l2_weight: float = 0.0  # optional MSE term
+    adv_weight: float = 0.1  # hinge PatchGAN generator loss weight (0: no discriminator)
+    adv_start: float = 0.3  # the discriminator joins after this fraction of training (steps or time budget)
+    disc_channels: int = 16
+    disc_layers: int = 3  # stride-2 convs: each output logit judges a patch of ~2^(layers+2) px
+    steps: int = 3000
+    batch_size: int = 16
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    flip: bool = True  # random horizontal flips of training images
+    pool_size: int = 20_000  # run training: at most this many of the source's images
+    eval_images: int = 64  # held-out images PSNR, code usage and perplexity are measured on
+
+    def __post_init__(self):
+        if self.quantizer not in ("vq", "fsq"):
+            raise ConfigError(f"config key 'image_vq.quantizer': '{self.quantizer}' is not one of vq, fsq")
+        if self.downsample < 2 or self.downsample & (self.downsample - 1):
+            raise ConfigError(f"config key 'image_vq.downsample': must be a power of two >= 2 (8, 16), got {self.downsample}")
+        if self.patch < 1 or self.patch & (self.patch - 1) or self.patch > self.downsample:
+            raise ConfigError(f"config key 'image_vq.patch': must be a power of two <= downsample, got {self.patch}")
+        if self.image_size is not None and self.image_size % self.downsample:
+            raise ConfigError(f"config key 'image_vq.image_size': {self.image_size} is not divisible by "
+                              f"downsample {self.downsample}")
+        if self.codebook_size < 2 or self.code_dim < 1 or not 0 < self.ema_decay < 1:
+            raise ConfigError("config keys 'image_vq.codebook_size' / 'code_dim' / 'ema_decay': need codebook_size >= 2, "
+                              "code_dim >= 1 and 0 < ema_decay < 1")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ImageVQConfig:
+        return _build(cls, d, "image_vq")
+
+
+@dataclass
 class RunConfig:
     name: str = "run"
     model: ModelConfig = field(default_factory=ModelConfig)
     image: ImageTokenizerConfig = field(default_factory=ImageTokenizerConfig)
+    image_vq: ImageVQConfig = field(default_factory=ImageVQConfig)
     audio: AudioCodecConfig = field(default_factory=AudioCodecConfig)
     video: VideoCodecConfig = field(default_factory=VideoCodecConfig)
     text: TextCodecConfig = field(default_factory=TextCodecConfig)

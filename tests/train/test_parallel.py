@@ -1,7 +1,7 @@
 """Scale-out on CPU with gloo, as a user runs it (torchrun + `nmm train`):
 
-- DDP and FSDP2 on 2 processes, and FSDP2 x tensor parallel on a 2 x 2 mesh (4 processes), log the
-  losses of one process with the same global batch (grad_accum makes it up);
+- DDP and HSDP (with activation checkpointing) on 2 processes, and FSDP2 x tensor parallel on a 2 x 2
+  mesh (4 processes), log the losses of one process with the same global batch (grad_accum makes it up);
 - a checkpoint saved by the 4 processes resumes on 2 and on 1, and the losses continue identically;
 - a 2-"node" run (two torchrun agents, c10d rendezvous on 127.0.0.1) trains and resumes, extending
   max_steps;
@@ -87,13 +87,15 @@ def ddp_run(with_codecs, tmp_path_factory):
     return run
 
 
-def test_ddp_and_fsdp2_match_one_process(with_codecs, tmp_path, reference, ddp_run):
-    for parallelism, run in (("ddp", ddp_run), ("fsdp2", with_codecs(tmp_path / "fsdp2"))):
-        if parallelism == "fsdp2":
-            torchrun(2, *nmm_train(run, "train.parallelism=fsdp2"))
+def test_ddp_and_hsdp_with_activation_checkpointing_match_one_process(with_codecs, tmp_path, reference, ddp_run):
+    """FSDP2 proper (sharding over ranks) and tensor parallelism: the 4-process test below. Here FSDP2's
+    HSDP form (replicate over 2 groups of 1) with per-block activation checkpointing (exact recompute)."""
+    hsdp = with_codecs(tmp_path / "hsdp")
+    torchrun(2, *nmm_train(hsdp, "train.parallelism=fsdp2", "train.dp_shard=1", "train.activation_checkpointing=true"))
+    for layout, run in (("ddp", ddp_run), ("fsdp2 (HSDP: shards of 1)", hsdp)):
         assert_same_losses(losses(run), reference, range(1, 9))
         summary = json.loads((run / "train_summary.json").read_text())
-        assert summary["world_size"] == 2 and summary["parallelism"] == parallelism
+        assert summary["world_size"] == 2 and summary["parallelism"] == layout
     ranks = [json.loads((ddp_run / f"rank{r}_checksum.json").read_text()) for r in (0, 1)]
     assert ranks[0]["checksum"] == ranks[1]["checksum"]
 

@@ -235,6 +235,57 @@ def loader(out: Out = None, quick: Quick = False,
     console.print(f"wrote {path}")
 
 
+@bench_app.command("parallel")
+def parallel(out: Out = None,
+             preset: Annotated[str, typer.Option(help="The preset every layout trains.")] = "shapes-quick",
+             steps: Annotated[int, typer.Option(help="Training steps per layout.")] = 30,
+             procs: Annotated[int, typer.Option(help="Processes of the parallel layouts (torchrun).")] = 2):
+    """Step time and loss tolerance of each parallel layout: one process vs DDP, FSDP2 and FSDP2 x
+    tensor parallel on PROCS processes, same preset, seed and global batch (see nmm/bench/parallel.py)."""
+    from rich.table import Table
+
+    from nmm.bench.parallel import run_parallel_bench
+
+    path = out or Path("bench-parallel.json")
+    rows = run_parallel_bench(preset, steps, procs, path, log=console.print)
+    table = Table(title=f"{preset}, {steps} steps, global batch = {procs} micro-batches", title_justify="left")
+    for col in ("layout", "processes", "s/step", "tokens/s", "per process", "max |loss - one process|"):
+        table.add_column(col, justify="left" if col == "layout" else "right")
+    for r in rows:
+        table.add_row(r["layout"], str(r["processes"]), f"{r['s_per_step']:.3f}", f"{r['tokens_per_s']:.0f}",
+                      f"{r['tokens_per_s_per_process']:.0f}", f"{r['max_loss_diff_vs_one_process']:.1e}")
+    console.print(table)
+    console.print(f"wrote {path}")
+
+
+@bench_app.command("tokenizer")
+def tokenizer(out: Out = None, quick: Quick = False,
+              minutes: Annotated[float, typer.Option(help="Training minutes per data set.")] = 10.0,
+              datasets: Annotated[str, typer.Option(help="Comma-separated: photos (scikit-learn's sample photos), "
+                                                         "fashion (Fashion-MNIST).")] = "photos,fashion",
+              photo_size: Annotated[int, typer.Option(help="Pixels per side of the photo crops.")] = 64,
+              fashion_size: Annotated[int, typer.Option(help="Pixels per side of Fashion-MNIST images.")] = 64,
+              set_: Annotated[list[str] | None, typer.Option("--set", help="An image_vq field, e.g. --set downsample=16 "
+                                                                          "--set quantizer=fsq (repeatable).")] = None,
+              grids: Annotated[Path, typer.Option(help="Folder for the reconstruction grid PNGs.")] = Path("bench-tokenizer"),
+              threads: Annotated[int, typer.Option(help="torch threads (1 is fastest on a busy 2-core machine).")] = 1):
+    """PSNR, codebook usage and reconstruction grids of the general image tokenizer (image_vq) after MINUTES of
+    training on real pictures: crops of scikit-learn's two sample photos (held-out crops for evaluation) and
+    Fashion-MNIST (see nmm/bench/tokenizer.py)."""
+    from nmm.bench.common import write_json
+    from nmm.bench.tokenizer import QUICK, format_table, run_tokenizer_bench
+
+    overrides = list(set_ or [])
+    if quick:
+        minutes, overrides = QUICK["minutes"], [f"{k}={v}" for k, v in QUICK["set"].items()] + overrides
+    names = tuple(d.strip() for d in datasets.split(",") if d.strip())
+    result = run_tokenizer_bench(minutes, names, photo_size, fashion_size, overrides, grids, threads, log=console.print)
+    print(format_table(result))
+    path = out or Path("bench-tokenizer.json")
+    write_json(path, {"target": "image_vq", "quick": quick, "tokenizer": result})
+    console.print(f"wrote {path}")
+
+
 @bench_app.command("all")
 def all_(run: Run = "shapes-demo", out: Out = None, quick: Quick = False, threads: Threads = 1,
          repeats: Repeats = None, compile: Compile = False, stream: Stream = False):
@@ -244,3 +295,34 @@ def all_(run: Run = "shapes-demo", out: Out = None, quick: Quick = False, thread
                "image": _image(pipe, quick, threads, repeats, compile)}
     results["server"] = _server(run, quick, 128, 32, threads, stream)
     _finish(results, run, quick, out, "all")
+
+
+@bench_app.command("memory")
+def memory(run: Annotated[Path | None, typer.Argument(help="A run directory (default: train shapes-quick into a "
+                                                           "temporary directory first).")] = None,
+           out: Out = None, quick: Quick = False, threads: Threads = 1,
+           n: Annotated[int, typer.Option(help="Judged items per eval task and split.")] = 200,
+           precisions: Annotated[str, typer.Option(help="Comma-separated: fp32, bf16, int8 (int8 linear layers, the "
+                                                        "rest fp32), int8+bf16.")] = "fp32,bf16,int8,int8+bf16",
+           rss_size: Annotated[str, typer.Option(help="d_model,layers of the random model whose load peak RSS is also "
+                                                      "measured ('' to skip).")] = "1024,8"):
+    """fp32 / bf16 / int8 weight-only: weight bytes, peak RSS of a fresh process loading, logit error vs fp32,
+    decode tokens/s and judged accuracy (shapes_captioning, shapes_t2i) with CIs. See nmm/bench/memory.py."""
+    import tempfile
+
+    from nmm.bench.common import write_json
+    from nmm.bench.memory import run_memory, tables, train_quick_run
+
+    kw = {"n": 16, "docs": 8, "new_tokens": 8, "repeats": 1} if quick else {"n": n}
+    size = tuple(int(x) for x in rss_size.split(",")) if rss_size.strip() else None
+    if quick and size:
+        size = (256, 2)
+    with tempfile.TemporaryDirectory(prefix="nmm-bench-memory-run-") as tmp:
+        target = run if run is not None else train_quick_run(Path(tmp) / "shapes-quick", log=console.print)
+        result = run_memory(target, precisions=tuple(precisions.split(",")), threads=threads, rss_size=size,
+                            log=console.print, **kw)
+    for table in tables(result):
+        console.print(table)
+    path = out or Path("bench-memory.json")
+    write_json(path, {"target": str(run) if run else "shapes-quick (trained here)", "quick": quick, "memory": result})
+    console.print(f"wrote {path}")

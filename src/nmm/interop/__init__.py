@@ -7,6 +7,7 @@ streaming reader and writer they share. The family of a source directory is its 
 
     from nmm.interop import import_hf, export_hf
     import_hf("~/models/chameleon-7b", "runs/chameleon-7b", dtype="bf16")
+    import_hf("~/models/Emu3-Gen-hf", "runs/emu3-gen", dtype="bf16")      # fixed 512 px images (image_size=...)
     pipe = nmm.load("runs/chameleon-7b")
     export_hf("runs/chameleon-7b", "out/chameleon-7b-hf")
 
@@ -20,20 +21,30 @@ from pathlib import Path
 from nmm.errors import CheckpointError
 from nmm.interop.common import read_json
 
-FAMILIES = ("chameleon",)  # model_type values import_hf reads
+FAMILIES = ("chameleon", "emu3")  # model_type values import_hf reads
 EXPORT_FAMILIES = ("chameleon", "llama")  # llama: Llama, or Qwen3 with QK-norm
 
 
-def import_hf(src_dir: str | Path, dst_run: str | Path, dtype: str | None = None, overwrite: bool = False) -> dict:
+def import_hf(src_dir: str | Path, dst_run: str | Path, dtype: str | None = None, overwrite: bool = False,
+              image_size: int | None = None) -> dict:
     """A local Hugging Face checkpoint directory -> an nmm run directory (`nmm.load` reads it). The
     family comes from config.json's model_type. `dtype`: "bf16" / "fp32" / None (keep the checkpoint's).
+    `image_size` (Emu3 only): the run's fixed image side in pixels (default: what Emu3's processor gives
+    a square picture, 512 for the released checkpoints); Chameleon's is fixed by its VQ model.
     Returns a summary (parameters, shards, seconds, peak RSS), also saved as import.json in the run."""
     src = Path(src_dir).expanduser()
     kind = read_json(src / "config.json", "a Hugging Face model directory's config").get("model_type")
     if kind == "chameleon":
+        if image_size is not None:
+            raise CheckpointError(f"{src / 'config.json'}: a Chameleon checkpoint's image size is its VQ model's "
+                                  f"resolution; image_size applies to Emu3 only")
         from nmm.interop.chameleon import import_chameleon
 
         return import_chameleon(src, Path(dst_run).expanduser(), dtype=dtype, overwrite=overwrite)
+    if kind == "emu3":
+        from nmm.interop.emu3 import import_emu3
+
+        return import_emu3(src, Path(dst_run).expanduser(), dtype=dtype, overwrite=overwrite, image_size=image_size)
     raise CheckpointError(f"{src / 'config.json'}: model_type {kind!r} is not one nmm imports ({', '.join(FAMILIES)})")
 
 

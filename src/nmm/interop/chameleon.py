@@ -506,6 +506,7 @@ class ChameleonVQCodec(nn.Module):
     Encode only: the Hugging Face checkpoint carries no decoder (see the module docstring)."""
 
     codec_kind = "chameleon_vq"  # codecs.json names this class for the run's image modality
+    can_decode = False  # no decoder in the checkpoint: the server refuses picture requests up front
 
     def __init__(self, config: ChameleonVQConfig | None = None):
         super().__init__()

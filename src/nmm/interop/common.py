@@ -302,3 +302,65 @@ def unified_tokenizer_json(text_tokenizer: dict, vocab, specials: dict[str, str]
                      {"Sequence": {"id": "B", "type_id": 1}}],
             "special_tokens": {bos: {"id": bos, "ids": [new[bos]], "tokens": [bos]}}}
     return {**text_tokenizer, "added_tokens": added, "post_processor": post, "model": {**model, "vocab": table}}
+
+
+# ---- shared by the adapters' tokenizer and image-processor ports -----------------------------------
+def tokenizer_over_ids(tokenizer: dict, keep: list[int], path: Path, placeholder: str = "<unused:{}>") -> dict:
+    """A source BPE tokenizer.json -> the same tokenizer over nmm's text ids only: `keep[j]` is the
+    source id of nmm text id j (every other source id leaves the text vocabulary: image tokens, the
+    specials nmm has slots for).
+
+    Every kept token gets its nmm id in the model vocabulary (contiguous from 0, as `tokenizers` needs:
+    an added token missing from the model vocabulary is given the next free id whatever its JSON says);
+    a kept id the source names no token gets `placeholder.format(id)`. Merges that would produce a
+    removed token are dropped, so text never becomes one. Added tokens that stay keep their flags at
+    their new ids. No post-processor, truncation or padding: nmm's prompts add `<bos>` themselves."""
+    model = tokenizer.get("model") or {}
+    if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
+        raise CheckpointError(f"{path}: model.type is {model.get('type')!r}; nmm reads BPE tokenizers here")
+    id_to_token: dict[int, str] = {int(i): t for t, i in model["vocab"].items()}
+    added = {int(a["id"]): a for a in tokenizer.get("added_tokens", [])}
+    for i, a in added.items():
+        id_to_token.setdefault(i, a["content"])
+    vocab: dict[str, int] = {}
+    for new, old in enumerate(keep):
+        token = id_to_token.get(old, placeholder.format(old))
+        if token in vocab:
+            raise CheckpointError(f"{path}: token {token!r} has two ids")
+        vocab[token] = new
+    prefix = model.get("continuing_subword_prefix") or ""
+    merges = []
+    for merge in model.get("merges", []):
+        a, b = merge.split(" ", 1) if isinstance(merge, str) else merge
+        if a in vocab and b in vocab and a + b[len(prefix):] in vocab:
+            merges.append(merge)
+    new_model = {**model, "vocab": vocab, "merges": merges}
+    if new_model.get("unk_token") is not None and new_model["unk_token"] not in vocab:
+        new_model["unk_token"] = None
+    new_id = {old: new for new, old in enumerate(keep)}
+    new_added = [{**a, "id": new_id[i]} for i, a in sorted(added.items()) if i in new_id]
+    return {**tokenizer, "added_tokens": new_added, "model": new_model, "post_processor": None,
+            "truncation": None, "padding": None}
+
+
+def load_tokenizer_json(data: dict, n_text: int, path: Path):
+    """A rewritten tokenizer.json (`tokenizer_over_ids`) -> nmm's `TextTokenizer`, checked to have `n_text` ids."""
+    from tokenizers import Tokenizer
+
+    from nmm.modalities.text import TextTokenizer
+
+    try:
+        tokenizer = TextTokenizer(Tokenizer.from_str(json.dumps(data)))
+    except Exception as e:  # tokenizers raises a bare Exception
+        raise CheckpointError(f"{path}: the rewritten tokenizer does not load ({e})") from None
+    if tokenizer.vocab_size != n_text:
+        raise CheckpointError(f"{path}: the rewritten tokenizer has {tokenizer.vocab_size} ids, expected {n_text}")
+    return tokenizer
+
+
+def pixel_lut(rescale: float, mean, std) -> torch.Tensor:
+    """(3, 256) model input of every uint8 value per channel, rounded as transformers' image processors
+    round it (`rescale` in float64, cast to float32, then `(v - mean) / std` in float32): a lookup
+    gives bit-identical pixel values to the processor's."""
+    v = (torch.arange(256, dtype=torch.float64) * rescale).float()[None]
+    return (v - torch.tensor(mean, dtype=torch.float32)[:, None]) / torch.tensor(std, dtype=torch.float32)[:, None]

@@ -163,7 +163,8 @@ def modality_plugin(name: str) -> ModalityPlugin:
 # built-in modality ("image") with a codec class of its own. A run names such codecs by kind in
 # codecs.json ({"image": "chameleon_vq"}); `codec_class` imports the module that registers a kind the
 # first time it is asked for, found by module name at run time as nmm.data.sources finds its sources.
-CODEC_PLUGINS: dict[str, str] = {"chameleon_vq": "nmm.interop.chameleon"}
+CODEC_PLUGINS: dict[str, str] = {"chameleon_vq": "nmm.interop.chameleon", "emu3_vq": "nmm.interop.emu3",
+                                 "image_vq": "nmm.modalities.image_vq"}
 CODECS: dict[str, type] = {}
 
 

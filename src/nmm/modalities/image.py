@@ -370,7 +370,12 @@ def evaluate_image_tokenizer(model: ImageTokenizer, world, judge, n: int = 1000,
 
 def train_for_run(cfg, source, progress=None) -> tuple[ImageTokenizer, dict]:
     """The registry's trainer: a run's image tokenizer from its data source (`source.images()`, or
-    the source's world rendered; the world's judge scores reconstructions)."""
+    the source's world rendered; the world's judge scores reconstructions). With `image_vq.enabled=true`
+    the general tokenizer of `nmm.modalities.image_vq` instead (codec kind "image_vq")."""
+    if cfg.image_vq.enabled:
+        from nmm.modalities.image_vq import train_for_run as train_image_vq_for_run
+
+        return train_image_vq_for_run(cfg, source, progress)
     return train_image_tokenizer(source.world, cfg.image, seed=cfg.data.seed, progress=progress,
                                  images=source.images(), judge=source.judge)
 

@@ -73,7 +73,8 @@ class ServerState:
                    image_size=image.config.image_size if image is not None else None,
                    context=pipe.model.cfg.max_seq_len,
                    per_image=pipe.vocab.tokens_per_image if image is not None else 0,
-                   can_draw=writes.get("image", False), audio=audio, can_speak=writes.get("audio", False),
+                   # an imported codec may encode only (Chameleon's checkpoint has no VQ decoder)
+                   can_draw=writes.get("image", False) and getattr(image, "can_decode", True), audio=audio, can_speak=writes.get("audio", False),
                    video=video, can_make_video=writes.get("video", False), videos=Store(limits.max_stored_videos))
 
 

@@ -9,6 +9,8 @@ does. The model is written for one device; everything here wraps it from outside
                                  output, gate/up and down projections are split by heads / hidden
                                  width over the tensor dimension (Megatron's column / row split), and
                                  FSDP2 shards over the data dimension
+    train.dp_shard=8             with fsdp2: shard within groups of 8 data-parallel ranks (a node) and
+                                 replicate across the groups: HSDP, all-gathers stay inside a node
 
 Options on top: `train.activation_checkpointing` (recompute each block in the backward instead of
 keeping its activations), `train.mixed_precision` (FSDP2: bf16 parameters and compute, fp32 gradient
@@ -58,6 +60,12 @@ def check_parallel_config(cfg: TrainConfig, model_cfg, world_size: int, device: 
         raise ConfigError(f"config key 'train.parallelism': '{cfg.parallelism}' is not one of {', '.join(PARALLELISMS)}")
     if cfg.tp < 1 or world_size % cfg.tp:
         raise ConfigError(f"config key 'train.tp': {cfg.tp} must divide the number of processes ({world_size})")
+    dp = world_size // cfg.tp
+    if cfg.dp_shard < 0 or (cfg.dp_shard and dp % cfg.dp_shard):
+        raise ConfigError(f"config key 'train.dp_shard': {cfg.dp_shard} must divide the data-parallel ranks "
+                          f"({world_size} processes / tp {cfg.tp} = {dp})")
+    if cfg.dp_shard and cfg.parallelism != "fsdp2":
+        raise ConfigError("train.dp_shard shards FSDP2's groups (HSDP): set train.parallelism=fsdp2")
     if cfg.tp > 1:
         if cfg.parallelism != "fsdp2":
             raise ConfigError("train.tp > 1 composes with FSDP2 on a (data, tensor) mesh: set train.parallelism=fsdp2")
@@ -75,9 +83,17 @@ def check_parallel_config(cfg: TrainConfig, model_cfg, world_size: int, device: 
                           "(for DDP or one process use train.dtype=bf16, autocast)")
 
 
-def device_mesh(world_size: int, tp: int, device: torch.device) -> DeviceMesh:
-    """The ranks as a (dp, tp) grid; tensor-parallel ranks are neighbours (on one node, fast links)."""
-    return init_device_mesh(device.type, (world_size // tp, tp), mesh_dim_names=("dp", "tp"))
+def device_mesh(world_size: int, tp: int, device: torch.device, dp_shard: int = 0) -> DeviceMesh:
+    """The ranks as a (dp_replicate, dp_shard, tp) grid; tensor-parallel ranks are neighbours (one
+    node, fast links), then the ranks one FSDP2 group shards over."""
+    dp = world_size // tp
+    shard = dp_shard or dp
+    return init_device_mesh(device.type, (dp // shard, shard, tp), mesh_dim_names=("dp_replicate", "dp_shard", "tp"))
+
+
+def fsdp_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """What `fully_shard` takes: a 1-D mesh shards; a 2-D (replicate, shard) mesh is HSDP."""
+    return mesh["dp_replicate", "dp_shard"] if mesh["dp_replicate"].size() > 1 else mesh["dp_shard"]
 
 
 def apply_tensor_parallel(blocks: nn.ModuleList, tp_mesh: DeviceMesh) -> None:
@@ -124,7 +140,7 @@ def parallelize(net: nn.Module, model: nn.Module, cfg: TrainConfig, info) -> tup
     check_parallel_config(cfg, model.cfg, info.world_size, info.device)
     blocks = model.backbone.blocks
     if cfg.parallelism == "fsdp2" and info.enabled:
-        mesh = device_mesh(info.world_size, cfg.tp, info.device)
+        mesh = device_mesh(info.world_size, cfg.tp, info.device, cfg.dp_shard)
         if cfg.tp > 1:
             apply_tensor_parallel(blocks, mesh["tp"])
         if cfg.activation_checkpointing:
@@ -133,7 +149,7 @@ def parallelize(net: nn.Module, model: nn.Module, cfg: TrainConfig, info) -> tup
             for block in blocks:
                 block.compile()
         # The root group is the loss module: its forward (not the model's) is what the step calls.
-        apply_fsdp2(net, blocks, mesh["dp"], cfg)
+        apply_fsdp2(net, blocks, fsdp_mesh(mesh), cfg)
         return net, net
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(blocks)

@@ -123,7 +123,7 @@ class MetricsLog:
 # Keys a resumed run may change; anything else would silently not apply (the data, the model, the
 # tokenizers and the optimizer were fixed when the run started), so it is refused by name.
 RESUMABLE = ("train.max_steps", "train.log_every", "train.ckpt_every", "train.keep_checkpoints", "train.threads",
-             "train.compile", "train.parallelism", "train.tp", "train.activation_checkpointing",
+             "train.compile", "train.parallelism", "train.tp", "train.dp_shard", "train.activation_checkpointing",
              "train.mixed_precision", "train.cpu_offload", "train.async_checkpoint", "train.spike_policy",
              "train.spike_factor", "train.spike_warmup", "train.spike_skip_window", "train.grad_accum",
              "data.num_workers", "data.prefetch", "eval.")
@@ -375,7 +375,8 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, show_progress: bool, inf
     flops = step_flops(run, start_step, cfg, info)
     dtype = torch.bfloat16 if cfg.train.dtype == "bf16" else torch.float32
     peak = gemm_peak(info.device, dtype)
-    layout = cfg.train.parallelism + (f" x tp {cfg.train.tp}" if cfg.train.tp > 1 else "")
+    layout = cfg.train.parallelism + (f" x tp {cfg.train.tp}" if cfg.train.tp > 1 else "") + (
+        f" (HSDP: shards of {cfg.train.dp_shard})" if cfg.train.dp_shard else "")
     say(f"step: {flops / 1e9:.2f} GFLOP (counted: forward + backward); GEMM peak {format_flops(peak)} "
         f"(measured: {str(dtype).removeprefix('torch.')}, {torch.get_num_threads()} threads)"
         + (f"; {info.world_size} processes, {layout}" if info.enabled else "")
@@ -414,6 +415,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, show_progress: bool, inf
             elapsed = time.time() - t_window
             record = {"step": step + 1, **{k: _round(v) for k, v in stats_sum.items()}, "lr": lr,
                       "grad_norm": _round(grad_norm, 4), "tokens_per_s": round(tokens_window / max(elapsed, 1e-9), 1),
+                      "tokens_per_s_per_device": round(tokens_window / max(elapsed, 1e-9) / info.world_size, 1),
                       "mfu": round(flops * steps_window / max(elapsed, 1e-9) / peak, 4),
                       "elapsed_s": round(time.time() - t_start, 2), **(event.record() if event else {})}
             metrics.write(record)
