@@ -4,6 +4,7 @@ model's parts, not a whole training run. Writes one JSON result per rank to OUT/
 1. Tensor parallelism: the blocks split over 2 ranks give the logits of the unsplit model.
 2. DDP through a batch that has no image on one rank (dense, and MoE where experts then get no
    tokens): it trains, and both ranks end with the same weights.
+3. FSDP2 through the same batches, early fusion and the decoupled variant: it trains.
 """
 
 import copy
@@ -69,6 +70,20 @@ def main(run_dir: Path, out: Path) -> None:
             opt.step()
             opt.zero_grad()
         result[f"ddp_{routing}_checksum"] = param_checksum(m)
+
+    # 3. FSDP2 where rank 1's batch has no image: the decoupled variant's understanding projector is
+    #    then unused on rank 1 (its collectives used to disagree and abort gloo)
+    for name, changes in (("early", {}), ("decoupled", {"image_repr": "decoupled"})):
+        torch.manual_seed(0)
+        m = NativeMultimodalModel(replace(model_cfg, **changes), codecs.vocab)
+        net, _ = parallelize(LossModule(m, {}, 0.0), m, TrainConfig(parallelism="fsdp2"), info)
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+        for _ in range(2):
+            loss, _ = net(*batch_for(codecs.vocab, with_image=info.rank == 0))
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        result[f"fsdp2_{name}_loss"] = float(loss)
     (out / f"rank{info.rank}.json").write_text(json.dumps(result))
     tdist.barrier()
     dist.teardown(info)

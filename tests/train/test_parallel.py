@@ -13,6 +13,7 @@ another order (all-reduce), nothing else differs.
 """
 
 import json
+import math
 import os
 import shutil
 import socket
@@ -177,3 +178,5 @@ def test_tensor_parallel_logits_and_a_rank_without_images(tiny_run, tmp_path):
         assert r["tp_logits_max_diff"] < 1e-5
     for routing in ("dense", "moe"):  # trained through the imbalance, and the ranks agree
         assert results[0][f"ddp_{routing}_checksum"] == results[1][f"ddp_{routing}_checksum"]
+    for variant in ("early", "decoupled"):
+        assert all(math.isfinite(r[f"fsdp2_{variant}_loss"]) for r in results)

@@ -21,7 +21,8 @@ A rank whose batch has no image, no audio or no token for some expert must not l
 waiting for a gradient that never comes. Every loss term runs its head even on zero positions
 (`nmm.model.fusion.base.loss_rows`), so a dense model's parameters all get a (zero) gradient; the
 routed and multi-interface models may leave parameters out of a step's graph, so DDP is told to look
-for them (`find_unused_parameters`), and FSDP2 reduces every parameter of a group whether used or not.
+for them (`find_unused_parameters`), and under FSDP2 the loss module adds every root-group parameter
+with weight zero (`LossModule.touch_all_parameters`).
 """
 
 from __future__ import annotations
@@ -150,6 +151,7 @@ def parallelize(net: nn.Module, model: nn.Module, cfg: TrainConfig, info) -> tup
                 block.compile()
         # The root group is the loss module: its forward (not the model's) is what the step calls.
         apply_fsdp2(net, blocks, fsdp_mesh(mesh), cfg)
+        net.touch_all_parameters = True  # see LossModule: FSDP2 needs every rank's gradients to match
         return net, net
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(blocks)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.distributed.tensor import DTensor
 
 from nmm.config import RunConfig, load_config, save_config, to_dict
 from nmm.data.mixture import PackedBatches
@@ -85,14 +86,28 @@ def param_checksum(model: torch.nn.Module) -> str:
 
 
 class LossModule(torch.nn.Module):
-    """Model + loss as one forward, so DDP and torch.compile wrap the whole training computation."""
+    """Model + loss as one forward, so DDP, FSDP2 and torch.compile wrap the whole training computation.
+
+    `touch_all_parameters` (set for FSDP2 by `nmm.train.parallel`): every trainable parameter of the
+    root group joins the loss with weight zero. FSDP2 reduce-scatters the gradients a rank has, so a
+    parameter one rank did not use (the understanding encoder's projector in a batch without input
+    images) would make the ranks' collectives disagree; a zero gradient is the gradient of not using it."""
 
     def __init__(self, model: NativeMultimodalModel, loss_weights: dict, z_loss: float):
         super().__init__()
         self.model, self.loss_weights, self.z_loss = model, loss_weights, z_loss
+        self.touch_all_parameters = False
 
     def forward(self, ids, targets, positions, doc_ids, generated=None):
-        return self.model.loss(ids, targets, positions, doc_ids, self.loss_weights, self.z_loss, generated)
+        loss, stats = self.model.loss(ids, targets, positions, doc_ids, self.loss_weights, self.z_loss, generated)
+        if self.touch_all_parameters:
+            # Root-group parameters are gathered (plain tensors) during this forward; blocks' are not, and
+            # every block runs on every token anyway.
+            touched = [p.reshape(-1)[:1].sum() for p in self.model.parameters()
+                       if p.requires_grad and not isinstance(p, DTensor)]
+            if touched:
+                loss = loss + 0.0 * torch.stack(touched).sum()
+        return loss, stats
 
 
 class MetricsLog:
