@@ -23,7 +23,7 @@ import yaml
 from nmm.errors import ConfigError
 
 FUSIONS = ("early", "mid", "late")
-IMAGE_REPRS = ("discrete", "continuous", "decoupled")
+IMAGE_REPRS = ("discrete", "continuous", "decoupled", "janus")  # janus: an imported Janus (nmm.model.fusion.janus)
 ROUTINGS = ("dense", "moe", "moe-aware", "mot")
 QK_NORM_KINDS = ("rms", "layernorm-per-head")  # the first is the default
 NORM_ORDERS = ("pre", "swin")
@@ -72,6 +72,33 @@ class VisionEncoderConfig:
     pretrain_batch: int = 64
     lr: float = 2e-3
     trainable: bool = False
+
+
+@dataclass
+class JanusConfig:
+    """Janus's image modules (`model.image_repr=janus`, nmm.model.fusion.janus: what an imported
+    `JanusForConditionalGeneration` runs): a SigLIP ViT over pixels and an MLP aligner for images read,
+    a code embedding of `code_dim` with an MLP aligner and an MLP head for images written. Unused by
+    every other variant. The aligners' and the head's width is the language model's (`d_model`)."""
+
+    image_size: int = 384  # SigLIP's input side in pixels (JanusVisionConfig.image_size)
+    patch_size: int = 16
+    width: int = 1024  # hidden_size
+    layers: int = 24  # num_hidden_layers
+    heads: int = 16  # num_attention_heads
+    mlp_ratio: float = 4.0
+    norm_eps: float = 1e-6  # layer_norm_eps
+    act: str = "gelu"  # hidden_act of SigLIP and its aligner
+    qkv_bias: bool = True  # attention_bias
+    aligner_depth: int = 2  # depth: Linear layers of the aligner
+    # pixels in: (uint8 * rescale - mean) / std, Janus's image processor
+    rescale: float = 1 / 255
+    image_mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    image_std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    # images out (JanusVQVAEConfig)
+    code_dim: int = 8  # embed_dim: the generation embedding's width
+    gen_aligner_depth: int = 2  # num_hidden_layers: Linear layers of the generation aligner
+    gen_act: str = "gelu"  # hidden_act of the generation aligner and head
 
 
 @dataclass
@@ -154,6 +181,7 @@ class ModelConfig:
     moe: MoEConfig = field(default_factory=MoEConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
     encoder: VisionEncoderConfig = field(default_factory=VisionEncoderConfig)
+    janus: JanusConfig = field(default_factory=JanusConfig)  # image_repr=janus only
     # ---- the backbone -------------------------------------------------------------------------
     d_model: int = 192
     n_layers: int = 4
@@ -277,6 +305,7 @@ class TrainConfig:
     # ---- scale-out (nmm.train.parallel; one process ignores all but activation_checkpointing) ----
     parallelism: str = "ddp"  # ddp | fsdp2 (fully_shard per block + root) under torchrun
     tp: int = 1  # tensor-parallel degree (fsdp2 only): a (processes / tp, tp) mesh
+    sequence_parallel: bool = True  # with tp > 1: norms and the residual stream sharded along the sequence too
     # fsdp2: shard over groups of this many data-parallel ranks and replicate across the groups (HSDP:
     # set it to the GPUs of one node, so the parameter all-gathers stay on the fast links); 0 = all ranks.
     dp_shard: int = 0
@@ -361,8 +390,10 @@ class ImageVQConfig:
     fsq_levels: list[int] = field(default_factory=lambda: [8, 5, 5, 5])  # fsq: 1000 codes
     l1_weight: float = 1.0
     l2_weight: float = 0.0  # optional MSE term
-    adv_weight: float = 0.1  # hinge PatchGAN generator loss weight (0: no discriminator)
-    adv_start: float = 0.3  # the discriminator joins after this fraction of training (steps or time budget)
+    # hinge PatchGAN generator loss: its gradient at the decoder's last layer is adv_weight x the
+    # reconstruction's (VQGAN's adaptive weight); 0: no discriminator
+    adv_weight: float = 0.1
+    adv_start: float = 0.5  # the discriminator joins after this fraction of training (steps or time budget)
     disc_channels: int = 16
     disc_layers: int = 3  # stride-2 convs: each output logit judges a patch of ~2^(layers+2) px
     steps: int = 3000

@@ -1,7 +1,8 @@
 """Run by tests/train/test_parallel.py under torchrun (2 processes, gloo): checks that need the
 model's parts, not a whole training run. Writes one JSON result per rank to OUT/rank{r}.json.
 
-1. Tensor parallelism: the blocks split over 2 ranks give the logits of the unsplit model.
+1. Tensor parallelism, with and without sequence parallelism: the blocks split over 2 ranks give
+   the logits of the unsplit model.
 2. DDP through a batch that has no image on one rank (dense, and MoE where experts then get no
    tokens): it trains, and both ranks end with the same weights.
 3. FSDP2 through the same batches, early fusion and the decoupled variant: it trains.
@@ -50,13 +51,16 @@ def main(run_dir: Path, out: Path) -> None:
 
     # 1. tensor parallel logits == one process's
     torch.manual_seed(0)
-    model = NativeMultimodalModel(model_cfg, codecs.vocab)
-    whole = copy.deepcopy(model)
+    whole = NativeMultimodalModel(model_cfg, codecs.vocab)
     mesh = device_mesh(info.world_size, 2, info.device)
-    apply_tensor_parallel(model.backbone.blocks, mesh["tp"])
-    ids = batch_for(codecs.vocab, True)[0]
-    with torch.no_grad():
-        result["tp_logits_max_diff"] = float((model(ids) - whole(ids)).abs().max())
+    ids = batch_for(codecs.vocab, True)[0][:, :95]  # odd length: the sequence shards unevenly
+    for sp in (False, True):
+        model = copy.deepcopy(whole)
+        apply_tensor_parallel(model.backbone.blocks, mesh["tp"], sequence_parallel=sp)
+        norm = model.backbone.blocks[0].attn_norm.weight
+        result[f"tp_sp{int(sp)}_norm_is_dtensor"] = type(norm).__name__ == "DTensor"
+        with torch.no_grad():
+            result[f"tp_sp{int(sp)}_logits_max_diff"] = float((model(ids) - whole(ids)).abs().max())
 
     # 2. DDP where rank 1's batch has no image (dense and MoE)
     for routing in ("dense", "moe"):

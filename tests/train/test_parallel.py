@@ -175,7 +175,8 @@ def test_tensor_parallel_logits_and_a_rank_without_images(tiny_run, tmp_path):
     torchrun(2, str(Path(__file__).parent / "dist_worker.py"), str(tiny_run), str(out))
     results = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     for r in results:
-        assert r["tp_logits_max_diff"] < 1e-5
+        assert r["tp_sp0_logits_max_diff"] < 1e-5 and r["tp_sp1_logits_max_diff"] < 1e-5
+        assert r["tp_sp1_norm_is_dtensor"] and not r["tp_sp0_norm_is_dtensor"]  # the norms run sequence-parallel
     for routing in ("dense", "moe"):  # trained through the imbalance, and the ranks agree
         assert results[0][f"ddp_{routing}_checksum"] == results[1][f"ddp_{routing}_checksum"]
     for variant in ("early", "decoupled"):

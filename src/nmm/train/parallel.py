@@ -73,6 +73,12 @@ def check_parallel_config(cfg: TrainConfig, model_cfg, world_size: int, device: 
         if model_cfg.routing != "dense":
             raise ConfigError(f"train.tp > 1 splits dense blocks; model.routing={model_cfg.routing} is not supported "
                               "with tensor parallelism (use train.tp=1: FSDP2 shards experts and towers)")
+        if cfg.sequence_parallel and model_cfg.fusion == "mid":
+            raise ConfigError("train.sequence_parallel shards the stream between blocks, which mid fusion's "
+                              "cross-attention layers read whole: set train.sequence_parallel=false")
+        if getattr(model_cfg, "qk_norm_kind", "rms") != "rms":
+            raise ConfigError(f"train.tp > 1 splits heads; model.qk_norm_kind={model_cfg.qk_norm_kind} keeps "
+                              "per-head weights for all heads (imported Chameleon): use train.tp=1")
         for key in ("n_heads", "n_kv_heads", "ffn_hidden"):
             if getattr(model_cfg, key) % cfg.tp:
                 raise ConfigError(f"train.tp={cfg.tp} must divide model.{key}={getattr(model_cfg, key)}")
@@ -97,16 +103,48 @@ def fsdp_mesh(mesh: DeviceMesh) -> DeviceMesh:
     return mesh["dp_replicate", "dp_shard"] if mesh["dp_replicate"].size() > 1 else mesh["dp_shard"]
 
 
-def apply_tensor_parallel(blocks: nn.ModuleList, tp_mesh: DeviceMesh) -> None:
+def apply_tensor_parallel(blocks: nn.ModuleList, tp_mesh: DeviceMesh, sequence_parallel: bool = False) -> None:
+    """Megatron's split of every block over the tensor ranks (`TP_PLAN`). With `sequence_parallel`
+    the residual stream between the projections is sharded along the sequence too (Korthikanti et
+    al. 2022): the norms run on a rank's T / tp positions, the row-parallel outputs reduce-scatter
+    instead of all-reduce, and the inputs of attention and FFN are all-gathered; activation memory
+    outside the projections drops by tp. The stream enters the first block whole and leaves the last whole."""
+    from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import (
         ColwiseParallel,
+        PrepareModuleInput,
+        PrepareModuleOutput,
         RowwiseParallel,
+        SequenceParallel,
         parallelize_module,
     )
 
-    styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
-    for block in blocks:
-        parallelize_module(block, tp_mesh, {name: styles[kind]() for name, kind in TP_PLAN.items()})
+    for i, block in enumerate(blocks):
+        if not sequence_parallel:
+            styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
+            parallelize_module(block, tp_mesh, {name: styles[kind]() for name, kind in TP_PLAN.items()})
+            continue
+        plan = {name: ColwiseParallel() if kind == "colwise" else RowwiseParallel(output_layouts=Shard(1),
+                                                                                    use_local_output=False)
+                for name, kind in TP_PLAN.items()}
+        # Block.forward calls attn(x, cos, sin, mask, cache, start) and ffn(x, modality).
+        plan.update({
+            "attn_norm": SequenceParallel(), "ffn_norm": SequenceParallel(),
+            "attn": PrepareModuleInput(input_layouts=(Shard(1), None, None, None, None, None),
+                                       desired_input_layouts=(Replicate(), None, None, None, None, None),
+                                       use_local_output=True),
+            "ffn": PrepareModuleInput(input_layouts=(Shard(1), None), desired_input_layouts=(Replicate(), None),
+                                      use_local_output=True),
+        })
+        parallelize_module(block, tp_mesh, plan)
+        # Transformer.forward calls block(h, cos, sin, mask, cache, start, modality).
+        if i == 0:
+            parallelize_module(block, tp_mesh, PrepareModuleInput(
+                input_layouts=(Replicate(), None, None, None, None, None, None),
+                desired_input_layouts=(Shard(1), None, None, None, None, None, None)))
+        if i == len(blocks) - 1:
+            parallelize_module(block, tp_mesh, PrepareModuleOutput(output_layouts=Shard(1),
+                                                                   desired_output_layouts=Replicate()))
 
 
 def apply_activation_checkpointing(blocks: nn.ModuleList) -> None:
@@ -143,7 +181,7 @@ def parallelize(net: nn.Module, model: nn.Module, cfg: TrainConfig, info) -> tup
     if cfg.parallelism == "fsdp2" and info.enabled:
         mesh = device_mesh(info.world_size, cfg.tp, info.device, cfg.dp_shard)
         if cfg.tp > 1:
-            apply_tensor_parallel(blocks, mesh["tp"])
+            apply_tensor_parallel(blocks, mesh["tp"], cfg.sequence_parallel)
         if cfg.activation_checkpointing:
             apply_activation_checkpointing(blocks)
         if cfg.compile:

@@ -138,7 +138,7 @@ class MetricsLog:
 # Keys a resumed run may change; anything else would silently not apply (the data, the model, the
 # tokenizers and the optimizer were fixed when the run started), so it is refused by name.
 RESUMABLE = ("train.max_steps", "train.log_every", "train.ckpt_every", "train.keep_checkpoints", "train.threads",
-             "train.compile", "train.parallelism", "train.tp", "train.dp_shard", "train.activation_checkpointing",
+             "train.compile", "train.parallelism", "train.tp", "train.sequence_parallel", "train.dp_shard", "train.activation_checkpointing",
              "train.mixed_precision", "train.cpu_offload", "train.async_checkpoint", "train.spike_policy",
              "train.spike_factor", "train.spike_warmup", "train.spike_skip_window", "train.grad_accum",
              "data.num_workers", "data.prefetch", "eval.")
