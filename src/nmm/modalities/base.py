@@ -164,7 +164,8 @@ def modality_plugin(name: str) -> ModalityPlugin:
 # codecs.json ({"image": "chameleon_vq"}); `codec_class` imports the module that registers a kind the
 # first time it is asked for, found by module name at run time as nmm.data.sources finds its sources.
 CODEC_PLUGINS: dict[str, str] = {"chameleon_vq": "nmm.interop.chameleon", "emu3_vq": "nmm.interop.emu3",
-                                 "image_vq": "nmm.modalities.image_vq"}
+                                 "image_vq": "nmm.modalities.image_vq",
+                                 "janus_vq": "nmm.interop.janus"}
 CODECS: dict[str, type] = {}
 
 

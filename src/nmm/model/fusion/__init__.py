@@ -12,13 +12,15 @@ from nmm.model.fusion.base import LossTerm, ModalityInterface
 from nmm.model.fusion.continuous import ContinuousImages
 from nmm.model.fusion.decoupled import DecoupledImages
 from nmm.model.fusion.discrete import DiscreteCodes
+from nmm.model.fusion.janus import JanusImages
 from nmm.model.fusion.late import LateFusionImages
 from nmm.model.fusion.mid import MidFusionImages
 
 VARIANTS: dict[str, type[ModalityInterface]] = {
     "early-discrete": DiscreteCodes,  # Chameleon, Emu3
     "early-continuous": ContinuousImages,  # Transfusion
-    "early-decoupled": DecoupledImages,  # Janus
+    "early-decoupled": DecoupledImages,  # Janus-like: nmm's own encoder over codes in, codes out
+    "early-janus": JanusImages,  # Janus itself (imported): SigLIP over pixels in, VQ codes out
     "late": LateFusionImages,  # LLaVA
     "mid": MidFusionImages,  # Flamingo
 }
