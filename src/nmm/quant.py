@@ -100,15 +100,17 @@ def resolve_precision(dtype: str | torch.dtype | None = None, quantize: str | No
 
 
 # ---- int8 weight-only linear layers --------------------------------------------------------------
-def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_int8(weight: torch.Tensor, inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, in) floating weight -> (int8 codes (out, in), fp32 scales (out,)): per output channel,
-    symmetric, scale = max |row| / 127 (1 for an all-zero row, so its codes are 0)."""
+    symmetric, scale = max |row| / 127 (1 for an all-zero row, so its codes are 0). `inplace`: an fp32
+    `weight` may be overwritten (the loader's own read buffer: no full-size temporary)."""
     if weight.dim() != 2:
         raise ValueError(f"quantize_int8 takes a 2-D weight, got shape {tuple(weight.shape)}")
-    w = weight.detach().float()
-    amax = w.abs().amax(dim=1)
+    w = weight.detach()
+    w = w if inplace and w.dtype == torch.float32 else w.to(torch.float32, copy=True)
+    amax = w.abs().amax(dim=1) if w.numel() else torch.zeros(w.shape[0])
     scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
-    codes = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    codes = w.div_(scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
     return codes, scale
 
 
@@ -133,9 +135,10 @@ class Int8Linear(nn.Module):
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                    dtype: torch.dtype = torch.float32) -> Int8Linear:
-        """Quantise a floating (out, in) weight; scales (and the bias) are kept in `dtype`."""
-        codes, scale = quantize_int8(weight)
+                    dtype: torch.dtype = torch.float32, inplace: bool = False) -> Int8Linear:
+        """Quantise a floating (out, in) weight; scales (and the bias) are kept in `dtype`. `inplace`: the
+        weight may be overwritten (`quantize_int8`)."""
+        codes, scale = quantize_int8(weight, inplace)
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer.in_features, layer.out_features = weight.shape[1], weight.shape[0]
@@ -213,8 +216,8 @@ def weight_bytes(model: nn.Module) -> dict[str, int]:
 # ---- loading straight into a precision -------------------------------------------------------------
 @contextmanager
 def params_on_meta() -> Iterator[None]:
-    """Modules built inside get their parameters on the meta device (no memory, initialisers are
-    no-ops) while buffers (RoPE tables, index maps) are computed for real, as accelerate's
+    """Modules built inside get their parameters on the meta device (no memory; `torch.nn.init`'s
+    initialisers are no-ops meanwhile) while buffers (RoPE tables, index maps) are computed for real, as accelerate's
     `init_empty_weights(include_buffers=False)`: a parameter is allocated with `torch.empty` (untouched
     pages) and moved to meta as it is registered."""
     original = nn.Module.register_parameter
@@ -224,19 +227,40 @@ def params_on_meta() -> Iterator[None]:
         if param is not None and param.device.type != "meta":
             module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
 
+    def skip(tensor, *args, **kwargs):
+        return tensor
+
+    # The initialisers are skipped too: on a meta tensor they would do nothing, but the first one run
+    # imports PyTorch's meta kernels (about 72 MB of resident memory, measured), once per process.
+    inits = {name: getattr(nn.init, name) for name in _INIT_FUNCTIONS if hasattr(nn.init, name)}
     nn.Module.register_parameter = register
+    for name in inits:
+        setattr(nn.init, name, skip)
     try:
         yield
     finally:
         nn.Module.register_parameter = original
+        for name, fn in inits.items():
+            setattr(nn.init, name, fn)
+
+
+_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
+                   "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_",
+                   "sparse_", "uniform", "normal", "constant", "xavier_uniform", "xavier_normal",
+                   "kaiming_uniform", "kaiming_normal", "orthogonal", "sparse")
 
 
 def safetensors_entries(path: Path) -> tuple[int, dict[str, dict]]:
     """(offset of the data section, {name: {"dtype", "shape", "data_offsets"}}), from the header alone."""
     try:
+        size = Path(path).stat().st_size
         with open(path, "rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8:  # a garbage length would ask for exabytes
+                raise ValueError(f"header of {n} bytes in a file of {size}")
             header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
     except (OSError, ValueError, struct.error) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e.__class__.__name__}: {e})") from None
     header.pop("__metadata__", None)
@@ -272,6 +296,21 @@ def _place(model: nn.Module, name: str, value: torch.Tensor) -> None:
         module._buffers[leaf] = value
     else:  # validated against the state dict's names before: cannot happen
         raise CheckpointError(f"no parameter or buffer {name!r} in the model")
+
+
+_TRIM_BYTES = 1 << 20  # after reading a tensor at least this big
+
+
+def _release_freed_memory() -> None:
+    """Hand the heap's freed pages back to the OS (glibc's malloc_trim): the read buffers freed while
+    loading would otherwise stay resident, since glibc serves blocks of a few MB from a heap it seldom
+    shrinks. A no-op where there is no glibc."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def load_weights_at(model: nn.Module, path: Path, precision: Precision) -> nn.Module:
@@ -312,19 +351,24 @@ def load_weights_at(model: nn.Module, path: Path, precision: Precision) -> nn.Mo
                 continue
             if k in targets:  # its bias (meta until read, or read already) moves to the new layer
                 layer = model.get_submodule(targets[k])
-                _set_submodule(model, targets[k], Int8Linear.from_weight(t, layer.bias, dtype))
+                owned = t.untyped_storage().data_ptr() == stored.untyped_storage().data_ptr()  # our read buffer
+                _set_submodule(model, targets[k], Int8Linear.from_weight(t, layer.bias, dtype, inplace=owned))
                 done.add(k)
                 continue
             value = t.to(dtype) if t.is_floating_point() else t
             for alias in tied.get(k, [k]):
                 _place(model, alias, value)
                 done.add(alias)
+        if stored.untyped_storage().nbytes() >= _TRIM_BYTES:
+            del stored, t
+            _release_freed_memory()  # before the next read: freed buffers must not pile up in the heap
     # Buffers built at construction (RoPE tables, latents): floating ones in the model's dtype, as
     # `model.to(dtype)` would have made them.
     for module in model.modules():
         for key, b in module._buffers.items():
             if b is not None and b.is_floating_point():
                 module._buffers[key] = b.to(dtype)
+    _release_freed_memory()
     left = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     left += [n for n, b in model.named_buffers() if b.device.type == "meta"]
     if left:

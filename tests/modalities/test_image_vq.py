@@ -26,7 +26,7 @@ from nmm.modalities.image_vq import (
     train_image_vq,
 )
 
-TINY = dict(channels=8, max_channels=16, disc_channels=8, disc_layers=2, batch_size=8, warmup_steps=2)
+TINY = {"channels": 16, "max_channels": 32, "disc_channels": 8, "disc_layers": 2, "batch_size": 8, "warmup_steps": 2}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -48,7 +48,7 @@ def photos64() -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def trained(photos64):
-    model, stats = train_image_vq(photos64, ImageVQConfig(image_size=64, steps=40, adv_start=0.5, **TINY),
+    model, stats = train_image_vq(photos64, ImageVQConfig(image_size=64, steps=40, adv_start=0.5, dead_after=10, **TINY),
                                   eval_images=photos64)
     return model, stats
 
@@ -101,7 +101,7 @@ def test_dead_code_restart_revives_unused_codes():
         q.embed[8:] = 100.0
         q.ema_sum.copy_(q.embed)
         q.initialised.fill_(True)
-    far = lambda: q.embed[8:].abs().min() > 50  # noqa: E731
+    far = lambda: q.embed[8:].abs().min() > 50
     for _ in range(2):
         _, ids, _ = q(z)
         assert int(ids.max()) < 8 and far() and int(q.restarts) == 0
@@ -129,7 +129,7 @@ def test_without_restarts_dead_codes_stay_dead():
 
 
 def test_psnr_improves_over_a_few_dozen_steps(photos64, trained):
-    model, stats = trained
+    _, stats = trained
     untrained = evaluate_image_vq(tokenizer(), photos64)
     assert stats["steps"] == 40 and stats["final_loss"] < stats["initial_loss"]
     assert stats["psnr_db"] > untrained["psnr_db"] + 3, (untrained, stats)

@@ -7,6 +7,9 @@
     nmm bench train  --compile                                     # training step and MFU vs HF Llama
     nmm bench video  --run runs/demo-video                         # seconds per clip vs HF generate
     nmm bench loader                                               # shard loader samples/s at 0/1/2 workers
+    nmm bench parallel                                             # step time and loss tolerance: DDP, FSDP2, TP
+    nmm bench memory runs/demo                                     # fp32 / bf16 / int8: memory, logit error, accuracy
+    nmm bench tokenizer --minutes 10                               # the general image tokenizer: PSNR, code usage
 
 Each subcommand prints a table and writes JSON: {"target": ..., "<benchmark>": {...}}, with every
 timing, the ratios and whether the goal was met. TARGET is a run directory (its trained weights) or

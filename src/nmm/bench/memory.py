@@ -41,7 +41,9 @@ from nmm.bench.common import TEXT_PROMPTS, env_info, set_threads, time_turns
 
 PRECISIONS = {"fp32": ("fp32", None), "bf16": ("bf16", None), "int8": ("fp32", "int8"),
               "int8+bf16": ("bf16", "int8")}
-TASKS = {"shapes_captioning": "exact_match", "shapes_t2i": "judged_accuracy"}
+# task -> its judged metrics: all-or-nothing per item, and the finer per-attribute share
+TASKS = {"shapes_captioning": ("exact_match", "attribute_accuracy"),
+         "shapes_t2i": ("judged_accuracy", "attribute_accuracy")}
 MB = 2**20
 
 
@@ -74,9 +76,14 @@ def _rss_mb(field: str) -> float:
 def _child(run: str, name: str, mode: str) -> dict:
     """In a fresh process: baseline RSS after the imports, then one load; -> MiB figures."""
     torch.set_num_threads(1)
-    import nmm.api  # noqa: F401  (every import a load needs, before the baseline)
+    # Every import either way of loading needs, before the baseline (nmm.api imported nmm.train.checkpoint,
+    # and so torch.distributed.checkpoint, before nmm.quant).
+    import nmm.api  # noqa: F401
+    from nmm.config import ModelConfig, _build
     from nmm.modalities.codecs import Codecs
+    from nmm.model.model import NativeMultimodalModel
     from nmm.quant import weight_bytes
+    from nmm.train.checkpoint import load_state_dict_into, load_weights
 
     Codecs.load(run)  # the codecs' own imports too; their weights are counted in every row alike
     base = _rss_mb("VmRSS")
@@ -85,10 +92,6 @@ def _child(run: str, name: str, mode: str) -> dict:
         pipe = load_at(Path(run), name)
         model = pipe.model
     else:  # what nmm.load did before nmm.quant: an fp32 model, the whole file in memory, then a cast
-        from nmm.config import ModelConfig, _build
-        from nmm.model.model import NativeMultimodalModel
-        from nmm.train.checkpoint import load_state_dict_into, load_weights
-
         cfg = _build(ModelConfig, json.loads((Path(run) / "model.json").read_text()))
         model = NativeMultimodalModel(cfg, Codecs.load(run).vocab)
         load_state_dict_into(model, load_weights(Path(run) / "model.safetensors"), Path(run) / "model.safetensors")
@@ -103,15 +106,15 @@ def _child(run: str, name: str, mode: str) -> dict:
 def measure_rss(run: Path, name: str, mode: str = "nmm") -> dict:
     """`_child` in a fresh interpreter (`python -m nmm.bench.memory --child RUN PRECISION MODE`)."""
     out = subprocess.run([sys.executable, "-m", "nmm.bench.memory", "--child", str(run), name, mode],
-                         capture_output=True, text=True, timeout=1800)
+                         capture_output=True, text=True, timeout=1800, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"peak-RSS child failed ({name}, {mode}): {out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def make_rss_run(run: Path, dst: Path, d_model: int, n_layers: int, seed: int = 0) -> dict:
-    """A random-weight run of `run`'s architecture at d_model / n_layers (heads of 64, SwiGLU of 8/3 d,
-    rounded to 64), with `run`'s codecs: a model big enough for its memory to stand out of the noise."""
+    """A random-weight run of `run`'s architecture at d_model / n_layers (heads of 64, about the run's
+    grouping of query heads per key/value head, SwiGLU of 8/3 d rounded to 64), with `run`'s codecs: a model big enough for its memory to stand out of the noise."""
     import shutil
 
     from nmm.config import ModelConfig, _build, to_dict
@@ -121,9 +124,10 @@ def make_rss_run(run: Path, dst: Path, d_model: int, n_layers: int, seed: int = 
 
     cfg = _build(ModelConfig, json.loads((run / "model.json").read_text()))
     heads = max(1, d_model // 64)
-    kv = max(1, heads // max(1, cfg.n_heads // cfg.n_kv_heads))
+    group = max(1, cfg.n_heads // cfg.n_kv_heads)  # the run's query heads per key/value head, or near it
+    kv = max(d for d in range(1, heads + 1) if heads % d == 0 and d <= max(1, heads // group))
     cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads = d_model, n_layers, heads, kv
-    cfg.ffn_hidden = int(round(d_model * 8 / 3 / 64)) * 64
+    cfg.ffn_hidden = round(d_model * 8 / 3 / 64) * 64
     dst.mkdir(parents=True, exist_ok=True)
     for f in run.iterdir():
         if f.is_file() and f.name not in ("model.safetensors", "model.json"):
@@ -205,6 +209,11 @@ def logit_error(ref: list[torch.Tensor], got: list[torch.Tensor], docs: list[lis
             "positions": positions}
 
 
+def _prefix(a: list[int], b: list[int]) -> int:
+    """How many tokens two greedy continuations share before they first differ."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
 # ---- decoding speed -----------------------------------------------------------------------------------
 def decode_speed(pipes: dict, batches=(1, 8), new_tokens: int = 32, repeats: int = 3, warmup: int = 1) -> dict:
     from nmm.infer.sampling import SamplingConfig
@@ -217,7 +226,7 @@ def decode_speed(pipes: dict, batches=(1, 8), new_tokens: int = 32, repeats: int
         chunk = (prompts * (b // len(prompts) + 1))[:b]
         tokens: dict[str, list] = {}
 
-        def runner(name):
+        def runner(name, chunk=chunk, tokens=tokens):
             def go():
                 tokens[name] = pipes[name].engine.generate(chunk, new_tokens, greedy, allow_images=False,
                                                            ignore_eos=True).tokens
@@ -227,25 +236,32 @@ def decode_speed(pipes: dict, batches=(1, 8), new_tokens: int = 32, repeats: int
         for name, t in times.items():
             out.setdefault(name, {})[f"batch_{b}"] = {
                 "tokens_per_s": round(b * new_tokens / t.median, 1), "median_s": round(t.median, 4),
-                "same_tokens_as_fp32": float(np.mean([a == r for a, r in zip(tokens[name], tokens["fp32"])]))}
+                "same_tokens_as_fp32": float(np.mean([a == r for a, r in zip(tokens[name], tokens["fp32"])])),
+                "prefix_agreement": float(np.mean([_prefix(a, r) / max(len(r), 1)
+                                                   for a, r in zip(tokens[name], tokens["fp32"])]))}
     return out
 
 
 # ---- judged accuracy ----------------------------------------------------------------------------------
 def judged(pipe, cfg, out_dir: Path, n: int, log) -> tuple[dict, dict]:
-    """-> ({task: {split: {value, ci_low, ci_high, n}}}, {task: {split: per-item 0/1 list}})."""
+    """-> ({"task metric": {split: {value, ci_low, ci_high, n}}}, {"task metric": {split: per-item scores}})."""
     from nmm.eval.harness import evaluate_tasks
+    from nmm.eval.judge import ATTRIBUTES
 
     cfg.eval.n_samples = n
     outcome = evaluate_tasks(pipe, cfg, out_dir, tasks=",".join(TASKS), log=log, force=True, progress=False,
                              report=False, strict=True)
+    per_item = {"exact_match": lambda r: float(r["exact"]), "judged_accuracy": lambda r: float(r["exact"]),
+                "attribute_accuracy": lambda r: float(np.mean([r[a] for a in ATTRIBUTES]))}
     scores, items = {}, {}
-    for task, metric in TASKS.items():
-        for r in outcome.records:
-            if r["task"] == task and r["metric"] == metric:
-                scores.setdefault(task, {})[r["split"]] = {k: r[k] for k in ("value", "ci_low", "ci_high", "n")}
-        for split, res in outcome.fresh.get(task, {}).items():
-            items.setdefault(task, {})[split] = [float(row["exact"]) for row in res.extra["rows"]]
+    for task, metrics in TASKS.items():
+        for metric in metrics:
+            key = f"{task} {metric}"
+            for r in outcome.records:
+                if r["task"] == task and r["metric"] == metric:
+                    scores.setdefault(key, {})[r["split"]] = {k: r[k] for k in ("value", "ci_low", "ci_high", "n")}
+            for split, res in outcome.fresh.get(task, {}).items():
+                items.setdefault(key, {})[split] = [per_item[metric](row) for row in res.extra["rows"]]
     return scores, items
 
 
@@ -254,7 +270,7 @@ def paired_difference(a: list[float], ref: list[float], seed: int = 0) -> dict:
 
     est = bootstrap_mean(np.asarray(a) - np.asarray(ref), seed=seed)
     return {"value": est.value, "ci_low": est.ci_low, "ci_high": est.ci_high, "n": est.n,
-            "items_changed": int(np.sum(np.asarray(a) != np.asarray(ref)))}
+            "items_changed": int(np.sum(np.asarray(a) != np.asarray(ref)))}  # items whose score moved
 
 
 # ---- the whole benchmark --------------------------------------------------------------------------
@@ -268,7 +284,7 @@ def train_quick_run(dst: Path, log=print) -> Path:
 
 
 def run_memory(run: Path, precisions=("fp32", "bf16", "int8", "int8+bf16"), n: int = 200, docs: int = 32,
-               new_tokens: int = 32, repeats: int = 3, threads: int = 1, eval_threads: int = 2,
+               new_tokens: int = 32, repeats: int = 3, threads: int = 1, eval_threads: int | None = None,
                rss_size: tuple[int, int] | None = (1024, 8), eval_dir: Path | None = None, log=print) -> dict:
     from nmm.config import load_config
     from nmm.quant import weight_bytes
@@ -276,6 +292,7 @@ def run_memory(run: Path, precisions=("fp32", "bf16", "int8", "int8+bf16"), n: i
     run = Path(run)
     cfg = load_config(run / "config.yaml") if (run / "config.yaml").exists() else None
     precisions = parse_precisions(",".join(precisions))
+    eval_threads = eval_threads or threads
     result: dict = {"run": str(run), "env": env_info(), "precisions": precisions,
                     "config": {"n": n, "documents": docs, "new_tokens": new_tokens, "repeats": repeats,
                                "threads": threads, "eval_threads": eval_threads,
@@ -352,44 +369,68 @@ def tables(result: dict) -> list:
     from rich.table import Table
 
     rows, precs = result["rows"], result["precisions"]
-    mem = Table(title=f"memory: {result['run']}", caption=(
-        "weights: parameters + buffers as loaded; linear: the nn.Linear / Int8Linear part; RSS: a fresh process, "
-        "peak and final above its baseline after imports"))
-    for col in ("precision", "weights MB", "x fp32", "linear MB", "linear x fp32", "load peak MB", "resident MB",
-                "big: weights MB", "big: load peak MB", "big: before"):
+    mem = Table(title=f"memory of {result['run']}", caption=(
+        "weights: parameters + buffers as loaded; linear: the linear layers' part; load peak / resident: a fresh "
+        "process running nmm.load, above its baseline after imports"))
+    for col in ("precision", "weights MB", "x fp32", "linear MB", "linear x fp32", "load peak MB", "resident MB"):
         mem.add_column(col, justify="right")
     for p in precs:
-        r = rows[p]
-        w, rss, big = r["weights"], r["rss"], r.get("rss_big")
-        before = r.get("rss_big_before")
+        w, rss = rows[p]["weights"], rows[p]["rss"]
         mem.add_row(p, f"{w['total_bytes'] / MB:.3f}", f"{w['total_vs_fp32']:.3f}", f"{w['linear_bytes'] / MB:.3f}",
-                    f"{w['linear_vs_fp32']:.3f}", f"{rss['load_peak_mb']:.1f}", f"{rss['resident_mb']:.1f}",
-                    f"{big['weights_mb']:.0f}" if big else "-", f"{big['load_peak_mb']:.0f}" if big else "-",
-                    f"{before['load_peak_mb']:.0f}" if before else "-")
-    qual = Table(title="quality and speed against fp32", caption=(
-        "logits: held-out documents, every position and vocabulary entry; loss: held-out next-token loss; "
-        "tok/s: greedy text decoding, same prompts, precisions taking turns; judged: % with 95% bootstrap CI, "
-        "and the paired difference against fp32 in points"))
+                    f"{w['linear_vs_fp32']:.3f}", f"{rss['load_peak_mb']:.1f}", f"{rss['resident_mb']:.1f}")
+    out = [mem]
+    if "rss_model" in result:
+        info = result["rss_model"]
+        big = Table(title=f"peak RSS loading a random {info['parameters'] / 1e6:.0f} M-parameter model of the same "
+                          f"architecture (d_model {info['d_model']}, {info['n_layers']} layers, "
+                          f"{info['file_mb']:.0f} MB fp32 file)",
+                    caption="before: what nmm.load did until now (an fp32 model, the whole file read, "
+                            "load_state_dict, then a cast)")
+        for col in ("precision", "weights MB", "load peak MB", "resident MB", "seconds", "before: peak MB",
+                    "before: seconds"):
+            big.add_column(col, justify="right")
+        for p in precs:
+            r, b = rows[p]["rss_big"], rows[p].get("rss_big_before")
+            big.add_row(p, f"{r['weights_mb']:.0f}", f"{r['load_peak_mb']:.0f}", f"{r['resident_mb']:.0f}",
+                        f"{r['seconds']:.2f}", f"{b['load_peak_mb']:.0f}" if b else "-", f"{b['seconds']:.2f}" if b else "-")
+        out.append(big)
+    qual = Table(title="logits and decoding against fp32", caption=(
+        f"{rows[precs[0]]['logits']['documents']} held-out documents, every position and vocabulary entry (fp32 "
+        f"logits' std {rows['fp32']['logits']['fp32_logit_std']:.2f}); loss: held-out next-token loss; tok/s: "
+        f"greedy text decoding of the same prompts, {result['config']['new_tokens']} new tokens, "
+        f"{result['config']['threads']} thread(s), precisions taking turns; same rows / prefix b8: the batch-8 "
+        "continuations identical to fp32's, and their mean share of tokens before the first difference"))
     for col in ("precision", "max |dlogit|", "mean |dlogit|", "top-1 agree", "loss", "tok/s b1", "tok/s b8",
-                "same tokens", *[f"{t} {s}" for t in TASKS for s in ("heldout", "heldout_combo")]):
+                "same rows b8", "same prefix b8"):
         qual.add_column(col, justify="right")
     for p in precs:
-        r = rows[p]
-        lg, dec = r["logits"], r["decode"]
-        judged_cells = []
-        for t in TASKS:
-            for s in ("heldout", "heldout_combo"):
-                v = r.get("judged", {}).get(t, {}).get(s)
-                d = r.get("judged_vs_fp32", {}).get(t, {}).get(s)
-                cell = _ci(v) if v else "-"
-                if d:
-                    cell += f"\n{100 * d['value']:+.1f} [{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}]"
-                judged_cells.append(cell)
-        same = min(v["same_tokens_as_fp32"] for v in dec.values())
+        lg, dec = rows[p]["logits"], rows[p]["decode"]
+        b8 = dec["batch_8"]
         qual.add_row(p, f"{lg['max_abs']:.2e}", f"{lg['mean_abs']:.2e}", f"{lg['top1_agreement']:.2%}",
                      f"{lg['heldout_loss']:.4f}", f"{dec['batch_1']['tokens_per_s']:.0f}",
-                     f"{dec['batch_8']['tokens_per_s']:.0f}", f"{same:.0%}", *judged_cells)
-    return [mem, qual]
+                     f"{b8['tokens_per_s']:.0f}", f"{b8['same_tokens_as_fp32']:.0%}", f"{b8['prefix_agreement']:.0%}")
+    out.append(qual)
+    if any("judged" in rows[p] for p in precs):
+        judged_t = Table(title=f"judged accuracy, % (95% bootstrap CI), n = {result['config']['n']} per split",
+                         caption="second line: the paired difference against fp32 on the same items, in points "
+                                 "(95% CI), and how many items' scores changed")
+        judged_t.add_column("task / split")
+        for p in precs:
+            judged_t.add_column(p, justify="right")
+        for t in rows["fp32"].get("judged", {}):
+            for split in rows["fp32"]["judged"][t]:
+                cells = []
+                for p in precs:
+                    v = rows[p]["judged"][t][split]
+                    d = rows[p].get("judged_vs_fp32", {}).get(t, {}).get(split)
+                    cell = _ci(v)
+                    if d:
+                        cell += (f"\n{100 * d['value']:+.1f} [{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}]"
+                                 f" ({d['items_changed']} changed)")
+                    cells.append(cell)
+                judged_t.add_row(f"{t}\n{split}", *cells)
+        out.append(judged_t)
+    return out
 
 
 # ---- computed footprints of a 7B model -------------------------------------------------------------

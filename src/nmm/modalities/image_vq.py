@@ -21,7 +21,10 @@ Quantisers (`image_vq.quantizer`):
 
 Losses: L1 (+ optional L2) on pixels, the VQ commitment, and after a warm-up (`adv_start`, a fraction of
 training) a hinge adversarial loss from a small PatchGAN discriminator (strided 4x4 convs; every output
-logit judges one patch). No perceptual loss: that needs downloaded network weights.
+logit judges one patch), weighted adaptively as in VQGAN: `adv_weight` times the ratio of the
+reconstruction's to the adversarial loss's gradient norm at the decoder's last layer (a fixed weight let
+the discriminator swamp L1: 18 dB instead of 23 dB PSNR on photo crops after 4 minutes). No perceptual
+loss: that needs downloaded network weights.
 
 The codec meets `nmm.modalities.base.ModalityCodec` (uint8 images in, codes out, PNG bytes, safetensors +
 JSON in the run directory) and is registered as codec kind "image_vq": a run with `image_vq.enabled=true`
@@ -112,6 +115,10 @@ class _Decoder(nn.Module):
         p = c.patch
         layers += [_norm(w[0]), nn.SiLU(), nn.Conv2d(w[0], 3 * p * p, 3, padding=1), nn.PixelShuffle(p)]
         self.net = nn.Sequential(*layers)
+
+    @property
+    def last_layer(self) -> torch.Tensor:  # the output conv's weight: where the adversarial weight is balanced
+        return self.net[-2].weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -368,6 +375,14 @@ class PatchDiscriminator(nn.Module):
         return self.net(x)
 
 
+def adaptive_weight(rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor) -> torch.Tensor:
+    """VQGAN's balance: |grad rec_loss| / |grad g_loss| at the decoder's last layer (detached, at most 1e4), so
+    `adv_weight` is the adversarial gradient's size relative to the reconstruction's whatever the scales."""
+    rec = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
+    gen = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    return (rec.norm() / (gen.norm() + 1e-4)).clamp(max=1e4).detach()
+
+
 # ---- quality --------------------------------------------------------------------------------------
 def code_stats(codes: torch.Tensor, codebook_size: int) -> dict:
     """Fraction of the codebook used by `codes` and the perplexity exp(H) of their histogram (a codebook
@@ -449,7 +464,7 @@ def train_image_vq(images: ImageSource, config: ImageVQConfig | None = None, see
     split = "given"
     if callable(images):
         rng = np.random.default_rng(seed)
-        draw = lambda n: torch.from_numpy(np.ascontiguousarray(images(rng, n)))  # noqa: E731
+        draw = lambda n: torch.from_numpy(np.ascontiguousarray(images(rng, n)))
         if eval_images is None:
             eval_images = images(np.random.default_rng(seed + 1_000_003), c.eval_images)
     else:
@@ -457,7 +472,7 @@ def train_image_vq(images: ImageSource, config: ImageVQConfig | None = None, see
         if eval_images is None:
             images, eval_images, split = _split_pool(images, c.eval_images, seed)
         batches = _pool_batches(images, c.batch_size, torch.Generator().manual_seed(seed))
-        draw = lambda n: next(batches)  # noqa: E731
+        draw = lambda n: next(batches)
     size = int(eval_images.shape[1])
     if c.image_size is None:
         c = dataclasses.replace(c, image_size=size)
@@ -469,9 +484,8 @@ def train_image_vq(images: ImageSource, config: ImageVQConfig | None = None, see
     opt = torch.optim.AdamW(g_params, lr=c.lr, betas=(0.9, 0.99), weight_decay=0.0)
     d_opt = torch.optim.AdamW(disc.parameters(), lr=c.lr, betas=(0.5, 0.9), weight_decay=0.0) if disc else None
     gen = torch.Generator().manual_seed(seed + 1)
-    losses, l1s, d_losses, adv_from = [], [], [], None
+    losses, l1s, d_losses, weights, adv_from = [], [], [], [], None
     model.train()
-    step = 0
     for step in range(c.steps):
         spent = time.perf_counter() - start
         if time_budget_s is not None and spent > time_budget_s:
@@ -491,7 +505,10 @@ def train_image_vq(images: ImageSource, config: ImageVQConfig | None = None, see
         if adv:
             adv_from = step if adv_from is None else adv_from
             disc.requires_grad_(False)
-            loss = loss + c.adv_weight * -disc(recon).mean()
+            g_loss = -disc(recon).mean()
+            weight = c.adv_weight * adaptive_weight(loss, g_loss, model.decoder.last_layer)
+            weights.append(float(weight))
+            loss = loss + weight * g_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(g_params, 1.0)
@@ -524,7 +541,8 @@ def train_image_vq(images: ImageSource, config: ImageVQConfig | None = None, see
                  initial_l1=float(np.mean(l1s[:window])) if l1s else None,
                  final_l1=float(np.mean(l1s[-window:])) if l1s else None,
                  adversarial_from_step=adv_from,
-                 final_d_loss=float(np.mean(d_losses[-window:])) if d_losses else None)
+                 final_d_loss=float(np.mean(d_losses[-window:])) if d_losses else None,
+                 final_adv_weight=float(np.mean(weights[-window:])) if weights else None)
     if c.quantizer == "vq":
         stats["restarted_codes"] = int(model.quantizer.restarts)
     return model, stats
@@ -538,7 +556,7 @@ def train_for_run(cfg, source, progress=None) -> tuple[ImageVQTokenizer, dict]:
     if vq.image_size is not None and vq.image_size != size:
         raise ConfigError(f"image_vq.image_size={vq.image_size} but the data source gives image.image_size={size} px "
                           f"images: set image.image_size={vq.image_size} (and leave image_vq.image_size unset)")
-    if vq.quantizer == "vq" and cfg.model.variant() != "early-discrete":
+    if vq.quantizer == "vq" and cfg.model.variant != "early-discrete":
         raise ConfigError(f"model.fusion={cfg.model.fusion} model.image_repr={cfg.model.image_repr} reads the image "
                           "tokenizer's FSQ latents: set image_vq.quantizer=fsq (a VQ codebook has none)")
     try:

@@ -93,7 +93,9 @@ def load_pipeline(target: str, dtype: torch.dtype | str | None = None, compile: 
     if path.is_dir() or ("/" in target and path.suffix not in (".yaml", ".yml")):
         import nmm
 
-        pipe, name = nmm.load(path), path.resolve().name
+        # bf16 straight from the file (no fp32 copy first); the Engine below still casts other dtypes
+        pipe = nmm.load(path, dtype="bf16") if dtype in ("bf16", torch.bfloat16) else nmm.load(path)
+        name = path.resolve().name
     else:
         pipe, name = build_random_pipeline(target), f"{path.stem}-random"
     if dtype is not None or compile:
