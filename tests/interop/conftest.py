@@ -28,16 +28,31 @@ CORPUS = ["a small red circle at the top left of the picture", "a large blue squ
           "what colour is the circle? it is red.", "Chameleon reads and writes images and text."] * 20
 
 
-def chameleon_tokenizer(n_codes: int, seed: int = 0) -> tuple[dict, dict[str, int]]:
-    """(tokenizer.json as a dict, token -> id over the whole vocabulary)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+# ---- shared by the interop tests' builders (test_emu3.py and test_janus.py load this file by path) ----
+def trained_bpe(corpus: list[str]) -> dict:
+    """tokenizer.json (as a dict) of a byte-level BPE of 330 ids trained on `corpus`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=330, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                                        show_progress=False))
-    learned = json.loads(bpe.to_str())
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=330, show_progress=False,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return json.loads(bpe.to_str())
+
+
+def ramp_picture(seed: int, size: int) -> np.ndarray:
+    """A (size, size, 3) uint8 picture: noise over a ramp, so a VQ sees structure at every scale."""
+    rng = np.random.default_rng(seed)
+    ramp = np.linspace(0, 255, size)[None, :, None] * np.ones((size, 1, 3))
+    return np.clip(ramp + rng.normal(0, 60, (size, size, 3)), 0, 255).astype(np.uint8)
+
+
+def chameleon_tokenizer(n_codes: int, seed: int = 0) -> tuple[dict, dict[str, int]]:
+    """(tokenizer.json as a dict, token -> id over the whole vocabulary)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    learned = trained_bpe(CORPUS)
     from nmm.interop.chameleon import image_token_name
 
     order = np.random.default_rng(seed).permutation(n_codes)  # token at id 4 + k is code order[k]
@@ -57,8 +72,9 @@ def chameleon_tokenizer(n_codes: int, seed: int = 0) -> tuple[dict, dict[str, in
     return data, vocab
 
 
-def randomize(model: torch.nn.Module, seed: int) -> None:
-    """Weights at a scale where the logits are of order 1-10; norms and biases away from 1 and 0."""
+def randomize(model: torch.nn.Module, seed: int, batchnorm: bool = False) -> None:
+    """Weights at a scale where the logits are of order 1-10; norms and biases away from 1 and 0;
+    `batchnorm`: BatchNorm statistics away from 0 and 1 too."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -70,12 +86,22 @@ def randomize(model: torch.nn.Module, seed: int) -> None:
                 p.copy_(1 + 0.3 * torch.randn(p.shape, generator=gen))
             else:
                 p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+        for name, b in model.named_buffers() if batchnorm else ():
+            if name.endswith("running_mean"):
+                b.copy_(0.2 * torch.randn(b.shape, generator=gen))
+            elif name.endswith("running_var"):
+                b.copy_(0.5 + torch.rand(b.shape, generator=gen))
 
 
 def build_chameleon(directory: Path, seed: int = 0, swin_norm: bool = False, shard: str = "150KB", layers: int = 2):
     """Save a tiny random ChameleonForConditionalGeneration and its tokenizer / processor files in
     `directory`; returns the model (fp32, eval)."""
-    from transformers import ChameleonConfig, ChameleonForConditionalGeneration, ChameleonImageProcessorPil, PreTrainedTokenizerFast
+    from transformers import (
+        ChameleonConfig,
+        ChameleonForConditionalGeneration,
+        ChameleonImageProcessorPil,
+        PreTrainedTokenizerFast,
+    )
 
     tokenizer, vocab = chameleon_tokenizer(N_CODES, seed)
     cfg = ChameleonConfig(

@@ -15,10 +15,12 @@ down/upsampling and BatchNorm3d statistics away from 0 and 1.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -34,6 +36,18 @@ from nmm.infer.sampling import SamplingConfig
 from nmm.interop import import_hf
 from nmm.interop.emu3 import Emu3Ids
 from nmm.modalities.document import ItemSegment
+
+
+def _interop_conftest():
+    """tests/interop/conftest.py as a module, for its shared builders (a conftest is not importable by
+    name under --import-mode=importlib)."""
+    spec = importlib.util.spec_from_file_location("_nmm_interop_conftest", Path(__file__).with_name("conftest.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+kit = _interop_conftest()
 
 ATOL = 1e-4
 N_CODES = 48  # VQ codebook
@@ -52,14 +66,7 @@ EXTRA_TOKENS = {"image_token": "<image>", "boi_token": "<|image start|>", "eoi_t
 def emu3_tokenizer(n_codes: int, seed: int = 0) -> tuple[dict, dict[str, int]]:
     """(tokenizer.json as a dict, token -> id): text BPE ids first, then the specials and the visual tokens
     (shuffled), all in the model vocabulary and as special added tokens, as transformers' converter writes."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=330, show_progress=False,
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    data = json.loads(bpe.to_str())
+    data = kit.trained_bpe(CORPUS)
     vocab = dict(data["model"]["vocab"])
     order = np.random.default_rng(seed).permutation(n_codes)
     specials = SPECIALS[:9] + [f"<|visual token {int(c):06d}|>" for c in order[: n_codes // 2]] + SPECIALS[9:] \
@@ -72,24 +79,7 @@ def emu3_tokenizer(n_codes: int, seed: int = 0) -> tuple[dict, dict[str, int]]:
     return data, vocab
 
 
-def randomize(model: torch.nn.Module, seed: int) -> None:
-    """conftest's scale (logits of order 1-10, norms and biases away from 1 and 0), and BatchNorm
-    statistics away from 0 and 1."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() >= 2:
-                std = 1.0 if "embed_tokens" in name or "embedding" in name else 1.5 / np.sqrt(np.prod(p.shape[1:]))
-                p.copy_(torch.randn(p.shape, generator=gen) * std)
-            elif name.endswith("weight"):
-                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=gen))
-            else:
-                p.copy_(0.2 * torch.randn(p.shape, generator=gen))
-        for name, b in model.named_buffers():
-            if name.endswith("running_mean"):
-                b.copy_(0.2 * torch.randn(b.shape, generator=gen))
-            elif name.endswith("running_var"):
-                b.copy_(0.5 + torch.rand(b.shape, generator=gen))
+randomize = partial(kit.randomize, batchnorm=True)  # BatchNorm statistics too
 
 
 def build_emu3(directory: Path, seed: int = 0, shard: str = "300KB"):
@@ -130,11 +120,7 @@ def build_emu3(directory: Path, seed: int = 0, shard: str = "300KB"):
     return model
 
 
-def picture(seed: int) -> np.ndarray:
-    """A (64, 64, 3) uint8 picture: noise over a ramp, so the VQ sees structure at every scale."""
-    rng = np.random.default_rng(seed)
-    ramp = np.linspace(0, 255, RESOLUTION)[None, :, None] * np.ones((RESOLUTION, 1, 3))
-    return np.clip(ramp + rng.normal(0, 60, (RESOLUTION, RESOLUTION, 3)), 0, 255).astype(np.uint8)
+picture = partial(kit.ramp_picture, size=RESOLUTION)  # (64, 64, 3) uint8
 
 
 @pytest.fixture(scope="session")

@@ -15,11 +15,13 @@ image, as SigLIP's 4 px patches give 64 features), channel changes and attention
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +36,18 @@ from nmm.infer.sampling import SamplingConfig
 from nmm.interop import export_hf, import_hf
 from nmm.interop.janus import JanusIds, uncond_prompt
 from nmm.model.fusion.janus import PICTURES
+
+
+def _interop_conftest():
+    """tests/interop/conftest.py as a module, for its shared builders (a conftest is not importable by
+    name under --import-mode=importlib)."""
+    spec = importlib.util.spec_from_file_location("_nmm_interop_conftest", Path(__file__).with_name("conftest.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+kit = _interop_conftest()
 
 ATOL = 1e-4
 N_CODES = 48  # VQ codebook
@@ -58,15 +72,9 @@ def janus_tokenizer() -> tuple[dict, dict[str, int]]:
         models,
         pre_tokenizers,
         processors,
-        trainers,
     )
 
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=330, show_progress=False,
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    learned = json.loads(bpe.to_str())
+    learned = kit.trained_bpe(CORPUS)
     vocab = dict(learned["model"]["vocab"])
     for token in SPECIALS:
         vocab[token] = len(vocab)
@@ -79,18 +87,7 @@ def janus_tokenizer() -> tuple[dict, dict[str, int]]:
     return json.loads(tok.to_str()), vocab
 
 
-def randomize(model: torch.nn.Module, seed: int) -> None:
-    """Weights at a scale where logits are of order 1-10; norms and biases away from 1 and 0."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() >= 2:
-                std = 1.0 if "embed_tokens" in name or "embedding" in name else 1.5 / np.sqrt(np.prod(p.shape[1:]))
-                p.copy_(torch.randn(p.shape, generator=gen) * std)
-            elif name.endswith("weight"):
-                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=gen))
-            else:
-                p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+randomize = kit.randomize
 
 
 def build_janus(directory: Path, seed: int = 0):
@@ -135,11 +132,7 @@ def build_janus(directory: Path, seed: int = 0):
     return model
 
 
-def picture(seed: int) -> np.ndarray:
-    """A (32, 32, 3) uint8 picture: noise over a ramp."""
-    rng = np.random.default_rng(seed)
-    ramp = np.linspace(0, 255, RESOLUTION)[None, :, None] * np.ones((RESOLUTION, 1, 3))
-    return np.clip(ramp + rng.normal(0, 60, (RESOLUTION, RESOLUTION, 3)), 0, 255).astype(np.uint8)
+picture = partial(kit.ramp_picture, size=RESOLUTION)  # (32, 32, 3) uint8
 
 
 @pytest.fixture(scope="module")

@@ -37,38 +37,47 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import load_file
 from torch import nn
 
-from nmm.config import ModelConfig, RunConfig, TextCodecConfig, _build, save_config, to_dict
+from nmm.config import (
+    ModelConfig,
+    _build,
+)
 from nmm.errors import CheckpointError, ConfigError, InputError
 from nmm.interop.common import (
+    AttnBlock,
     Checkpoint,
+    Downsample,
     Piece,
+    ResnetBlock,
     StreamingWriter,
     convert,
+    load_tokenizer_json,
     peak_rss_mb,
     read_json,
+    read_vq_weights,
     resolve_precision,
     row_runs,
+    save_vq,
+    staged_dir,
+    take,
+    tokenizer_over_ids,
+    tokenizer_tokens,
     unified_tokenizer_json,
+    write_imported_run,
 )
 from nmm.modalities.base import ModalitySpec, register_codec
-from nmm.modalities.codecs import CODECS_FILE
 from nmm.modalities.image import image_spec
-from nmm.modalities.text import TextTokenizer
 from nmm.modalities.vocab import Vocabulary
 from nmm.model.model import NativeMultimodalModel
-from nmm.utils import atomic_write_json, atomic_write_text, save_safetensors
+from nmm.utils import atomic_write_json, atomic_write_text
 
 ARCHITECTURES = ("ChameleonForConditionalGeneration", "ChameleonForCausalLM")  # the second: transformers < 4.44
 IMAGE_TOKEN_PREFIX = "IMGIMG"
@@ -176,10 +185,10 @@ class ChameleonIds:
 
     def to_hf(self, ids):
         """nmm ids (tensor, array, list or int) -> Chameleon ids, same type of container."""
-        return _take(self._to_hf, ids)
+        return take(self._to_hf, ids)
 
     def to_nmm(self, ids):
-        return _take(self._to_nmm, ids)
+        return take(self._to_nmm, ids)
 
     @property
     def hf_to_nmm(self) -> list[int]:
@@ -199,16 +208,6 @@ class ChameleonIds:
     @classmethod
     def identity(cls, size: int) -> ChameleonIds:
         return cls(size, list(range(size)))
-
-
-def _take(table: torch.Tensor, ids):
-    if torch.is_tensor(ids):
-        return table.to(ids.device)[ids]
-    if isinstance(ids, np.ndarray):
-        return table.numpy()[ids]
-    if isinstance(ids, (list, tuple)):
-        return table[torch.as_tensor(ids, dtype=torch.long)].tolist()
-    return int(table[int(ids)])
 
 
 @dataclass
@@ -281,50 +280,15 @@ def text_tokenizer_json(tokenizer: dict, hf: ChameleonVocabulary, path: Path) ->
     JSON says); an id Chameleon assigns no token gets a placeholder. Merges producing a removed token
     (an image token, one of the five specials) are dropped, so text never becomes an image code. No
     post-processor: nmm's prompts add `<bos>`."""
-    model = tokenizer.get("model") or {}
-    if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
-        raise CheckpointError(f"{path}: model.type is {model.get('type')!r}; nmm reads BPE tokenizers here")
-    id_to_token: dict[int, str] = {int(i): t for t, i in model["vocab"].items()}
-    added = {int(a["id"]): a for a in tokenizer.get("added_tokens", [])}
-    for i, a in added.items():
-        id_to_token.setdefault(i, a["content"])
+    id_to_token = tokenizer_tokens(tokenizer, path)
     for code, i in enumerate(hf.image_ids):  # config.json's vocabulary_map and the tokenizer must agree
         if id_to_token.get(i, image_token_name(code)) != image_token_name(code):
             raise CheckpointError(f"{path}: id {i} is {id_to_token[i]!r}, but config.json's vocabulary_map makes it "
                                   f"image code {code} ({image_token_name(code)!r})")
-    n_text = hf.vocab.n_text
-    keep = hf.ids.nmm_to_hf[:n_text]
-    vocab: dict[str, int] = {}
-    for new, old in enumerate(keep):
-        token = id_to_token.get(old, f"<chameleon:unused:{old}>")
-        if token in vocab:
-            raise CheckpointError(f"{path}: token {token!r} has two ids")
-        vocab[token] = new
-    prefix = model.get("continuing_subword_prefix") or ""
-    merges = []
-    for merge in model.get("merges", []):
-        a, b = merge.split(" ", 1) if isinstance(merge, str) else merge
-        if a in vocab and b in vocab and a + b[len(prefix):] in vocab:
-            merges.append(merge)
-    new_model = {**model, "vocab": vocab, "merges": merges}
-    if new_model.get("unk_token") is not None and new_model["unk_token"] not in vocab:
-        new_model["unk_token"] = None
-    new_id = {old: new for new, old in enumerate(keep)}
-    new_added = [{**a, "id": new_id[i]} for i, a in sorted(added.items()) if i in new_id]
-    return {**tokenizer, "added_tokens": new_added, "model": new_model, "post_processor": None,
-            "truncation": None, "padding": None}
+    return tokenizer_over_ids(tokenizer, hf.ids.nmm_to_hf[:hf.vocab.n_text], path, "<chameleon:unused:{}>")
 
 
-def load_text_tokenizer(data: dict, n_text: int, path: Path) -> TextTokenizer:
-    from tokenizers import Tokenizer
-
-    try:
-        tokenizer = TextTokenizer(Tokenizer.from_str(json.dumps(data)))
-    except Exception as e:  # tokenizers raises a bare Exception
-        raise CheckpointError(f"{path}: the rewritten tokenizer does not load ({e})") from None
-    if tokenizer.vocab_size != n_text:
-        raise CheckpointError(f"{path}: the rewritten tokenizer has {tokenizer.vocab_size} ids, expected {n_text}")
-    return tokenizer
+load_text_tokenizer = load_tokenizer_json  # a rewritten tokenizer.json -> nmm's TextTokenizer, checked
 
 
 # =================================================================================================
@@ -399,50 +363,6 @@ def vq_spec(cfg: ChameleonVQConfig) -> ModalitySpec:
     return image_spec(cfg.num_embeddings, (), cfg.grid * cfg.grid, ())
 
 
-class _ResnetBlock(nn.Module):
-    def __init__(self, c_in: int, c_out: int):
-        super().__init__()
-        self.norm1 = nn.GroupNorm(32, c_in, eps=1e-6)
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.norm2 = nn.GroupNorm(32, c_out, eps=1e-6)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
-        self.nin_shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else None
-
-    def forward(self, x):
-        h = self.norm1(x)
-        h = h * torch.sigmoid(h)  # swish written out, as transformers does (F.silu rounds differently)
-        h = self.conv1(h)
-        h = self.norm2(h)
-        h = h * torch.sigmoid(h)
-        h = self.conv2(h)
-        return (x if self.nin_shortcut is None else self.nin_shortcut(x)) + h
-
-
-class _AttnBlock(nn.Module):
-    def __init__(self, c: int):
-        super().__init__()
-        self.norm = nn.GroupNorm(32, c, eps=1e-6)
-        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(c, c, 1) for _ in range(4))
-
-    def forward(self, x):  # (B, C, H, W): attention over the H*W positions, in transformers' op order
-        h = self.norm(x)
-        q, k, v = self.q(h), self.k(h), self.v(h)
-        B, C, H, W = q.shape
-        w = torch.bmm(q.reshape(B, C, H * W).permute(0, 2, 1), k.reshape(B, C, H * W)) * (int(C) ** (-0.5))
-        w = F.softmax(w, dim=2)
-        out = torch.bmm(v.reshape(B, C, H * W), w.permute(0, 2, 1)).reshape(B, C, H, W)
-        return x + self.proj_out(out)
-
-
-class _Downsample(nn.Module):
-    def __init__(self, c: int):
-        super().__init__()
-        self.conv = nn.Conv2d(c, c, 3, stride=2, padding=0)
-
-    def forward(self, x):
-        return self.conv(F.pad(x, (0, 1, 0, 1)))  # asymmetric padding, as the original VQGAN
-
-
 class _Encoder(nn.Module):
     """Module names match transformers' `ChameleonVQVAEEncoder`, so weights load by name."""
 
@@ -458,18 +378,18 @@ class _Encoder(nn.Module):
             stage.block = nn.ModuleList()
             stage.attn = nn.ModuleList()
             for _ in range(c.num_res_blocks):
-                stage.block.append(_ResnetBlock(ch_in, ch))
+                stage.block.append(ResnetBlock(ch_in, ch))
                 ch_in = ch
                 if res in c.attn_resolutions and c.attn_type == "vanilla":
-                    stage.attn.append(_AttnBlock(ch))
+                    stage.attn.append(AttnBlock(ch))
             if level != len(c.channel_multiplier) - 1:
-                stage.downsample = _Downsample(ch)
+                stage.downsample = Downsample(ch)
                 res //= 2
             self.down.append(stage)
         self.mid = nn.Module()
-        self.mid.block_1 = _ResnetBlock(ch, ch)
-        self.mid.attn_1 = _AttnBlock(ch) if c.attn_type == "vanilla" else nn.Identity()
-        self.mid.block_2 = _ResnetBlock(ch, ch)
+        self.mid.block_1 = ResnetBlock(ch, ch)
+        self.mid.attn_1 = AttnBlock(ch) if c.attn_type == "vanilla" else nn.Identity()
+        self.mid.block_2 = ResnetBlock(ch, ch)
         self.norm_out = nn.GroupNorm(32, ch, eps=1e-6)
         self.conv_out = nn.Conv2d(ch, 2 * c.latent_channels if c.double_latent else c.latent_channels, 3, padding=1)
 
@@ -570,23 +490,13 @@ class ChameleonVQCodec(nn.Module):
 
     # ---- persistence: chameleon_vq.json + chameleon_vq.safetensors (transformers' names, no prefix) ----
     def save(self, run_dir: str | os.PathLike) -> None:
-        path = Path(run_dir)
-        save_safetensors({**self.extra, **self.state_dict()}, path / VQ_WEIGHTS_FILE)
-        atomic_write_text(path / VQ_CONFIG_FILE, json.dumps(asdict(self.config), indent=2))
+        save_vq({**self.extra, **self.state_dict()}, self.config, run_dir, (VQ_CONFIG_FILE, VQ_WEIGHTS_FILE))
 
     @classmethod
     def load(cls, run_dir: str | os.PathLike) -> ChameleonVQCodec:
         path = Path(run_dir)
         cfg = ChameleonVQConfig.from_dict(read_json(path / VQ_CONFIG_FILE, "the Chameleon image tokenizer's settings"))
-        if not (path / VQ_WEIGHTS_FILE).is_file():
-            raise CheckpointError(f"{path / VQ_WEIGHTS_FILE}: not found (the Chameleon image tokenizer's weights)")
-        with torch.device("meta"):
-            codec = cls(cfg)
-        tensors = load_file(str(path / VQ_WEIGHTS_FILE))
-        own = codec.state_dict()
-        missing = sorted(set(own) - set(tensors))
-        if missing:
-            raise CheckpointError(f"{path / VQ_WEIGHTS_FILE}: missing {len(missing)} tensors, e.g. {missing[0]!r}")
+        codec, tensors, own = read_vq_weights(cls, cfg, path / VQ_WEIGHTS_FILE, "the Chameleon image tokenizer")
         codec.load_state_dict({k: tensors[k].float() for k in own}, assign=True)
         codec.pixel_lut = _pixel_lut(cfg)  # a buffer, not saved: built on the meta device above
         codec.extra = {k: v for k, v in tensors.items() if k not in own}
@@ -706,52 +616,18 @@ def import_chameleon(src_dir: str | Path, dst_run: str | Path, dtype: str | torc
     if ck.info(HF_EMBED).shape != (hf["vocab_size"], cfg.d_model):
         raise CheckpointError(f"{src}: {HF_EMBED} has shape {ck.info(HF_EMBED).shape}, config.json says "
                               f"({hf['vocab_size']}, {cfg.d_model})")
-    source_dtype = {p.dst: ck.info(p.src).dtype for p in pieces}
-    layout = {n: (precision or source_dtype[n], s) for n, s in shapes.items()}
     vq_names = ck.names(VQ_PREFIX)
     if not vq_names:
         raise CheckpointError(f"{src}: the checkpoint has no {VQ_PREFIX}* tensors (Chameleon's image tokenizer)")
-
-    # ---- write into a temporary directory, renamed into place at the end -------------------------
-    if dst.exists() and any(dst.iterdir()) and not overwrite:
-        raise CheckpointError(f"{dst}: exists and is not empty (overwrite=True, or --overwrite, replaces it)")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.import-"))
-    try:
-        with StreamingWriter(tmp / "model.safetensors", layout, {"format": "pt"}) as writer:
-            convert(ck, pieces, writer)
-        vq_layout = {n[len(VQ_PREFIX):]: (torch.float32, ck.info(n).shape) for n in vq_names}  # small: fp32 for parity
-        with StreamingWriter(tmp / VQ_WEIGHTS_FILE, vq_layout, {"format": "pt"}) as writer:
-            convert(ck, [Piece(n[len(VQ_PREFIX):], n) for n in vq_names], writer)
-        atomic_write_text(tmp / VQ_CONFIG_FILE, json.dumps(asdict(vq), indent=2))
-        text.save(tmp / "text_tokenizer.json")
-        atomic_write_json(tmp / "vocab.json", cv.vocab.to_dict())
-        atomic_write_json(tmp / CODECS_FILE, {"image": ChameleonVQCodec.codec_kind})
-        atomic_write_json(tmp / "model.json", to_dict(cfg))
-        run_cfg = RunConfig(name=dst.name, model=cfg, text=TextCodecConfig(vocab_size=cv.vocab.n_text))
-        save_config(run_cfg, tmp / "config.yaml")
-        cv.ids.save(tmp / IDS_FILE)
-        (tmp / SOURCE_DIR).mkdir()
-        copied = [f for f in SOURCE_FILES if (src / f).is_file()]
-        for f in copied:
-            shutil.copy2(src / f, tmp / SOURCE_DIR / f)
-        n_params = sum(math.prod(s) for s in shapes.values())
-        summary = {"source": str(src.resolve()), "family": "chameleon", "params": n_params,
-                   "shards": len(ck.shards), "source_bytes": sum(ck.shard_bytes().values()),
-                   "largest_shard_bytes": max(ck.shard_bytes().values()),
-                   "dtype": str(precision or next(iter(source_dtype.values()))).replace("torch.", ""),
-                   "vocab": {"hf_vocab_size": hf["vocab_size"], "n_text": cv.vocab.n_text,
-                             "image_codes": vq.num_embeddings, "tokens_per_image": vq.grid**2},
-                   "seconds": round(time.perf_counter() - t0, 3), "peak_rss_mb": round(peak_rss_mb(), 1),
-                   "source_files": copied}
-        atomic_write_json(tmp / "import.json", summary)
-        if dst.exists():
-            shutil.rmtree(dst)
-        os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return summary
+    vq_layout = {n[len(VQ_PREFIX):]: (torch.float32, ck.info(n).shape) for n in vq_names}  # small: fp32 for parity
+    return write_imported_run(
+        src, dst, family="chameleon", overwrite=overwrite, t0=t0, ck=ck, pieces=pieces, shapes=shapes,
+        precision=precision, vq_layout=vq_layout, vq_pieces=[Piece(n[len(VQ_PREFIX):], n) for n in vq_names],
+        vq_config=vq, vq_files=(VQ_CONFIG_FILE, VQ_WEIGHTS_FILE), codec_kind=ChameleonVQCodec.codec_kind,
+        text=text, vocab=cv.vocab, cfg=cfg, ids=cv.ids, ids_file=IDS_FILE, source_dir=SOURCE_DIR,
+        source_files=SOURCE_FILES,
+        vocab_summary={"hf_vocab_size": hf["vocab_size"], "n_text": cv.vocab.n_text,
+                       "image_codes": vq.num_embeddings, "tokens_per_image": vq.grid**2})
 
 
 # =================================================================================================
@@ -818,11 +694,7 @@ def export_chameleon(run_dir: str | Path, dst_dir: str | Path, dtype: str | torc
             layout[VQ_PREFIX + name] = (precision or src_dtype, vq.info(name).shape)
             vq_pieces.append(Piece(VQ_PREFIX + name, name))
 
-    if dst.exists() and any(dst.iterdir()) and not overwrite:
-        raise CheckpointError(f"{dst}: exists and is not empty (overwrite=True, or --overwrite, replaces it)")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.export-"))
-    try:
+    with staged_dir(dst, overwrite, "export") as tmp:
         with StreamingWriter(tmp / "model.safetensors", layout, {"format": "pt"}) as writer:
             convert(weights, pieces, writer)
             for hf_name, table in computed:
@@ -839,12 +711,6 @@ def export_chameleon(run_dir: str | Path, dst_dir: str | Path, dtype: str | torc
                    "hf_vocab_size": ids.hf_vocab_size, "seconds": round(time.perf_counter() - t0, 3),
                    "peak_rss_mb": round(peak_rss_mb(), 1)}
         atomic_write_json(tmp / "nmm_export.json", summary)
-        if dst.exists():
-            shutil.rmtree(dst)
-        os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return summary
 
 

@@ -18,20 +18,31 @@ contiguous rows, read with `get_slice`, so a 65536-row table is never materialis
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
+import shutil
 import struct
 import sys
 import tempfile
+import time
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
+from safetensors.torch import load_file
+from torch import nn
 
+from nmm.config import ModelConfig, RunConfig, TextCodecConfig, save_config, to_dict
 from nmm.errors import CheckpointError
+from nmm.modalities.codecs import CODECS_FILE
+from nmm.utils import atomic_write_json, atomic_write_text, save_safetensors
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -305,6 +316,18 @@ def unified_tokenizer_json(text_tokenizer: dict, vocab, specials: dict[str, str]
 
 
 # ---- shared by the adapters' tokenizer and image-processor ports -----------------------------------
+def tokenizer_tokens(tokenizer: dict, path: Path) -> dict[int, str]:
+    """A BPE tokenizer.json's tokens by id: the model vocabulary's, then added tokens' for ids it lacks;
+    a CheckpointError for a tokenizer that is not BPE."""
+    model = tokenizer.get("model") or {}
+    if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
+        raise CheckpointError(f"{path}: model.type is {model.get('type')!r}; nmm reads BPE tokenizers here")
+    id_to_token: dict[int, str] = {int(i): t for t, i in model["vocab"].items()}
+    for i, a in {int(a["id"]): a for a in tokenizer.get("added_tokens", [])}.items():
+        id_to_token.setdefault(i, a["content"])
+    return id_to_token
+
+
 def tokenizer_over_ids(tokenizer: dict, keep: list[int], path: Path, placeholder: str = "<unused:{}>") -> dict:
     """A source BPE tokenizer.json -> the same tokenizer over nmm's text ids only: `keep[j]` is the
     source id of nmm text id j (every other source id leaves the text vocabulary: image tokens, the
@@ -316,12 +339,8 @@ def tokenizer_over_ids(tokenizer: dict, keep: list[int], path: Path, placeholder
     removed token are dropped, so text never becomes one. Added tokens that stay keep their flags at
     their new ids. No post-processor, truncation or padding: nmm's prompts add `<bos>` themselves."""
     model = tokenizer.get("model") or {}
-    if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
-        raise CheckpointError(f"{path}: model.type is {model.get('type')!r}; nmm reads BPE tokenizers here")
-    id_to_token: dict[int, str] = {int(i): t for t, i in model["vocab"].items()}
+    id_to_token = tokenizer_tokens(tokenizer, path)
     added = {int(a["id"]): a for a in tokenizer.get("added_tokens", [])}
-    for i, a in added.items():
-        id_to_token.setdefault(i, a["content"])
     vocab: dict[str, int] = {}
     for new, old in enumerate(keep):
         token = id_to_token.get(old, placeholder.format(old))
@@ -364,3 +383,155 @@ def pixel_lut(rescale: float, mean, std) -> torch.Tensor:
     gives bit-identical pixel values to the processor's."""
     v = (torch.arange(256, dtype=torch.float64) * rescale).float()[None]
     return (v - torch.tensor(mean, dtype=torch.float32)[:, None]) / torch.tensor(std, dtype=torch.float32)[:, None]
+
+
+@contextmanager
+def staged_dir(dst: Path, overwrite: bool, kind: str) -> Iterator[Path]:
+    """A temporary directory next to `dst` to write into, renamed into place (replacing `dst`) when the
+    block ends, removed when it raises; first a CheckpointError for a non-empty `dst` without `overwrite`."""
+    if dst.exists() and any(dst.iterdir()) and not overwrite:
+        raise CheckpointError(f"{dst}: exists and is not empty (overwrite=True, or --overwrite, replaces it)")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.{kind}-"))
+    try:
+        yield tmp
+        if dst.exists():
+            shutil.rmtree(dst)
+        os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# ---- the run directory an importer writes ---------------------------------------------------------
+def write_imported_run(src: Path, dst: Path, *, family: str, overwrite: bool, t0: float,
+                       ck: Checkpoint, pieces: list[Piece], shapes: dict[str, tuple[int, ...]],
+                       precision: torch.dtype | None, vq_layout: dict, vq_pieces: list[Piece], vq_config,
+                       vq_files: tuple[str, str], codec_kind: str, text, vocab, cfg: ModelConfig,
+                       ids, ids_file: str, source_dir: str, source_files: tuple[str, ...],
+                       vocab_summary: dict, extra_summary: dict | None = None) -> dict:
+    """Write an imported run directory into a temporary directory next to `dst`, renamed into place at
+    the end (`overwrite`: replace a non-empty `dst`): the model's weights (`pieces` of `ck`, laid out as
+    `shapes`, in `precision` or each tensor's own dtype), the VQ model's weights (`vq_pieces`, laid out
+    as `vq_layout`) and config (`vq_files`: config file, weights file), the text tokenizer, vocab.json,
+    codecs.json, model.json, config.yaml, the family's id map (`ids_file`), the source's `source_files`
+    copied into `source_dir`, and import.json, the summary returned: `extra_summary` after "params",
+    `vocab_summary` under "vocab"."""
+    source_dtype = {p.dst: ck.info(p.src).dtype for p in pieces}
+    layout = {n: (precision or source_dtype[n], s) for n, s in shapes.items()}
+    vq_config_file, vq_weights_file = vq_files
+    with staged_dir(dst, overwrite, "import") as tmp:
+        with StreamingWriter(tmp / "model.safetensors", layout, {"format": "pt"}) as writer:
+            convert(ck, pieces, writer)
+        with StreamingWriter(tmp / vq_weights_file, vq_layout, {"format": "pt"}) as writer:
+            convert(ck, vq_pieces, writer)
+        atomic_write_text(tmp / vq_config_file, json.dumps(asdict(vq_config), indent=2))
+        text.save(tmp / "text_tokenizer.json")
+        atomic_write_json(tmp / "vocab.json", vocab.to_dict())
+        atomic_write_json(tmp / CODECS_FILE, {"image": codec_kind})
+        atomic_write_json(tmp / "model.json", to_dict(cfg))
+        save_config(RunConfig(name=dst.name, model=cfg, text=TextCodecConfig(vocab_size=vocab.n_text)), tmp / "config.yaml")
+        ids.save(tmp / ids_file)
+        (tmp / source_dir).mkdir()
+        copied = [f for f in source_files if (src / f).is_file()]
+        for f in copied:
+            shutil.copy2(src / f, tmp / source_dir / f)
+        summary = {"source": str(src.resolve()), "family": family,
+                   "params": sum(math.prod(s) for s in shapes.values()), **(extra_summary or {}),
+                   "shards": len(ck.shards), "source_bytes": sum(ck.shard_bytes().values()),
+                   "largest_shard_bytes": max(ck.shard_bytes().values()),
+                   "dtype": str(precision or next(iter(source_dtype.values()))).replace("torch.", ""),
+                   "vocab": vocab_summary,
+                   "seconds": round(time.perf_counter() - t0, 3), "peak_rss_mb": round(peak_rss_mb(), 1),
+                   "source_files": copied}
+        atomic_write_json(tmp / "import.json", summary)
+    return summary
+
+
+def take(table: torch.Tensor, ids):
+    """`table[ids]` for an id map: a tensor (on `ids`' device), an array, a list or tuple (-> list) or one id (-> int)."""
+    if torch.is_tensor(ids):
+        return table.to(ids.device)[ids]
+    if isinstance(ids, np.ndarray):
+        return table.numpy()[ids]
+    if isinstance(ids, (list, tuple)):
+        return table[torch.as_tensor(ids, dtype=torch.long)].tolist()
+    return int(table[int(ids)])
+
+
+# ---- VQGAN building blocks, with transformers' module names (Chameleon's, Emu3's and Janus's VQ-VAEs) ----
+def swish(x):
+    return x * torch.sigmoid(x)  # written out, as transformers does (F.silu rounds differently)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(32, c_in, eps=1e-6)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm2 = nn.GroupNorm(32, c_out, eps=1e-6)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.nin_shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else None
+
+    def forward(self, x):
+        h = self.conv2(swish(self.norm2(self.conv1(swish(self.norm1(x))))))
+        return (x if self.nin_shortcut is None else self.nin_shortcut(x)) + h
+
+
+class AttnBlock(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.norm = nn.GroupNorm(32, c, eps=1e-6)
+        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(c, c, 1) for _ in range(4))
+
+    def forward(self, x):  # (B, C, H, W): attention over the H*W positions, in transformers' op order
+        h = self.norm(x)
+        q, k, v = self.q(h), self.k(h), self.v(h)
+        B, C, H, W = q.shape
+        w = torch.bmm(q.reshape(B, C, H * W).permute(0, 2, 1), k.reshape(B, C, H * W)) * (int(C) ** (-0.5))
+        w = F.softmax(w, dim=2)
+        out = torch.bmm(v.reshape(B, C, H * W), w.permute(0, 2, 1)).reshape(B, C, H, W)
+        return x + self.proj_out(out)
+
+
+class Downsample(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, stride=2, padding=0)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # asymmetric padding, as the original VQGAN
+
+
+class Upsample(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+# ---- an image codec's files in a run directory -----------------------------------------------------
+def save_vq(tensors: dict[str, torch.Tensor], config, run_dir: str | os.PathLike, files: tuple[str, str]) -> None:
+    """Write a VQ codec's weights and its config (a dataclass) as `files` (config file, weights file)."""
+    path = Path(run_dir)
+    config_file, weights_file = files
+    save_safetensors(tensors, path / weights_file)
+    atomic_write_text(path / config_file, json.dumps(asdict(config), indent=2))
+
+
+def read_vq_weights(cls, cfg, weights: Path, what: str) -> tuple[nn.Module, dict, dict]:
+    """(`cls(cfg)` built on the meta device, the tensors of `weights`, the codec's own state dict), or a
+    CheckpointError naming the file (`what`: whose weights, for the message) when it is missing or
+    lacks one of the codec's tensors."""
+    if not weights.is_file():
+        raise CheckpointError(f"{weights}: not found ({what}'s weights)")
+    with torch.device("meta"):
+        codec = cls(cfg)
+    tensors = load_file(str(weights))
+    own = codec.state_dict()
+    missing = sorted(set(own) - set(tensors))
+    if missing:
+        raise CheckpointError(f"{weights}: missing {len(missing)} tensors, e.g. {missing[0]!r}")
+    return codec, tensors, own

@@ -40,42 +40,44 @@ Conversion streams (`nmm.interop.common`), like Chameleon's.
 from __future__ import annotations
 
 import io
-import json
 import math
 import os
-import shutil
-import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import load_file
 from torch import nn
 
-from nmm.config import ModelConfig, RunConfig, TextCodecConfig, _build, save_config, to_dict
+from nmm.config import (
+    ModelConfig,
+    _build,
+)
 from nmm.errors import CheckpointError, ConfigError
 from nmm.interop.common import (
     Checkpoint,
+    Downsample,
     Piece,
-    StreamingWriter,
-    convert,
+    Upsample,
     load_tokenizer_json,
-    peak_rss_mb,
     pixel_lut,
     read_json,
+    read_vq_weights,
     resolve_precision,
     row_runs,
+    save_vq,
+    swish,
+    take,
     tokenizer_over_ids,
+    write_imported_run,
 )
 from nmm.modalities.base import ModalitySpec, register_codec
-from nmm.modalities.codecs import CODECS_FILE
 from nmm.modalities.vocab import Vocabulary
 from nmm.model.model import NativeMultimodalModel
-from nmm.utils import atomic_write_json, atomic_write_text, save_safetensors
+from nmm.utils import atomic_write_json
 
 ARCHITECTURES = ("Emu3ForConditionalGeneration",)
 VISUAL_PREFIX = "<|visual token"  # "<|visual token 000123|>": code 123 (transformers reads token[-8:-2])
@@ -308,10 +310,10 @@ class Emu3Ids:
 
     def to_hf(self, ids):
         """nmm ids (tensor, array, list or int) -> Emu3 ids, same type of container."""
-        return _take(self._to_hf, ids)
+        return take(self._to_hf, ids)
 
     def to_nmm(self, ids):
-        return _take(self._to_nmm, ids)
+        return take(self._to_nmm, ids)
 
     def save(self, path: Path) -> None:
         atomic_write_json(path, {"format": 1, "hf_vocab_size": self.hf_vocab_size, "nmm_to_hf": self.nmm_to_hf})
@@ -323,16 +325,6 @@ class Emu3Ids:
             return cls(int(d["hf_vocab_size"]), [int(i) for i in d["nmm_to_hf"]])
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{path}: corrupt id map ({e.__class__.__name__}: {e})") from None
-
-
-def _take(table: torch.Tensor, ids):
-    if torch.is_tensor(ids):
-        return table.to(ids.device)[ids]
-    if isinstance(ids, np.ndarray):
-        return table.numpy()[ids]
-    if isinstance(ids, (list, tuple)):
-        return table[torch.as_tensor(ids, dtype=torch.long)].tolist()
-    return int(table[int(ids)])
 
 
 def special_tokens(tokenizer_config: dict) -> dict[str, str]:
@@ -440,10 +432,6 @@ def emu3_vocabulary(visual: list[int], specials: dict[str, int], structure: dict
 # =================================================================================================
 # The image codec: Emu3's VQ-VAE (encoder, quantiser, decoder), ported to plain torch
 # =================================================================================================
-def _swish(x):
-    return x * torch.sigmoid(x)  # written out, as transformers does (F.silu rounds differently)
-
-
 class _Conv3d(nn.Module):
     """transformers' `Emu3VQVAEConv3d`: 'same' spatial padding, two frames of causal temporal padding."""
 
@@ -493,8 +481,8 @@ class _ResnetBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else None
 
     def forward(self, x, quant=None):
-        h = self.conv1(_swish(self.norm1(x, quant)))
-        h = self.conv2(_swish(self.norm2(h, quant)))
+        h = self.conv1(swish(self.norm1(x, quant)))
+        h = self.conv2(swish(self.norm2(h, quant)))
         return (x if self.nin_shortcut is None else self.nin_shortcut(x)) + h
 
 
@@ -514,8 +502,8 @@ class _TemporalResnetBlock(nn.Module):
         return F.batch_norm(x, norm.running_mean, norm.running_var, norm.weight, norm.bias, False, 0.0, norm.eps)
 
     def forward(self, x):
-        h = self.conv1(_swish(self._bn(self.norm1, x)))
-        h = self.conv2(_swish(self._bn(self.norm2, h)))
+        h = self.conv1(swish(self._bn(self.norm1, x)))
+        h = self.conv2(swish(self._bn(self.norm2, h)))
         return (x if self.nin_shortcut is None else self.nin_shortcut(x)) + h
 
 
@@ -564,24 +552,6 @@ def _attend(attn: _Attention, norm: nn.Module, x, quant=None):
     return x + attn(h).reshape(B, H, W, C).permute(0, 3, 1, 2)
 
 
-class _Downsample(nn.Module):
-    def __init__(self, c: int):
-        super().__init__()
-        self.conv = nn.Conv2d(c, c, 3, stride=2, padding=0)
-
-    def forward(self, x):
-        return self.conv(F.pad(x, (0, 1, 0, 1)))
-
-
-class _Upsample(nn.Module):
-    def __init__(self, c: int):
-        super().__init__()
-        self.conv = nn.Conv2d(c, c, 3, padding=1)
-
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-
-
 class _MiddleBlock(nn.Module):
     def __init__(self, c: Emu3VQConfig, channels: int, quant_channels: int | None = None):
         super().__init__()
@@ -617,7 +587,7 @@ class _DownBlock(nn.Module):
                     stage.attn.append(_Attention(c.hidden_size, c.num_attention_heads))
                     stage.attn_norms.append(_GroupNorm(32, ch, eps=1e-6))
             if level != last:
-                stage.downsample = _Downsample(ch)
+                stage.downsample = Downsample(ch)
             self.down.append(stage)
 
     def forward(self, x):
@@ -646,7 +616,7 @@ class _UpBlock(nn.Module):
                     stage.attn.append(_Attention(c.hidden_size, c.num_attention_heads))
                     stage.attn_norms.append(_SpatialNorm(E, ch))
             if level != 0:
-                stage.upsample = _Upsample(ch)
+                stage.upsample = Upsample(ch)
             self.up.insert(0, stage)
 
     def forward(self, x, quant):
@@ -677,11 +647,11 @@ class _Encoder(nn.Module):
 
     def spatial(self, x):  # (B, 3, R, R) -> (B, latent, R/f, R/f): one frame through the 2D encoder
         h = self.middle_block(self.down_block(self.conv_in(x)))
-        return self.conv_out(_swish(self.norm_out(h)))
+        return self.conv_out(swish(self.norm_out(h)))
 
     def temporal(self, z):  # (B, latent, T, h, w) -> (B, latent, T / factor, h, w)
         for conv in self.time_conv:
-            z = _swish(conv(z))
+            z = swish(conv(z))
         for layer in self.time_res_stack:
             z = layer(z)
         return z
@@ -709,10 +679,10 @@ class _Decoder(nn.Module):
         for layer in self.time_res_stack:
             z = layer(z)
         for conv in self.time_conv:
-            z = _swish(conv(z))
+            z = swish(conv(z))
         h, q = z[:B, :, 0], z[B:, :, 0]  # frame 0 of each (the 2D decoder treats frames independently)
         h = self.up_block(self.middle_block(self.conv_in(h), q), q)
-        return self.conv_out(_swish(self.norm_out(h, q)))
+        return self.conv_out(swish(self.norm_out(h, q)))
 
 
 class _Quantizer(nn.Module):
@@ -856,24 +826,14 @@ class Emu3VQCodec(nn.Module):
 
     # ---- persistence: emu3_vq.json + emu3_vq.safetensors (transformers' names, no prefix) --------
     def save(self, run_dir: str | os.PathLike) -> None:
-        path = Path(run_dir)
-        save_safetensors(self.state_dict(), path / VQ_WEIGHTS_FILE)
-        atomic_write_text(path / VQ_CONFIG_FILE, json.dumps(asdict(self.config), indent=2))
+        save_vq(self.state_dict(), self.config, run_dir, (VQ_CONFIG_FILE, VQ_WEIGHTS_FILE))
 
     @classmethod
     def load(cls, run_dir: str | os.PathLike) -> Emu3VQCodec:
         path = Path(run_dir)
         cfg = Emu3VQConfig.from_dict(read_json(path / VQ_CONFIG_FILE, "the Emu3 image tokenizer's settings"),
                                      str(path / VQ_CONFIG_FILE))
-        if not (path / VQ_WEIGHTS_FILE).is_file():
-            raise CheckpointError(f"{path / VQ_WEIGHTS_FILE}: not found (the Emu3 image tokenizer's weights)")
-        with torch.device("meta"):
-            codec = cls(cfg)
-        tensors = load_file(str(path / VQ_WEIGHTS_FILE))
-        own = codec.state_dict()
-        missing = sorted(set(own) - set(tensors))
-        if missing:
-            raise CheckpointError(f"{path / VQ_WEIGHTS_FILE}: missing {len(missing)} tensors, e.g. {missing[0]!r}")
+        codec, tensors, own = read_vq_weights(cls, cfg, path / VQ_WEIGHTS_FILE, "the Emu3 image tokenizer")
         codec.load_state_dict({k: tensors[k].float() if own[k].is_floating_point() else tensors[k] for k in own},
                               assign=True)
         codec._buffers_from_config()  # buffers, not saved: built on the meta device above
@@ -1048,8 +1008,6 @@ def import_emu3(src_dir: str | Path, dst_run: str | Path, dtype: str | torch.dty
     for name in (embed, head):
         if ck.info(name).shape != (V, cfg.d_model):
             raise CheckpointError(f"{src}: {name} has shape {ck.info(name).shape}, config.json says ({V}, {cfg.d_model})")
-    source_dtype = {p.dst: ck.info(p.src).dtype for p in pieces}
-    layout = {n: (precision or source_dtype[n], s) for n, s in shapes.items()}
     with torch.device("meta"):
         own = Emu3VQCodec(vq).state_dict()
     vq_names = {n: vq_prefix + n for n in own}
@@ -1059,43 +1017,12 @@ def import_emu3(src_dir: str | Path, dst_run: str | Path, dtype: str | torch.dty
     vq_layout = {n: (torch.float32 if own[n].is_floating_point() else ck.info(h).dtype, ck.info(h).shape)
                  for n, h in vq_names.items()}  # small: fp32, so codes and pixels match transformers' fp32 VQ
 
-    # ---- write into a temporary directory, renamed into place at the end -------------------------
-    if dst.exists() and any(dst.iterdir()) and not overwrite:
-        raise CheckpointError(f"{dst}: exists and is not empty (overwrite=True, or --overwrite, replaces it)")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.import-"))
-    try:
-        with StreamingWriter(tmp / "model.safetensors", layout, {"format": "pt"}) as writer:
-            convert(ck, pieces, writer)
-        with StreamingWriter(tmp / VQ_WEIGHTS_FILE, vq_layout, {"format": "pt"}) as writer:
-            convert(ck, [Piece(n, h) for n, h in vq_names.items()], writer)
-        atomic_write_text(tmp / VQ_CONFIG_FILE, json.dumps(asdict(vq), indent=2))
-        text.save(tmp / "text_tokenizer.json")
-        atomic_write_json(tmp / "vocab.json", ev.vocab.to_dict())
-        atomic_write_json(tmp / CODECS_FILE, {"image": Emu3VQCodec.codec_kind})
-        atomic_write_json(tmp / "model.json", to_dict(cfg))
-        run_cfg = RunConfig(name=dst.name, model=cfg, text=TextCodecConfig(vocab_size=ev.vocab.n_text))
-        save_config(run_cfg, tmp / "config.yaml")
-        ev.ids.save(tmp / IDS_FILE)
-        (tmp / SOURCE_DIR).mkdir()
-        copied = [f for f in SOURCE_FILES if (src / f).is_file()]
-        for f in copied:
-            shutil.copy2(src / f, tmp / SOURCE_DIR / f)
-        n_params = sum(math.prod(s) for s in shapes.values())
-        summary = {"source": str(src.resolve()), "family": "emu3", "params": n_params,
-                   "shards": len(ck.shards), "source_bytes": sum(ck.shard_bytes().values()),
-                   "largest_shard_bytes": max(ck.shard_bytes().values()),
-                   "dtype": str(precision or next(iter(source_dtype.values()))).replace("torch.", ""),
-                   "vocab": {"hf_vocab_size": V, "n_text": ev.vocab.n_text, "visual_codes": vq.codebook_size,
-                             "structure_tokens": vq.structure, "image_codes": vq.codes,
-                             "image_size": vq.resolution, "grid": vq.grid, "tokens_per_image": vq.tokens_per_image},
-                   "seconds": round(time.perf_counter() - t0, 3), "peak_rss_mb": round(peak_rss_mb(), 1),
-                   "source_files": copied}
-        atomic_write_json(tmp / "import.json", summary)
-        if dst.exists():
-            shutil.rmtree(dst)
-        os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return summary
+    return write_imported_run(
+        src, dst, family="emu3", overwrite=overwrite, t0=t0, ck=ck, pieces=pieces, shapes=shapes,
+        precision=precision, vq_layout=vq_layout, vq_pieces=[Piece(n, h) for n, h in vq_names.items()],
+        vq_config=vq, vq_files=(VQ_CONFIG_FILE, VQ_WEIGHTS_FILE), codec_kind=Emu3VQCodec.codec_kind,
+        text=text, vocab=ev.vocab, cfg=cfg, ids=ev.ids, ids_file=IDS_FILE, source_dir=SOURCE_DIR,
+        source_files=SOURCE_FILES,
+        vocab_summary={"hf_vocab_size": V, "n_text": ev.vocab.n_text, "visual_codes": vq.codebook_size,
+                       "structure_tokens": vq.structure, "image_codes": vq.codes,
+                       "image_size": vq.resolution, "grid": vq.grid, "tokens_per_image": vq.tokens_per_image})

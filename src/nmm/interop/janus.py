@@ -37,58 +37,54 @@ Conversion streams (`nmm.interop.common`), like Chameleon's and Emu3's.
 from __future__ import annotations
 
 import io
-import json
 import math
 import os
-import shutil
-import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import load_file
 from torch import nn
 
 from nmm.config import (
     JanusConfig,
     ModelConfig,
-    RunConfig,
-    TextCodecConfig,
     _build,
-    save_config,
-    to_dict,
 )
 from nmm.errors import CheckpointError, ConfigError
 from nmm.interop.common import (
+    AttnBlock,
     Checkpoint,
+    Downsample,
     Piece,
-    StreamingWriter,
-    convert,
+    ResnetBlock,
+    Upsample,
     load_tokenizer_json,
-    peak_rss_mb,
     pixel_lut,
     read_json,
+    read_vq_weights,
     resolve_precision,
     row_runs,
+    save_vq,
+    swish,
+    take,
     tokenizer_over_ids,
+    write_imported_run,
 )
 from nmm.interop.emu3 import (
     _layer_names,
     _preprocessor,
     _rope,
-    _take,
     _three,
     nmm_layout,
 )
 from nmm.modalities.base import ModalitySpec, register_codec
-from nmm.modalities.codecs import CODECS_FILE
 from nmm.modalities.vocab import Vocabulary
 from nmm.model.fusion.janus import ACTIVATIONS, PICTURES
-from nmm.utils import atomic_write_json, atomic_write_text, save_safetensors
+from nmm.utils import atomic_write_json
 
 ARCHITECTURES = ("JanusForConditionalGeneration",)
 # Janus's tokens for nmm's specials and the image placeholder (tokenizer_config.json may rename them)
@@ -297,62 +293,10 @@ def vq_spec(cfg: JanusVQConfig) -> ModalitySpec:
     return ModalitySpec("image", "<boi>", "<eoi>", cfg.num_embeddings, (), (), g * g, "image/png", grid=(g, g))
 
 
-def _swish(x):
-    return x * torch.sigmoid(x)  # written out, as transformers does (F.silu rounds differently)
-
-
-class _ResnetBlock(nn.Module):
-    def __init__(self, c_in: int, c_out: int):
-        super().__init__()
-        self.norm1 = nn.GroupNorm(32, c_in, eps=1e-6)
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.norm2 = nn.GroupNorm(32, c_out, eps=1e-6)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
-        self.nin_shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else None
-
-    def forward(self, x):
-        h = self.conv2(_swish(self.norm2(self.conv1(_swish(self.norm1(x))))))
-        return (x if self.nin_shortcut is None else self.nin_shortcut(x)) + h
-
-
-class _AttnBlock(nn.Module):
-    def __init__(self, c: int):
-        super().__init__()
-        self.norm = nn.GroupNorm(32, c, eps=1e-6)
-        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(c, c, 1) for _ in range(4))
-
-    def forward(self, x):
-        h = self.norm(x)
-        q, k, v = self.q(h), self.k(h), self.v(h)
-        B, C, H, W = q.shape
-        w = torch.bmm(q.reshape(B, C, H * W).permute(0, 2, 1), k.reshape(B, C, H * W)) * (int(C) ** (-0.5))
-        w = F.softmax(w, dim=2)
-        out = torch.bmm(v.reshape(B, C, H * W), w.permute(0, 2, 1)).reshape(B, C, H, W)
-        return x + self.proj_out(out)
-
-
-class _Downsample(nn.Module):
-    def __init__(self, c: int):
-        super().__init__()
-        self.conv = nn.Conv2d(c, c, 3, stride=2, padding=0)
-
-    def forward(self, x):
-        return self.conv(F.pad(x, (0, 1, 0, 1)))
-
-
-class _Upsample(nn.Module):
-    def __init__(self, c: int):
-        super().__init__()
-        self.conv = nn.Conv2d(c, c, 3, padding=1)
-
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-
-
 class _MidBlock(nn.Module):
     def __init__(self, c: int):
         super().__init__()
-        self.block_1, self.attn_1, self.block_2 = _ResnetBlock(c, c), _AttnBlock(c), _ResnetBlock(c, c)
+        self.block_1, self.attn_1, self.block_2 = ResnetBlock(c, c), AttnBlock(c), ResnetBlock(c, c)
 
     def forward(self, x):
         return self.block_2(self.attn_1(self.block_1(x)))
@@ -376,12 +320,12 @@ class _Encoder(nn.Module):
         for i in range(n):
             level, ch = _level(), c.base_channels * mult[i]
             for _ in range(c.num_res_blocks):
-                level.block.append(_ResnetBlock(ch_in, ch))
+                level.block.append(ResnetBlock(ch_in, ch))
                 ch_in = ch
                 if i == n - 1:
-                    level.attn.append(_AttnBlock(ch))
+                    level.attn.append(AttnBlock(ch))
             if i != n - 1:
-                level.downsample = _Downsample(ch)
+                level.downsample = Downsample(ch)
             self.down.append(level)
         self.mid = _MidBlock(ch_in)
         self.norm_out = nn.GroupNorm(32, ch_in, eps=1e-6)
@@ -396,7 +340,7 @@ class _Encoder(nn.Module):
                     x = level.attn[i](x)
             if hasattr(level, "downsample"):
                 x = level.downsample(x)
-        return self.conv_out(_swish(self.norm_out(self.mid(x))))
+        return self.conv_out(swish(self.norm_out(self.mid(x))))
 
 
 class _Decoder(nn.Module):
@@ -412,12 +356,12 @@ class _Decoder(nn.Module):
         for i in reversed(range(n)):
             level, ch = _level(), c.base_channels * mult[i]
             for _ in range(c.num_res_blocks + 1):
-                level.block.append(_ResnetBlock(ch_in, ch))
+                level.block.append(ResnetBlock(ch_in, ch))
                 ch_in = ch
                 if i == n - 1:
-                    level.attn.append(_AttnBlock(ch))
+                    level.attn.append(AttnBlock(ch))
             if i != 0:
-                level.upsample = _Upsample(ch)
+                level.upsample = Upsample(ch)
             self.up.append(level)
         self.norm_out = nn.GroupNorm(32, ch_in, eps=1e-6)
         self.conv_out = nn.Conv2d(ch_in, 3, 3, padding=1)
@@ -431,7 +375,7 @@ class _Decoder(nn.Module):
                     x = level.attn[i](x)
             if hasattr(level, "upsample"):
                 x = level.upsample(x)
-        return self.conv_out(_swish(self.norm_out(x)))
+        return self.conv_out(swish(self.norm_out(x)))
 
 
 class _Quantizer(nn.Module):
@@ -577,24 +521,14 @@ class JanusVQCodec(nn.Module):
 
     # ---- persistence: janus_vq.json + janus_vq.safetensors (transformers' names, no prefix) ------
     def save(self, run_dir: str | os.PathLike) -> None:
-        path = Path(run_dir)
-        save_safetensors(self.state_dict(), path / VQ_WEIGHTS_FILE)
-        atomic_write_text(path / VQ_CONFIG_FILE, json.dumps(asdict(self.config), indent=2))
+        save_vq(self.state_dict(), self.config, run_dir, (VQ_CONFIG_FILE, VQ_WEIGHTS_FILE))
 
     @classmethod
     def load(cls, run_dir: str | os.PathLike) -> JanusVQCodec:
         path = Path(run_dir)
         cfg = JanusVQConfig.from_dict(read_json(path / VQ_CONFIG_FILE, "the Janus image tokenizer's settings"),
                                       str(path / VQ_CONFIG_FILE))
-        if not (path / VQ_WEIGHTS_FILE).is_file():
-            raise CheckpointError(f"{path / VQ_WEIGHTS_FILE}: not found (the Janus image tokenizer's weights)")
-        with torch.device("meta"):
-            codec = cls(cfg)
-        tensors = load_file(str(path / VQ_WEIGHTS_FILE))
-        own = codec.state_dict()
-        missing = sorted(set(own) - set(tensors))
-        if missing:
-            raise CheckpointError(f"{path / VQ_WEIGHTS_FILE}: missing {len(missing)} tensors, e.g. {missing[0]!r}")
+        codec, tensors, own = read_vq_weights(cls, cfg, path / VQ_WEIGHTS_FILE, "the Janus image tokenizer")
         codec.load_state_dict({k: tensors[k].float() for k in own}, assign=True)
         codec._buffers_from_config()  # buffers, not saved: built on the meta device above
         PICTURES.add_drawer(codec)  # it draws codes no codec encoded, when the model reads them
@@ -662,7 +596,7 @@ class JanusIds:
 
     def to_nmm(self, ids):
         """Janus ids -> nmm ids (`<image_placeholder>` is a text id in nmm)."""
-        return _take(self._to_nmm, ids)
+        return take(self._to_nmm, ids)
 
     def save(self, path: Path) -> None:
         atomic_write_json(path, {"format": 1, "hf_vocab_size": self.hf_vocab_size, "nmm_to_hf": self.nmm_to_hf,
@@ -826,8 +760,6 @@ def import_janus(src_dir: str | Path, dst_run: str | Path, dtype: str | torch.dt
     for name in (embed, head):
         if ck.info(name).shape != (V, cfg.d_model):
             raise CheckpointError(f"{src}: {name} has shape {ck.info(name).shape}, config.json says ({V}, {cfg.d_model})")
-    source_dtype = {p.dst: ck.info(p.src).dtype for p in pieces}
-    layout = {n: (precision or source_dtype[n], s) for n, s in shapes.items()}
     with torch.device("meta"):
         own = JanusVQCodec(vq).state_dict()
     vq_names = {n: prefix + "vqmodel." + n for n in own}
@@ -836,43 +768,13 @@ def import_janus(src_dir: str | Path, dst_run: str | Path, dtype: str | torch.dt
             raise CheckpointError(f"{src}: {h} has shape {ck.info(h).shape}; vq_config gives {tuple(own[n].shape)}")
     vq_layout = {n: (torch.float32, ck.info(h).shape) for n, h in vq_names.items()}  # fp32: codes and pixels as transformers' fp32
 
-    # ---- write into a temporary directory, renamed into place at the end -------------------------
-    if dst.exists() and any(dst.iterdir()) and not overwrite:
-        raise CheckpointError(f"{dst}: exists and is not empty (overwrite=True, or --overwrite, replaces it)")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.import-"))
-    try:
-        with StreamingWriter(tmp / "model.safetensors", layout, {"format": "pt"}) as writer:
-            convert(ck, pieces, writer)
-        with StreamingWriter(tmp / VQ_WEIGHTS_FILE, vq_layout, {"format": "pt"}) as writer:
-            convert(ck, [Piece(n, h) for n, h in vq_names.items()], writer)
-        atomic_write_text(tmp / VQ_CONFIG_FILE, json.dumps(asdict(vq), indent=2))
-        text.save(tmp / "text_tokenizer.json")
-        atomic_write_json(tmp / "vocab.json", vocab.to_dict())
-        atomic_write_json(tmp / CODECS_FILE, {"image": JanusVQCodec.codec_kind})
-        atomic_write_json(tmp / "model.json", to_dict(cfg))
-        save_config(RunConfig(name=dst.name, model=cfg, text=TextCodecConfig(vocab_size=vocab.n_text)), tmp / "config.yaml")
-        ids.save(tmp / IDS_FILE)
-        (tmp / SOURCE_DIR).mkdir()
-        copied = [f for f in SOURCE_FILES if (src / f).is_file()]
-        for f in copied:
-            shutil.copy2(src / f, tmp / SOURCE_DIR / f)
-        n_params = sum(math.prod(s) for s in shapes.values())
-        summary = {"source": str(src.resolve()), "family": "janus", "params": n_params,
-                   "vq_params": sum(math.prod(s) for _, s in vq_layout.values()),
-                   "shards": len(ck.shards), "source_bytes": sum(ck.shard_bytes().values()),
-                   "largest_shard_bytes": max(ck.shard_bytes().values()),
-                   "dtype": str(precision or next(iter(source_dtype.values()))).replace("torch.", ""),
-                   "vocab": {"hf_vocab_size": V, "n_text": vocab.n_text, "image_codes": vq.num_embeddings,
-                             "image_size": vq.image_size, "grid": vq.num_patches, "tokens_per_image": vq.tokens_per_image,
-                             "specials": specials, "image_token_id": hf["image_token_id"]},
-                   "seconds": round(time.perf_counter() - t0, 3), "peak_rss_mb": round(peak_rss_mb(), 1),
-                   "source_files": copied}
-        atomic_write_json(tmp / "import.json", summary)
-        if dst.exists():
-            shutil.rmtree(dst)
-        os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return summary
+    return write_imported_run(
+        src, dst, family="janus", overwrite=overwrite, t0=t0, ck=ck, pieces=pieces, shapes=shapes,
+        precision=precision, vq_layout=vq_layout, vq_pieces=[Piece(n, h) for n, h in vq_names.items()],
+        vq_config=vq, vq_files=(VQ_CONFIG_FILE, VQ_WEIGHTS_FILE), codec_kind=JanusVQCodec.codec_kind,
+        text=text, vocab=vocab, cfg=cfg, ids=ids, ids_file=IDS_FILE, source_dir=SOURCE_DIR,
+        source_files=SOURCE_FILES,
+        extra_summary={"vq_params": sum(math.prod(s) for _, s in vq_layout.values())},
+        vocab_summary={"hf_vocab_size": V, "n_text": vocab.n_text, "image_codes": vq.num_embeddings,
+                       "image_size": vq.image_size, "grid": vq.num_patches, "tokens_per_image": vq.tokens_per_image,
+                       "specials": specials, "image_token_id": hf["image_token_id"]})
