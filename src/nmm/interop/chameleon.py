@@ -59,7 +59,9 @@ from nmm.interop.common import (
     ResnetBlock,
     StreamingWriter,
     convert,
+    images_per_call,
     load_tokenizer_json,
+    lut_pixels,
     peak_rss_mb,
     read_json,
     read_vq_weights,
@@ -444,12 +446,7 @@ class ChameleonVQCodec(nn.Module):
 
     def pixels(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
         """(B, R, R, 3) uint8 -> (B, 3, R, R) float pixel values, as Chameleon's image processor gives them."""
-        images = images if torch.is_tensor(images) else torch.from_numpy(np.require(images, requirements="W"))
-        R = self.config.resolution
-        if images.ndim != 4 or tuple(images.shape[1:]) != (R, R, 3) or images.dtype != torch.uint8:
-            raise ValueError(f"expected uint8 images of shape (B, {R}, {R}, 3), got {images.dtype} {tuple(images.shape)}")
-        x = images.permute(0, 3, 1, 2).long().to(self.pixel_lut.device)  # (B, 3, R, R)
-        return torch.stack([self.pixel_lut[c][x[:, c]] for c in range(3)], 1)
+        return lut_pixels(self.pixel_lut, images, self.config.resolution)
 
     @torch.inference_mode()
     def encode_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -461,7 +458,7 @@ class ChameleonVQCodec(nn.Module):
     def encode(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
         """uint8 images (B, R, R, 3) -> LongTensor codes (B, grid*grid), a few images at a time (a 512 px
         image takes ~1 GB of activations)."""
-        per = max(1, (256 * 256 * 8) // (self.config.resolution**2))
+        per = images_per_call(self.config.resolution)
         x = self.pixels(images)
         return torch.cat([self.encode_pixels(x[i : i + per]).cpu() for i in range(0, len(x), per)]) if len(x) \
             else torch.zeros(0, self.spec.tokens_per_item, dtype=torch.long)

@@ -385,6 +385,37 @@ def pixel_lut(rescale: float, mean, std) -> torch.Tensor:
     return (v - torch.tensor(mean, dtype=torch.float32)[:, None]) / torch.tensor(std, dtype=torch.float32)[:, None]
 
 
+def uint8_images(images, resolution: int) -> torch.Tensor:
+    """`images` as a (B, R, R, 3) uint8 tensor, or a ValueError naming the shape expected."""
+    images = images if torch.is_tensor(images) else torch.from_numpy(np.require(np.asarray(images), requirements="W"))
+    R = resolution
+    if images.ndim != 4 or tuple(images.shape[1:]) != (R, R, 3) or images.dtype != torch.uint8:
+        raise ValueError(f"expected uint8 images of shape (B, {R}, {R}, 3), got {images.dtype} {tuple(images.shape)}")
+    return images
+
+
+def lut_pixels(lut: torch.Tensor, images, resolution: int) -> torch.Tensor:
+    """(B, R, R, 3) uint8 -> (B, 3, R, R) float pixel values through a `pixel_lut` table."""
+    x = uint8_images(images, resolution).permute(0, 3, 1, 2).long().to(lut.device)  # (B, 3, R, R)
+    return torch.stack([lut[c][x[:, c]] for c in range(3)], 1)
+
+
+def pixels_to_uint8(pixel_values: torch.Tensor, rescale: float, mean, std) -> np.ndarray:
+    """(B, 3, R, R) float -> (B, R, R, 3) uint8, rounded as transformers' `postprocess` rounds
+    (unnormalise in float32, rescale in float64, clip, truncate)."""
+    x = pixel_values.detach().float().cpu().numpy()
+    m = np.array([-a / b for a, b in zip(mean, std)], dtype=np.float32)
+    s = np.array([1 / b for b in std], dtype=np.float32)
+    x = (x - m[None, :, None, None]) / s[None, :, None, None]
+    x = (x.astype(np.float64) * (1.0 / rescale)).astype(np.float32)
+    return np.ascontiguousarray(x.clip(0, 255).astype(np.uint8).transpose(0, 2, 3, 1))
+
+
+def images_per_call(resolution: int) -> int:
+    """How many images a VQ model takes at once: a 512 px image is about 1 GB of activations."""
+    return max(1, (256 * 256 * 8) // (resolution**2))
+
+
 @contextmanager
 def staged_dir(dst: Path, overwrite: bool, kind: str) -> Iterator[Path]:
     """A temporary directory next to `dst` to write into, renamed into place (replacing `dst`) when the

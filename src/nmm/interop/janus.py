@@ -62,8 +62,11 @@ from nmm.interop.common import (
     Piece,
     ResnetBlock,
     Upsample,
+    images_per_call,
     load_tokenizer_json,
+    lut_pixels,
     pixel_lut,
+    pixels_to_uint8,
     read_json,
     read_vq_weights,
     resolve_precision,
@@ -72,6 +75,7 @@ from nmm.interop.common import (
     swish,
     take,
     tokenizer_over_ids,
+    uint8_images,
     write_imported_run,
 )
 from nmm.interop.emu3 import (
@@ -428,27 +432,16 @@ class JanusVQCodec(nn.Module):
 
     # ---- pixels ---------------------------------------------------------------------------------
     def _pictures(self, images) -> torch.Tensor:
-        images = images if torch.is_tensor(images) else torch.from_numpy(np.require(np.asarray(images), requirements="W"))
-        R = self.config.image_size
-        if images.ndim != 4 or tuple(images.shape[1:]) != (R, R, 3) or images.dtype != torch.uint8:
-            raise ValueError(f"expected uint8 images of shape (B, {R}, {R}, 3), got {images.dtype} {tuple(images.shape)}")
-        return images
+        return uint8_images(images, self.config.image_size)
 
     def pixels(self, images) -> torch.Tensor:
         """(B, R, R, 3) uint8 -> (B, 3, R, R) float pixel values, as Janus's image processor gives them."""
-        x = self._pictures(images).permute(0, 3, 1, 2).long().to(self.pixel_lut.device)
-        return torch.stack([self.pixel_lut[ch][x[:, ch]] for ch in range(3)], 1)
+        return lut_pixels(self.pixel_lut, images, self.config.image_size)
 
     def to_uint8(self, pixel_values: torch.Tensor) -> np.ndarray:
-        """(B, 3, R, R) float -> (B, R, R, 3) uint8, rounded as `JanusImageProcessor.postprocess` rounds
-        (unnormalise in float32, rescale in float64, clip, truncate)."""
+        """(B, 3, R, R) float -> (B, R, R, 3) uint8, rounded as `JanusImageProcessor.postprocess` rounds."""
         c = self.config
-        x = pixel_values.detach().float().cpu().numpy()
-        mean = np.array([-m / s for m, s in zip(c.mean, c.std)], dtype=np.float32)
-        std = np.array([1 / s for s in c.std], dtype=np.float32)
-        x = (x - mean[None, :, None, None]) / std[None, :, None, None]
-        x = (x.astype(np.float64) * (1.0 / c.rescale)).astype(np.float32)
-        return np.ascontiguousarray(x.clip(0, 255).astype(np.uint8).transpose(0, 2, 3, 1))
+        return pixels_to_uint8(pixel_values, c.rescale, c.mean, c.std)
 
     # ---- the VQ model ---------------------------------------------------------------------------
     @torch.inference_mode()
@@ -466,7 +459,7 @@ class JanusVQCodec(nn.Module):
 
     # ---- the codec contract ---------------------------------------------------------------------
     def _per_call(self) -> int:
-        return max(1, (256 * 256 * 8) // (self.config.image_size**2))
+        return images_per_call(self.config.image_size)
 
     @torch.inference_mode()
     def encode(self, images) -> torch.Tensor:
