@@ -62,7 +62,8 @@ def test_task_prompts_follow_the_training_layout(pipe, images, calls):
     pipe.answer(images, [TEXTS[1]] * 2)
     assert calls[-1]["prompts"] == [[v.bos, v.boi, *ids, v.eoi, *c.encode_text(TEXTS[1])] for ids in image_ids]
     edited = pipe.edit(images, [TEXTS[2]] * 2)
-    assert calls[-1]["prompts"] == [[v.bos, v.boi, *ids, v.eoi, *c.encode_text(TEXTS[2]), v.boi] for ids in image_ids]
+    # Instruction first, as the edit role trains it (nmm.data.mixture).
+    assert calls[-1]["prompts"] == [[v.bos, *c.encode_text(TEXTS[2]), v.boi, *ids, v.eoi, v.boi] for ids in image_ids]
     assert calls[-1]["uncond"] is None and edited.shape == images.shape
 
 

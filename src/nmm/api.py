@@ -154,7 +154,8 @@ class Pipeline:
 
     def edit(self, images: np.ndarray, instructions: list[str], cfg_scale: float = 1.0, temperature: float = 0.3,
              seed: int | None = 0) -> np.ndarray:
-        prompts = [self.codecs.prompt([ItemSegment("image", codes=c), t], open_item="image")
+        # The training layout (nmm.data.mixture's edit role): instruction, old image, new image.
+        prompts = [self.codecs.prompt([t, ItemSegment("image", codes=c)], open_item="image")
                    for c, t in zip(self._image_ids(images), instructions)]
         sampling = SamplingConfig(temperature=temperature, seed=seed, cfg_scale=cfg_scale)
         return self.codecs.decode_images(self.item_codes("image", prompts, sampling, uncond=None))

@@ -266,6 +266,7 @@ class DataConfig:
     speech_pool_size: int = 6000  # pre-tokenised utterances (data.source=speech)
     video_pool_size: int = 4000  # pre-tokenised clips (data.source=moving_shapes)
     video_folder: str | None = None  # data.source=video_folder: a directory of videos and captions.jsonl
+    qa_per_image: int = 1  # qa role: up to this many questions (and answers) about one image per document
     caption_dropout: float = 0.1  # empty caption before an image, so classifier-free guidance has an unconditional
     # Role mixture: documents of each role are drawn with these weights.
     roles: dict[str, float] = field(
@@ -278,6 +279,10 @@ class DataConfig:
     shards: dict[str, float] = field(default_factory=dict)
     num_workers: int = 0  # background loader processes per rank (0 = batches are built in the training process)
     prefetch: int = 2  # batches each loader process keeps ready
+
+    def __post_init__(self):
+        if self.qa_per_image < 1:
+            raise ConfigError(f"config key 'data.qa_per_image': need at least 1 question per image, got {self.qa_per_image}")
 
 
 @dataclass

@@ -3,8 +3,10 @@
 Roles (their weights come from `DataConfig.roles`); each is a sampler a data source offers:
   captioning     <image>  caption           loss on the caption        (M2T)
   generation     caption  <image>           loss on the image          (M2G; caption dropped at rate p for CFG)
-  qa             <image>  question answer   loss on the answer         (M2T)
-  edit           <image>  instruction <image'>  loss on the new image   (M2M)
+  qa             <image>  question answer [question answer ...]   loss on the answers (M2T)
+  edit           instruction <image> <image'>  loss on the new image   (M2M; instruction first, so that
+                 code j of the new image sits a fixed distance after code j of the old one and copying
+                 the untouched cells is one relative-position lookup)
   transcription  <audio>  transcript        loss on the text           (speech recognition, M2T)
   synthesis      text  <audio>              loss on the audio          (speech synthesis, M2G; text dropped for CFG)
   tone_captioning, tone_synthesis           the same two directions over the tone world
@@ -77,9 +79,11 @@ def build_folder_pool(source, codecs: Codecs, indices: list[int]) -> ImagePool:
 RoleSampler = Callable[[np.random.Generator], Document]  # draws one document of a role
 
 
-def image_roles(pool: ImagePool, world=None, caption_dropout: float = 0.1) -> dict[str, RoleSampler]:
+def image_roles(pool: ImagePool, world=None, caption_dropout: float = 0.1,
+                qa_per_image: int = 1) -> dict[str, RoleSampler]:
     """The image roles a pool supports: captioning and generation always; qa with a world that asks
-    questions about the pool's scenes; edit with edit pairs."""
+    questions about the pool's scenes (up to `qa_per_image` different ones per image, one after the
+    other: the image's tokens are paid for once and every answer is a target); edit with edit pairs."""
 
     def pick(rng) -> int:
         return int(rng.integers(len(pool)))
@@ -97,13 +101,18 @@ def image_roles(pool: ImagePool, world=None, caption_dropout: float = 0.1) -> di
 
     def qa(rng):
         i = pick(rng)
-        question, answer, _ = world.question_answer(pool.scenes[i], rng)
-        return Document([ImageSegment(codes=pool.codes[i], loss=False), TextSegment(question, loss=False),
-                         TextSegment(answer)], "qa")
+        turns: dict[str, str] = {}  # question -> answer; a repeated question is asked once
+        for _ in range(int(rng.integers(1, qa_per_image + 1))):
+            question, answer, _ = world.question_answer(pool.scenes[i], rng)
+            turns.setdefault(question, answer)
+        segments = [ImageSegment(codes=pool.codes[i], loss=False)]
+        for question, answer in turns.items():
+            segments += [TextSegment(question, loss=False), TextSegment(answer)]
+        return Document(segments, "qa")
 
     def edit(rng):
         src, instruction, edited = pool.edits[rng.integers(len(pool.edits))]
-        return Document([ImageSegment(codes=pool.codes[src], loss=False), TextSegment(instruction, loss=False),
+        return Document([TextSegment(instruction, loss=False), ImageSegment(codes=pool.codes[src], loss=False),
                          ImageSegment(codes=edited)], "edit")
 
     roles = {"captioning": captioning, "generation": generation}
