@@ -267,6 +267,11 @@ class DataConfig:
     video_pool_size: int = 4000  # pre-tokenised clips (data.source=moving_shapes)
     video_folder: str | None = None  # data.source=video_folder: a directory of videos and captions.jsonl
     qa_per_image: int = 1  # qa role: up to this many questions (and answers) about one image per document
+    # Modalities whose *given* segments are targets too (Chameleon trains on every token): "text" puts loss
+    # on the captions of generation documents (a caption model without the image, which text guidance at
+    # decoding subtracts: eval.text_cfg_scale) and on questions and instructions; "image" on the images that
+    # captioning, QA and edit documents read (unconditional image modelling; discrete early fusion only).
+    input_loss: tuple[str, ...] = ()
     caption_dropout: float = 0.1  # empty caption before an image, so classifier-free guidance has an unconditional
     # Role mixture: documents of each role are drawn with these weights.
     roles: dict[str, float] = field(
@@ -281,6 +286,9 @@ class DataConfig:
     prefetch: int = 2  # batches each loader process keeps ready
 
     def __post_init__(self):
+        bad = [m for m in self.input_loss if m not in ("text", "image")]
+        if bad:
+            raise ConfigError(f"config key 'data.input_loss': '{bad[0]}' is not one of text, image")
         if self.qa_per_image < 1:
             raise ConfigError(f"config key 'data.qa_per_image': need at least 1 question per image, got {self.qa_per_image}")
 
@@ -342,6 +350,9 @@ class EvalConfig:
     top_p: float | None = None
     cfg_scale: float = 2.0
     audio_cfg_scale: float = 1.0  # classifier-free guidance for speech (1 = none)
+    # Captions guided against the caption model without the image (SamplingConfig.text_cfg_scale; trained
+    # when data.input_loss has "text"); 1 = none.
+    text_cfg_scale: float = 1.0
     batch_size: int = 32
     seed: int = 1234
 

@@ -73,3 +73,29 @@ def test_edit_documents_put_the_instruction_first_and_the_prompt_is_their_prefix
     assert sum(is_target) == n + 3  # the new image's <boi>, codes and <eoi>, then <eos>
     prompt = codecs.prompt([instruction.text, ItemSegment("image", codes=source.codes)], open_item="image")
     assert ids[: len(prompt)] == prompt
+
+
+def test_input_loss_makes_the_given_segments_targets(pool):
+    _, p = pool
+    rng = np.random.default_rng(4)
+    plain = image_roles(p, WORLD, caption_dropout=0.0, qa_per_image=2)
+    both = image_roles(p, WORLD, caption_dropout=0.0, qa_per_image=2, input_loss=("text", "image"))
+    text_only = image_roles(p, WORLD, caption_dropout=0.0, qa_per_image=2, input_loss=("text",))
+    for role in ("captioning", "generation", "qa", "edit"):
+        assert all(s.loss for s in both[role](rng).segments)
+        assert not all(s.loss for s in plain[role](rng).segments)  # without it, every role has given inputs
+    gen = text_only["generation"](rng).segments
+    assert gen[0].loss and isinstance(gen[0], TextSegment)
+    cap = text_only["captioning"](rng).segments
+    assert not cap[0].loss  # the image a caption reads stays given without "image"
+
+
+def test_image_input_loss_needs_discrete_early_fusion():
+    from nmm.config import ConfigError, load_config
+    from nmm.train.trainer import check_roles
+
+    cfg = load_config("shapes-tiny-continuous", ["data.input_loss=[text,image]"])
+    with pytest.raises(ConfigError, match="data.input_loss.*discrete early fusion"):
+        check_roles(cfg, model=None)
+    with pytest.raises(ConfigError, match="data.input_loss.*'video' is not one of text, image"):
+        load_config("shapes-tiny", ["data.input_loss=[video]"])

@@ -80,24 +80,27 @@ RoleSampler = Callable[[np.random.Generator], Document]  # draws one document of
 
 
 def image_roles(pool: ImagePool, world=None, caption_dropout: float = 0.1,
-                qa_per_image: int = 1) -> dict[str, RoleSampler]:
+                qa_per_image: int = 1, input_loss: tuple[str, ...] = ()) -> dict[str, RoleSampler]:
     """The image roles a pool supports: captioning and generation always; qa with a world that asks
     questions about the pool's scenes (up to `qa_per_image` different ones per image, one after the
-    other: the image's tokens are paid for once and every answer is a target); edit with edit pairs."""
+    other: the image's tokens are paid for once and every answer is a target); edit with edit pairs.
+    `input_loss` ("text", "image"): the given segments of those modalities are targets too
+    (`DataConfig.input_loss`)."""
+    text_in, image_in = "text" in input_loss, "image" in input_loss
 
     def pick(rng) -> int:
         return int(rng.integers(len(pool)))
 
     def captioning(rng):
         i = pick(rng)
-        return Document([ImageSegment(codes=pool.codes[i], loss=False), TextSegment(pool.captions[i])], "captioning")
+        return Document([ImageSegment(codes=pool.codes[i], loss=image_in), TextSegment(pool.captions[i])], "captioning")
 
     def generation(rng):
         i = pick(rng)
         image = ImageSegment(codes=pool.codes[i])
         if rng.random() < caption_dropout:
             return Document([image], "generation")  # unconditional: what CFG subtracts at inference
-        return Document([TextSegment(pool.captions[i], loss=False), image], "generation")
+        return Document([TextSegment(pool.captions[i], loss=text_in), image], "generation")
 
     def qa(rng):
         i = pick(rng)
@@ -105,14 +108,14 @@ def image_roles(pool: ImagePool, world=None, caption_dropout: float = 0.1,
         for _ in range(int(rng.integers(1, qa_per_image + 1))):
             question, answer, _ = world.question_answer(pool.scenes[i], rng)
             turns.setdefault(question, answer)
-        segments = [ImageSegment(codes=pool.codes[i], loss=False)]
+        segments = [ImageSegment(codes=pool.codes[i], loss=image_in)]
         for question, answer in turns.items():
-            segments += [TextSegment(question, loss=False), TextSegment(answer)]
+            segments += [TextSegment(question, loss=text_in), TextSegment(answer)]
         return Document(segments, "qa")
 
     def edit(rng):
         src, instruction, edited = pool.edits[rng.integers(len(pool.edits))]
-        return Document([TextSegment(instruction, loss=False), ImageSegment(codes=pool.codes[src], loss=False),
+        return Document([TextSegment(instruction, loss=text_in), ImageSegment(codes=pool.codes[src], loss=image_in),
                          ImageSegment(codes=edited)], "edit")
 
     roles = {"captioning": captioning, "generation": generation}

@@ -627,7 +627,7 @@ class ShardSource:
         if "image" in self.modalities:
             items = self.head("image", cfg.pool_size)
             self.image_pool = ImagePool(codecs.encode_images(np.stack([i.value for i in items])), [i.text for i in items])
-            roles.update(image_roles(self.image_pool, None, cfg.caption_dropout))
+            roles.update(image_roles(self.image_pool, None, cfg.caption_dropout, input_loss=cfg.input_loss))
         for kind, n, names in (("audio", cfg.speech_pool_size, ("transcription", "synthesis")),
                                ("video", cfg.video_pool_size, VIDEO_ROLE_NAMES)):
             if kind in self.modalities:

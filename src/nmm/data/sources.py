@@ -172,7 +172,7 @@ class FolderSource:
     def roles(self, codecs: Codecs, cfg: DataConfig) -> dict[str, RoleSampler]:
         train, _ = self.folder.split(heldout_fraction=0.1, seed=self.seed)  # the rest is for evaluation
         self.image_pool = build_folder_pool(self.folder, codecs, train)
-        return image_roles(self.image_pool, None, cfg.caption_dropout)
+        return image_roles(self.image_pool, None, cfg.caption_dropout, input_loss=cfg.input_loss)
 
 
 register_source("folder", FolderSource)

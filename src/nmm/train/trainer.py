@@ -59,6 +59,10 @@ from nmm.utils import (
 
 def check_roles(cfg: RunConfig, model: NativeMultimodalModel) -> None:
     """A model that cannot write images must not be given documents that teach it to."""
+    if "image" in cfg.data.input_loss and cfg.model.variant != "early-discrete":
+        # Other variants embed the images they read differently from the ones they write (`generated`).
+        raise ConfigError(f"config key 'data.input_loss': 'image' needs discrete early fusion "
+                          f"(model.fusion=early model.image_repr=discrete), not {cfg.model.variant}")
     if all("M2G" in interface.capabilities for interface in model.modalities.values()):
         return
     bad = [r for r in ("generation", "edit") if cfg.data.roles.get(r, 0) > 0]
