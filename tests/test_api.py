@@ -67,6 +67,17 @@ def test_task_prompts_follow_the_training_layout(pipe, images, calls):
     assert calls[-1]["uncond"] is None and edited.shape == images.shape
 
 
+def test_caption_first_answers_after_the_models_own_caption(pipe, images, calls):
+    v, c = pipe.vocab, pipe.codecs
+    image_ids = [row.tolist() for row in c.encode_images(images)]
+    assert pipe.answer(images, [TEXTS[1]] * 2, caption_first=True) == ["blue", "blue"]
+    caption_call, answer_call = calls[-2:]
+    assert caption_call["prompts"] == [[v.bos, v.boi, *ids, v.eoi] for ids in image_ids]
+    # The caption the model wrote ("blue", from the stub) sits between the image and the question.
+    assert answer_call["prompts"] == [[v.bos, v.boi, *ids, v.eoi, *c.encode_text("blue"), *c.encode_text(TEXTS[1])]
+                                      for ids in image_ids]
+
+
 def test_image_codes_is_public(pipe):
     v = pipe.vocab
     codes = pipe.image_codes([pipe.image_prompt(TEXTS[0])] * 2, SamplingConfig(temperature=0, cfg_scale=2.0),

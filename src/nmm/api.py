@@ -154,9 +154,13 @@ class Pipeline:
         """Speech (1-D float32 waveforms at the codec's rate) -> text."""
         return self.describe("audio", list(waves), **kw)
 
-    def answer(self, images: np.ndarray, questions: list[str], **kw) -> list[str]:
-        prompts = [self.codecs.prompt([ItemSegment("image", codes=c), q])
-                   for c, q in zip(self._image_ids(images), questions)]
+    def answer(self, images: np.ndarray, questions: list[str], caption_first: bool = False, **kw) -> list[str]:
+        """Short answers to one question per image. `caption_first` (a model trained with
+        `data.qa_caption_first`): the model captions each image, then answers after its own caption."""
+        ids = self._image_ids(images)
+        captions = self.caption(images, **kw) if caption_first else [None] * len(questions)
+        prompts = [self.codecs.prompt([ItemSegment("image", codes=c), *([cap] if cap else []), q])
+                   for c, cap, q in zip(ids, captions, questions)]
         return self.complete_text(prompts, max_new_tokens=8, **kw)
 
     def edit(self, images: np.ndarray, instructions: list[str], cfg_scale: float = 1.0, temperature: float = 0.3,

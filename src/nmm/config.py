@@ -267,6 +267,9 @@ class DataConfig:
     video_pool_size: int = 4000  # pre-tokenised clips (data.source=moving_shapes)
     video_folder: str | None = None  # data.source=video_folder: a directory of videos and captions.jsonl
     qa_per_image: int = 1  # qa role: up to this many questions (and answers) about one image per document
+    # qa role: half the documents first caption the image (a target), then ask; `Pipeline.answer(caption_first=True)`
+    # (what shapes_qa uses for such a run) has the model describe the scene and answer from its own words.
+    qa_caption_first: bool = False
     # Modalities whose *given* segments are targets too (Chameleon trains on every token): "text" puts loss
     # on the captions of generation documents (a caption model without the image, which text guidance at
     # decoding subtracts: eval.text_cfg_scale) and on questions and instructions; "image" on the images that

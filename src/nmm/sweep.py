@@ -107,7 +107,8 @@ def heldout_batches(cfg, codecs, n_batches: int = 4):
     world = make_world(cfg)
     pool = build_shapes_pool(world, codecs, 256, seed=cfg.data.seed + 10_007, split="train")
     data = type(cfg.data)(**{**cfg.data.__dict__, "roles": {"captioning": 0.5, "qa": 0.5}})
-    mixture = DocumentMixture(data, codecs, image_roles(pool, world, data.caption_dropout, data.qa_per_image, data.input_loss), pool=pool, world=world)
+    mixture = DocumentMixture(data, codecs, image_roles(pool, world, data.caption_dropout, data.qa_per_image, data.input_loss,
+                                                           data.qa_caption_first), pool=pool, world=world)
     batches = PackedBatches(mixture, cfg.train.batch_size, cfg.train.seq_len, seed=99_991)
     return [batches.batch(i) for i in range(n_batches)]
 

@@ -99,3 +99,18 @@ def test_image_input_loss_needs_discrete_early_fusion():
         check_roles(cfg, model=None)
     with pytest.raises(ConfigError, match="data.input_loss.*'video' is not one of text, image"):
         load_config("shapes-tiny", ["data.input_loss=[video]"])
+
+
+def test_qa_caption_first_captions_half_the_documents_before_asking(pool):
+    _, p = pool
+    qa = image_roles(p, WORLD, qa_per_image=2, qa_caption_first=True)["qa"]
+    rng = np.random.default_rng(5)
+    with_caption = 0
+    for _ in range(400):
+        image, *turns = qa(rng).segments
+        if len(turns) % 2:  # a caption, then question/answer pairs
+            caption = turns[0]
+            assert caption.loss and caption.text in p.captions
+            assert WORLD.parse_caption(caption.text) is not None
+            with_caption += 1
+    assert 150 < with_caption < 250

@@ -79,13 +79,14 @@ def build_folder_pool(source, codecs: Codecs, indices: list[int]) -> ImagePool:
 RoleSampler = Callable[[np.random.Generator], Document]  # draws one document of a role
 
 
-def image_roles(pool: ImagePool, world=None, caption_dropout: float = 0.1,
-                qa_per_image: int = 1, input_loss: tuple[str, ...] = ()) -> dict[str, RoleSampler]:
+def image_roles(pool: ImagePool, world=None, caption_dropout: float = 0.1, qa_per_image: int = 1,
+                input_loss: tuple[str, ...] = (), qa_caption_first: bool = False) -> dict[str, RoleSampler]:
     """The image roles a pool supports: captioning and generation always; qa with a world that asks
     questions about the pool's scenes (up to `qa_per_image` different ones per image, one after the
     other: the image's tokens are paid for once and every answer is a target); edit with edit pairs.
     `input_loss` ("text", "image"): the given segments of those modalities are targets too
-    (`DataConfig.input_loss`)."""
+    (`DataConfig.input_loss`). `qa_caption_first`: half the qa documents caption the image (a target)
+    before the first question, so the model learns to answer from its own description too."""
     text_in, image_in = "text" in input_loss, "image" in input_loss
 
     def pick(rng) -> int:
@@ -109,6 +110,8 @@ def image_roles(pool: ImagePool, world=None, caption_dropout: float = 0.1,
             question, answer, _ = world.question_answer(pool.scenes[i], rng)
             turns.setdefault(question, answer)
         segments = [ImageSegment(codes=pool.codes[i], loss=image_in)]
+        if qa_caption_first and rng.random() < 0.5:
+            segments.append(TextSegment(pool.captions[i]))
         for question, answer in turns.items():
             segments += [TextSegment(question, loss=text_in), TextSegment(answer)]
         return Document(segments, "qa")

@@ -40,7 +40,8 @@ class ShapesSource:
     def roles(self, codecs: Codecs, cfg: DataConfig) -> dict[str, RoleSampler]:
         n = self.pool_size
         self.image_pool = build_shapes_pool(self.world, codecs, n, self.seed + 1, "train", n_edits=n // 4)
-        return image_roles(self.image_pool, self.world, cfg.caption_dropout, cfg.qa_per_image, cfg.input_loss)
+        return image_roles(self.image_pool, self.world, cfg.caption_dropout, cfg.qa_per_image, cfg.input_loss,
+                           cfg.qa_caption_first)
 
 
 register_source("shapes", ShapesSource)

@@ -11,7 +11,7 @@ import numpy as np
 
 from nmm.eval.harness import evaluate_tasks, git_revision  # noqa: F401  (git_revision: old import path)
 
-DEMO_TASKS = ("shapes_captioning", "shapes_qa", "shapes_t2i", "text_perplexity")
+DEMO_TASKS = ("shapes_captioning", "shapes_qa", "shapes_t2i", "shapes_edit", "text_perplexity")
 ARTEFACT_SAMPLES = 24
 
 

@@ -42,7 +42,8 @@ class ShapesQA(Task):
         answers: list[str] = []
         for chunk in ctx.chunks(items, ctx.ec.batch_size * 2):
             images = render(ctx.world, [q.scene for q in chunk])  # (B, H, W, 3)
-            answers += ctx.pipe.answer(images, [q.question for q in chunk], batch_size=len(chunk))
+            answers += ctx.pipe.answer(images, [q.question for q in chunk], batch_size=len(chunk),
+                                       caption_first=ctx.cfg.data.qa_caption_first)
         return answers
 
     def oracle(self, ctx: EvalContext, items: list[Question]) -> list[str]:
