@@ -121,29 +121,22 @@ class Pipeline:
         return [np.asarray(t[: t.index(end)] if end in t else t[: new - 1], dtype=np.int64) for t in res.tokens]
 
     def complete_text(self, prompts: list[list[int]], max_new_tokens: int = 48, temperature: float = 0.0,
-                      seed: int | None = 0, batch_size: int = 64, uncond_prompts: list[list[int]] | None = None,
-                      **kw) -> list[str]:
-        """Text continuations of `prompts`. With `uncond_prompts` (one per prompt) and `text_cfg_scale`,
-        every text token is guided against its unconditional prompt (SamplingConfig.text_cfg_scale)."""
+                      seed: int | None = 0, batch_size: int = 64, **kw) -> list[str]:
         sampling = SamplingConfig(temperature=temperature, seed=seed, **kw)
         texts = []
         for i in range(0, len(prompts), batch_size):
             chunk = prompts[i : i + batch_size]
-            uncond = uncond_prompts[i : i + batch_size] if uncond_prompts is not None else None
             for p in chunk:
                 self._check_length(p, 1)
-            new = min(max_new_tokens, self.model.cfg.max_seq_len - max(len(p) for p in chunk + (uncond or [])))
-            res = self.engine.generate(chunk, new, sampling, uncond_prompts=uncond, allow_images=False)
+            new = min(max_new_tokens, self.model.cfg.max_seq_len - max(len(p) for p in chunk))
+            res = self.engine.generate(chunk, new, sampling, allow_images=False)
             texts += [self.codecs.decode_text(t).strip() for t in res.tokens]
         return texts
 
-    def caption(self, images: np.ndarray, text_cfg_scale: float = 1.0, **kw) -> list[str]:
-        """Images (N, H, W, 3) uint8 -> captions. `text_cfg_scale` > 1 guides each word against the
-        caption model without the image (`<bos>` alone), as the image-free captions of
-        `data.input_loss=[text]` train it: the image's evidence outweighs the captions' habits."""
+    def caption(self, images: np.ndarray, **kw) -> list[str]:
+        """Images (N, H, W, 3) uint8 -> captions."""
         prompts = [self.codecs.prompt([ItemSegment("image", codes=c)]) for c in self._image_ids(images)]
-        uncond = [self.codecs.prompt([])] * len(prompts) if text_cfg_scale != 1.0 else None
-        return self.complete_text(prompts, uncond_prompts=uncond, text_cfg_scale=text_cfg_scale, **kw)
+        return self.complete_text(prompts, **kw)
 
     def describe(self, name: str, items, **kw) -> list[str]:
         """Items of modality `name` -> the text the model writes after each (its caption, transcript)."""

@@ -271,9 +271,9 @@ class DataConfig:
     # (what shapes_qa uses for such a run) has the model describe the scene and answer from its own words.
     qa_caption_first: bool = False
     # Modalities whose *given* segments are targets too (Chameleon trains on every token): "text" puts loss
-    # on the captions of generation documents (a caption model without the image, which text guidance at
-    # decoding subtracts: eval.text_cfg_scale) and on questions and instructions; "image" on the images that
-    # captioning, QA and edit documents read (unconditional image modelling; discrete early fusion only).
+    # on the captions of generation documents and on questions and instructions; "image" on the images that
+    # captioning, QA and edit documents read (discrete early fusion only). Measured on the demo: it costs
+    # more than it gives (docs/demo.md), so the presets leave it off.
     input_loss: tuple[str, ...] = ()
     caption_dropout: float = 0.1  # empty caption before an image, so classifier-free guidance has an unconditional
     # Role mixture: documents of each role are drawn with these weights.
@@ -353,9 +353,6 @@ class EvalConfig:
     top_p: float | None = None
     cfg_scale: float = 2.0
     audio_cfg_scale: float = 1.0  # classifier-free guidance for speech (1 = none)
-    # Captions guided against the caption model without the image (SamplingConfig.text_cfg_scale; trained
-    # when data.input_loss has "text"); 1 = none.
-    text_cfg_scale: float = 1.0
     batch_size: int = 32
     seed: int = 1234
 

@@ -178,7 +178,7 @@ class Engine:
         row's uniforms from `sampling.seed` up front (row i, step t: the [i, t] draw of `torch.rand(n, steps)`)."""
         v, model, dec = self.vocab, self.model, self.decoder
         n = len(prompts)
-        guided = uncond_prompts is not None and (sampling.cfg_scale != 1.0 or sampling.text_cfg_scale != 1.0)
+        guided = uncond_prompts is not None and sampling.cfg_scale != 1.0
         rows = prompts + (uncond_prompts if guided else [])
         P = max(len(p) for p in rows)
         total = P + max_new_tokens

@@ -16,9 +16,8 @@ joint ranking, so they keep the joint grid. In bf16 / fp16 the joint grid is sum
 whose rounding can break near-ties differently, so those keep the grid too, as does a one-factor head.
 
 Classifier-free guidance pairs each guided row with an unconditional companion row (`guided_rows`):
-both go through the code head and their logits are mixed, uncond + scale * (cond - uncond), at code
-positions with `cfg_scale` (`cfg_mix`) and at text positions with `text_cfg_scale` (1: the conditional
-row alone).
+both go through the code head and their logits are mixed, uncond + scale * (cond - uncond), only at
+code positions (`cfg_mix`); text positions read the conditional row alone.
 """
 
 from __future__ import annotations
@@ -74,7 +73,7 @@ class _FullGroup:
 @dataclass
 class Plan:
     n: int  # rows the step returns ids for
-    text: tuple | None = None  # (rows, bias (S,) or (k, S), sampled, penalized, guided rows, text CFG scale or None)
+    text: tuple | None = None  # (rows, bias (S,) or (k, S), sampled, penalized)
     codes: list[_CodeGroup] = field(default_factory=list)
     full: _FullGroup | None = None  # rows inside a variable-length item: all logits + mask
     forced: list[tuple[torch.Tensor | slice, int]] = field(default_factory=list)  # (rows, the id they must take)
@@ -89,8 +88,7 @@ class Plan:
         n..2n-1 after them) and no other group runs: then a whole compiled step can pick it."""
         if self.sampled or self.forced or self.full is not None or self.companions is not None:
             return None
-        if (self.text is not None and not self.codes and _is_rows(self.text[0], 0, self.n) and not self.penalized
-                and self.text[5] is None):
+        if self.text is not None and not self.codes and _is_rows(self.text[0], 0, self.n) and not self.penalized:
             return "text"
         if self.text is None and len(self.codes) == 1:
             g = self.codes[0]
@@ -230,12 +228,8 @@ class Picker:
             else:
                 tables = {key: self.table(*key)[TEXT, :S] for key in set(keys)}
                 bias = torch.stack([tables[key] for key in keys])
-            both, scale = guided_rows([r.row for r in text], [r.companion for r in text],
-                                      [r.sampling.text_cfg_scale for r in text], dev)
-            if scale is not None and bool((scale == 1.0).all()):
-                both = scale = None  # companions for the codes only: text reads the conditional rows
             plan.text = (rows_index([r.row for r in text], dev), bias, any(not r.sampling.greedy for r in text),
-                         plan.penalized, both, scale)
+                         plan.penalized)
         for (name, factored), group in codes.items():
             index, both, scale = self._pairs(group)
             temperatures = {r.sampling.temperature for r in group}
@@ -270,13 +264,8 @@ class Picker:
         n, s = plan.n, settings
         nxt = None
         if plan.text is not None:
-            sel, bias, sampled, penalized, both, scale = plan.text
-            if scale is None:
-                logits = self.model.text_head(h[sel]).float() + bias
-            else:  # mixed before the mask: -inf - -inf would be NaN
-                guided = self.model.text_head(h[both]).float()
-                k = guided.shape[0] // 2
-                logits = cfg_mix(guided[:k], guided[k:], scale) + bias
+            sel, bias, sampled, penalized = plan.text
+            logits = self.model.text_head(h[sel]).float() + bias
             if penalized:  # on the text ids each row generated so far (CTRL)
                 logits = penalize(logits, s.seen[sel, : self.text_size], s.penalty[sel])
             if sampled:

@@ -14,7 +14,7 @@ class Request:
     prompt: list[int]
     max_new_tokens: int
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    uncond_prompt: list[int] | None = None  # CFG: the unconditional prompt (used when cfg_scale or text_cfg_scale != 1)
+    uncond_prompt: list[int] | None = None  # CFG: the unconditional prompt (used when cfg_scale != 1)
     allow_images: bool | Iterable[str] = True  # may the answer open images (or: the modalities it may open)
     stop_after_image: bool = False  # end at the first item's end token (<eoi>: image generation)
     min_new_tokens: int = 0  # <eos> is not allowed before this many tokens
@@ -22,7 +22,7 @@ class Request:
 
     @property
     def guided(self) -> bool:
-        return self.uncond_prompt is not None and (self.sampling.cfg_scale != 1.0 or self.sampling.text_cfg_scale != 1.0)
+        return self.uncond_prompt is not None and self.sampling.cfg_scale != 1.0
 
     @property
     def rows(self) -> int:

@@ -24,10 +24,6 @@ class SamplingConfig:
     top_p: float | None = None
     repetition_penalty: float = 1.0  # >1 discourages text tokens already generated (CTRL-style)
     cfg_scale: float = 1.0  # classifier-free guidance for image tokens; 1 = off
-    # Guidance for text tokens against the same text without the item it reads (a caption without its
-    # image): uncond + scale * (cond - uncond) subtracts the language prior, so what the image shows wins
-    # over what the captions usually say (contrastive decoding). 1 = off.
-    text_cfg_scale: float = 1.0
     seed: int | None = None
 
     @property

@@ -29,7 +29,7 @@ class ShapesCaptioning(Task):
         captions: list[str] = []
         # Greedy decoding: a caption has one right answer, so sampling would only add noise.
         for chunk in ctx.chunks(images, ctx.ec.batch_size * 2):
-            captions += ctx.pipe.caption(chunk, batch_size=len(chunk), text_cfg_scale=ctx.ec.text_cfg_scale)
+            captions += ctx.pipe.caption(chunk, batch_size=len(chunk))
         return captions
 
     def oracle(self, ctx: EvalContext, items: list[Scene]) -> list[str]:
