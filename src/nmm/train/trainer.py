@@ -57,6 +57,9 @@ from nmm.utils import (
 )
 
 
+BUDGET_RECHECK_AT = 241  # train.time_budget_min: the step at which the speed is measured a second time
+
+
 def check_roles(cfg: RunConfig, model: NativeMultimodalModel) -> None:
     """A model that cannot write images must not be given documents that teach it to."""
     if "image" in cfg.data.input_loss and cfg.model.variant != "early-discrete":
@@ -414,15 +417,22 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, show_progress: bool, inf
         # Timing comes before the skip below: a skipped update must not skip the measurement.
         if trained == 11:
             t_steady = time.time()  # the first steps are slow (allocation, caches): time from here
-        if cfg.train.time_budget_min and trained == 41 and not run.resumed:
-            # Fix the schedule length from the measured speed: the run then fits the budget.
-            per_step = (time.time() - t_steady) / 30
+        if trained == 41:
+            t_first_fix = time.time()
+        # Fix the schedule length from the measured speed, so that the run fits the budget: over steps
+        # 11-40 first, then once more over 41-240, so that a hiccup in the first 30 steps (another
+        # process, a slow host) cannot cost a quarter of the run. The cosine schedule just follows.
+        recheck = trained == BUDGET_RECHECK_AT and step + 1 < max_steps
+        if cfg.train.time_budget_min and not run.resumed and (trained == 41 or recheck):
+            since, n = (t_steady, 30) if trained == 41 else (t_first_fix, BUDGET_RECHECK_AT - 41)
+            per_step = (time.time() - since) / n
             # Steps so far (compilation included) used part of the budget; the rest run at per_step.
             left = cfg.train.time_budget_min * 60 - (time.time() - t_start)
             budget_steps = step + 1 + int(max(left, 0.0) / per_step)
             max_steps = dist.broadcast_int(info, max(step + 2, min(cfg.train.max_steps, budget_steps)))
             bar.set_total(max_steps)
-            say(f"time budget {cfg.train.time_budget_min} min at {per_step:.3f} s/step -> {max_steps} steps")
+            say(f"time budget {cfg.train.time_budget_min} min at {per_step:.3f} s/step"
+                + (f" (steps 41-{BUDGET_RECHECK_AT - 1})" if recheck else "") + f" -> {max_steps} steps")
         event = guard.check(step, stats_sum["loss"], grad_norm)
         if event is not None and event.action == "rolled_back" and (last_saved < 0 or rollbacks >= 5):
             event.action = "skipped"  # nothing to roll back to yet (or rolling back keeps failing)
