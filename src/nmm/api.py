@@ -135,8 +135,11 @@ class Pipeline:
 
     def caption(self, images: np.ndarray, **kw) -> list[str]:
         """Images (N, H, W, 3) uint8 -> captions."""
-        prompts = [self.codecs.prompt([ItemSegment("image", codes=c)]) for c in self._image_ids(images)]
-        return self.complete_text(prompts, **kw)
+        return self._caption_ids(self._image_ids(images), **kw)
+
+    def _caption_ids(self, ids: np.ndarray, **kw) -> list[str]:
+        """(N, tokens_per_image) image ids -> captions."""
+        return self.complete_text([self.codecs.prompt([ItemSegment("image", codes=c)]) for c in ids], **kw)
 
     def describe(self, name: str, items, **kw) -> list[str]:
         """Items of modality `name` -> the text the model writes after each (its caption, transcript)."""
@@ -151,7 +154,7 @@ class Pipeline:
         """Short answers to one question per image. `caption_first` (a model trained with
         `data.qa_caption_first`): the model captions each image, then answers after its own caption."""
         ids = self._image_ids(images)
-        captions = self.caption(images, **kw) if caption_first else [None] * len(questions)
+        captions = self._caption_ids(ids, **kw) if caption_first else [None] * len(questions)
         prompts = [self.codecs.prompt([ItemSegment("image", codes=c), *([cap] if cap else []), q])
                    for c, cap, q in zip(ids, captions, questions)]
         return self.complete_text(prompts, max_new_tokens=8, **kw)
