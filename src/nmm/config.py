@@ -141,9 +141,11 @@ class AudioCodecConfig:
     stride: int = 4  # mel frames per code frame: 100 / 4 = 25 code frames/s
     # FSQ levels of each quantiser group. layout=factored: one token per code frame whose code joins
     # the groups (the model embeds and predicts each group as a factor, MusicGen's "parallel" pattern);
-    # layout=flat: one token per group per frame, frame-major (all groups need equal levels).
+    # layout=flat: one token per group per frame, frame-major (all groups need equal levels);
+    # layout=delay: as factored, but group g lags g steps (MusicGen's delay pattern): each group of a
+    # frame is predicted after the one before it, for (groups - 1) more tokens per item.
     groups: list[list[int]] = field(default_factory=lambda: [[8, 5, 5], [8, 5, 5]])
-    layout: str = "factored"  # factored | flat
+    layout: str = "factored"  # factored | flat | delay
     channels: int = 128  # conv width
     depth: int = 4  # residual conv blocks in the encoder and in the decoder (at most 6)
     max_seconds: float = 6.0  # longest item the codec (and the model) takes; longer is an error
@@ -158,8 +160,8 @@ class AudioCodecConfig:
     pool_size: int = 1200  # utterances (train voices) the codec learns from, rendered once
 
     def __post_init__(self):
-        if self.layout not in ("factored", "flat"):
-            raise ConfigError(f"config key 'audio.layout': '{self.layout}' is not one of factored, flat")
+        if self.layout not in ("factored", "flat", "delay"):
+            raise ConfigError(f"config key 'audio.layout': '{self.layout}' is not one of factored, flat, delay")
         if not self.groups or any(len(g) == 0 for g in self.groups):
             raise ConfigError("config key 'audio.groups': needs at least one non-empty list of FSQ levels")
         if self.layout == "flat" and any(g != self.groups[0] for g in self.groups):

@@ -64,7 +64,7 @@ def trained(waves):
     return train_audio_codec(waves[:20], SMALL, seed=0, heldout=waves[20:])
 
 
-@pytest.fixture(scope="module", params=["factored", "flat"])
+@pytest.fixture(scope="module", params=["factored", "flat", "delay"])
 def codec(request):
     torch.manual_seed(0)
     return AudioCodec(replace(SMALL, layout=request.param)).eval()
@@ -81,7 +81,7 @@ def test_spec_matches_layout(codec):
     spec = codec.spec
     assert (spec.name, spec.begin, spec.end, spec.mime) == ("audio", "<boa>", "<eoa>", "audio/wav")
     assert spec.tokens_per_item is None
-    if codec.config.layout == "factored":
+    if codec.config.layout in ("factored", "delay"):
         assert spec.codes == 200 * 200 and spec.factors == (200, 200)
         assert spec.levels == ((8, 5, 5), (8, 5, 5))
     else:
@@ -94,14 +94,15 @@ def test_spec_matches_layout(codec):
 
 def test_encode_lengths_ranges_and_rates(codec, waves):
     codes = codec.encode(waves[:5])
-    k = 1 if codec.config.layout == "factored" else 2
+    k = 2 if codec.config.layout == "flat" else 1
+    extra = 1 if codec.config.layout == "delay" else 0  # two groups: one step of delay
     for w, c in zip(waves[:5], codes):
         frames = len(w) // 160 + 1
         assert c.dtype == torch.long and c.ndim == 1
-        assert len(c) == math.ceil(frames / 4) * k == codec.n_tokens(len(w))
+        assert len(c) == math.ceil(frames / 4) * k + extra == codec.n_tokens(len(w))
         assert 0 <= int(c.min()) and int(c.max()) < codec.spec.codes
     assert codec.tokens_per_second == 25 * k
-    assert codec.max_tokens == math.ceil((2 * SAMPLE_RATE // 160 + 1) / 4) * k
+    assert codec.max_tokens == math.ceil((2 * SAMPLE_RATE // 160 + 1) / 4) * k + extra
 
 
 def test_flat_has_one_token_per_group_of_the_factored_code(waves):
@@ -112,6 +113,23 @@ def test_flat_has_one_token_per_group_of_the_factored_code(waves):
     joint, per_group = factored.encode([waves[0]])[0], flat.encode([waves[0]])[0]
     assert len(per_group) == 2 * len(joint)
     assert torch.equal(per_group[0::2] * 200 + per_group[1::2], joint)  # group 0 most significant
+
+
+def test_delay_shifts_the_second_group_one_step(waves):
+    """MusicGen's delay pattern: token t holds group 0 of frame t and group 1 of frame t-1; the
+    empty cells (group 1 before frame 0, group 0 after the last frame) hold code 0. Decoding undoes
+    the shift: the same log-mel as the factored layout of the same codec."""
+    torch.manual_seed(0)
+    factored = AudioCodec(SMALL).eval()
+    delay = AudioCodec(replace(SMALL, layout="delay")).eval()
+    delay.load_state_dict(factored.state_dict())
+    joint, delayed = factored.encode([waves[1]])[0], delay.encode([waves[1]])[0]
+    g0, g1 = joint // 200, joint % 200
+    assert len(delayed) == len(joint) + 1
+    assert torch.equal(delayed // 200, torch.cat([g0, torch.zeros(1, dtype=torch.long)]))
+    assert torch.equal(delayed % 200, torch.cat([torch.zeros(1, dtype=torch.long), g1]))
+    assert torch.equal(delay.decode_mel([delayed])[0], factored.decode_mel([joint])[0])
+    assert delay.decode_mel([delayed[:1]])[0].shape == (64, 0)  # fewer tokens than groups: no frame
 
 
 def test_encode_is_deterministic_and_batch_independent(codec, waves):
@@ -127,13 +145,13 @@ def test_encode_is_deterministic_and_batch_independent(codec, waves):
 def test_decode_lengths_range_and_edge_cases(codec, waves):
     codes = codec.encode(waves[:3])
     out = codec.decode(codes)
-    k = codec.tokens_per_frame
+    k, d = codec.tokens_per_frame, codec.delay
     for c, w in zip(codes, out):
         assert w.dtype == np.float32 and w.ndim == 1
-        assert len(w) == (len(c) // k * 4 - 1) * 160
+        assert len(w) == ((len(c) - d) // k * 4 - 1) * 160
         assert np.abs(w).max() <= 1.0
     mels = codec.decode_mel(codes)
-    assert [m.shape for m in mels] == [(64, len(c) // k * 4) for c in codes]
+    assert [m.shape for m in mels] == [(64, (len(c) - d) // k * 4) for c in codes]
     assert len(codec.decode([torch.zeros(0, dtype=torch.long)])[0]) == 0  # empty item -> empty wave
     assert len(codec.decode(torch.zeros(2, 4 * k, dtype=torch.long))) == 2  # (B, N) tensor
     with pytest.raises(ValueError, match=r"codes must lie in \[0, "):

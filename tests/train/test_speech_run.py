@@ -81,3 +81,24 @@ def test_speech_eval_tasks_run_on_the_trained_model(speech_pipe, tmp_path):
         assert np.isfinite(outcome.metrics[key]) and outcome.metrics[key] >= 0, key
     html = (tmp_path / "eval" / "report.html").read_text()
     assert html.count("<audio controls") >= 3 and "speech_tts" in html
+
+
+def test_the_delay_pattern_trains_and_speaks(tmp_path):
+    """`audio.layout=delay` end to end: the vocabulary holds the joint code, the pool holds one
+    token more per item than frames, and spoken answers decode to (tokens - 1) frames of speech."""
+    import nmm
+    from nmm.train.trainer import train
+
+    cfg = load_config("speech-tiny", ["audio.layout=delay", "train.max_steps=2"])
+    train(cfg, tmp_path, show_progress=False, log=lambda *a: None)
+    pipe = nmm.load(tmp_path)
+    codec = pipe.codecs.codec("audio")
+    assert codec.config.layout == "delay" and codec.delay == 1
+    assert pipe.vocab.spec("audio").factors == codec.group_sizes
+    wave = SpeechWorld().render("seven", SpeechWorld().voices("train")[0])
+    (codes,) = codec.encode([wave])
+    assert len(codes) == codec.n_frames(len(wave)) + 1
+    assert codec.decode_mel([codes])[0].shape[-1] == codec.n_frames(len(wave)) * codec.config.stride
+    (spoken,) = pipe.speak(["seven"], max_tokens=9, temperature=1.0, seed=0)
+    assert spoken.ndim == 1 and len(spoken) <= 8 / codec.tokens_per_second * 16_000 + 400  # <= 8 frames
+    assert pipe.transcribe([wave])[0] is not None

@@ -11,7 +11,11 @@ keeps every conv at code rate, which is far cheaper on CPU than strided convs at
 Token layouts (`AudioCodecConfig.layout`):
   - factored: one token per code frame; its code joins the groups' codes (most significant first,
     `join_codes`), and the model embeds and predicts each group as a factor;
-  - flat: one token per group per code frame, frame-major (f0 g0, f0 g1, f1 g0, ...).
+  - flat: one token per group per code frame, frame-major (f0 g0, f0 g1, f1 g0, ...);
+  - delay: MusicGen's delay pattern. One token per step like `factored`, but group g is delayed by
+    g steps: token t joins group 0 of frame t, group 1 of frame t-1, ... So each group of a frame is
+    predicted one step after the group before it, seeing it as input, at (frames + groups - 1) tokens.
+    Cells before the first frame and after the last hold code 0 (`DELAY_PAD`): they are never decoded.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from nmm.utils import atomic_write_text, save_safetensors
 WEIGHTS_FILE = "audio_codec.safetensors"
 CONFIG_FILE = "audio_codec.json"
 SILENCE = math.log(LOG_FLOOR)  # log-mel of digital silence: what short crops and stride padding get
+DELAY_PAD = 0  # the group code in the delay pattern's empty cells (any fixed code: they are dropped)
 
 
 # ---- file I/O -----------------------------------------------------------------------------------
@@ -133,12 +138,17 @@ class AudioCodec(nn.Module):
 
     @property
     def tokens_per_frame(self) -> int:
-        return 1 if self.config.layout == "factored" else len(self.fsqs)
+        return len(self.fsqs) if self.config.layout == "flat" else 1
+
+    @property
+    def delay(self) -> int:
+        """Extra tokens of the delay pattern (groups - 1); 0 for the other layouts."""
+        return len(self.fsqs) - 1 if self.config.layout == "delay" else 0
 
     @property
     def spec(self) -> ModalitySpec:
         levels = tuple(tuple(g) for g in self.config.groups)
-        if self.config.layout == "factored":
+        if self.config.layout != "flat":
             return ModalitySpec("audio", "<boa>", "<eoa>", math.prod(self.group_sizes), self.group_sizes,
                                 levels, tokens_per_item=None, mime="audio/wav")
         return ModalitySpec("audio", "<boa>", "<eoa>", self.group_sizes[0], (), levels[:1],
@@ -149,8 +159,11 @@ class AudioCodec(nn.Module):
         return self.mel.frame_rate / self.config.stride * self.tokens_per_frame
 
     def n_tokens(self, n_samples: int) -> int:
-        """Tokens for a waveform of `n_samples`: ceil(mel frames / stride) code frames."""
-        return -(-self.mel.frames(n_samples) // self.config.stride) * self.tokens_per_frame
+        """Tokens for a waveform of `n_samples`: ceil(mel frames / stride) code frames (+ the delay)."""
+        return self.n_frames(n_samples) * self.tokens_per_frame + self.delay
+
+    def n_frames(self, n_samples: int) -> int:
+        return -(-self.mel.frames(n_samples) // self.config.stride)
 
     @property
     def max_tokens(self) -> int:
@@ -233,18 +246,39 @@ class AudioCodec(nn.Module):
     def encode(self, items) -> list[torch.Tensor]:
         """Waveforms (a list of 1-D float arrays at 16 kHz, or (B, samples)) -> a list of 1-D
         LongTensors of `n_tokens(len(wave))` codes each, in [0, spec.codes)."""
-        def codes_of(wave: torch.Tensor) -> torch.Tensor:  # (B, S) -> (B, N)
-            groups = self._encode(self.mel(wave))[1]  # (B, G, T')
-            if self.config.layout == "factored":
-                return join_codes(list(groups.unbind(1)), self.group_sizes)
-            return groups.transpose(1, 2).flatten(1)  # frame-major: (B, T' * G)
+        def groups_of(wave: torch.Tensor) -> torch.Tensor:  # (B, S) -> (B, G, T') group codes per frame
+            return self._encode(self.mel(wave))[1]
         # Each wave is padded with silence to a multiple of 8 code frames (0.32 s), so waves of similar
         # length share one batched forward (one conv per item was the pool's bottleneck); the padding
         # depends on the wave alone, so its codes still never depend on its batch mates.
         waves = self._check_waves(items)
         bucket = 8 * self.config.hop * self.config.stride
         padded = [F.pad(w, (0, -len(w) % bucket)) for w in waves]
-        return [c[: self.n_tokens(len(w))] for c, w in zip(self._by_length(padded, codes_of), waves)]
+        return [self.tokens(g[:, : self.n_frames(len(w))]) for g, w in zip(self._by_length(padded, groups_of), waves)]
+
+    def tokens(self, groups: torch.Tensor) -> torch.Tensor:
+        """Group codes (G, F) of one item -> its token codes (N,) in the configured layout."""
+        layout = self.config.layout
+        if layout == "flat":
+            return groups.t().flatten()  # frame-major: (F * G,)
+        if layout == "delay":  # group g moves g steps later; the empty cells get DELAY_PAD
+            G, n = groups.shape
+            out = groups.new_full((G, n + G - 1), DELAY_PAD)
+            for g in range(G):
+                out[g, g : g + n] = groups[g]
+            groups = out
+        return join_codes(list(groups), self.group_sizes)
+
+    def groups(self, codes: torch.Tensor) -> torch.Tensor:
+        """Token codes (B, N) in the configured layout -> group codes (B, G, F), `tokens`' inverse."""
+        G, layout = len(self.fsqs), self.config.layout
+        if layout == "flat":
+            return codes.view(codes.shape[0], -1, G).transpose(1, 2)
+        joined = torch.stack(split_codes(codes, self.group_sizes), 1)  # (B, G, N)
+        if layout == "delay":
+            n = joined.shape[-1] - self.delay
+            joined = torch.stack([joined[:, g, g : g + n] for g in range(G)], 1)
+        return joined
 
     def _check_codes(self, codes) -> list[torch.Tensor]:
         if isinstance(codes, np.ndarray | torch.Tensor) and codes.ndim != 2:
@@ -258,14 +292,12 @@ class AudioCodec(nn.Module):
             if c.numel() and (c.min() < 0 or c.max() >= n):
                 raise ValueError(f"audio codes {i}: codes must lie in [0, {n}), got [{c.min()}, {c.max()}]")
             k = self.tokens_per_frame
-            out.append(c[: c.numel() // k * k])  # flat layout: drop a trailing incomplete frame
+            frames = max(0, (c.numel() - self.delay) // k)  # flat: a trailing incomplete frame is dropped;
+            out.append(c[: frames * k + self.delay] if frames else c[:0])  # delay: too few tokens -> no frame
         return out
 
     def _values(self, codes: torch.Tensor) -> torch.Tensor:  # (B, N) -> FSQ values (B, D, T')
-        if self.config.layout == "factored":
-            groups = split_codes(codes, self.group_sizes)
-        else:
-            groups = list(codes.view(codes.shape[0], -1, len(self.fsqs)).unbind(2))
+        groups = self.groups(codes).unbind(1)
         return torch.cat([fsq.values(g) for fsq, g in zip(self.fsqs, groups)], 1)
 
     @torch.inference_mode()
@@ -398,11 +430,7 @@ def evaluate_audio_codec(model: AudioCodec, waves: list[np.ndarray], vocoder_ite
         gl.append(mel_distance(model.log_mel([model.vocode(r)])[0], x))
         floor.append(mel_distance(model.log_mel([model.vocode(x)])[0], x))
     stats.update(mel_distance_griffin_lim=float(np.mean(gl)), mel_distance_vocoder_only=float(np.mean(floor)))
-    all_codes = torch.cat(codes)
-    if model.config.layout == "factored":
-        groups = split_codes(all_codes, model.group_sizes)
-    else:
-        groups = list(all_codes.view(-1, len(model.fsqs)).unbind(1))
+    groups = torch.cat([model.groups(c[None])[0] for c in codes if c.numel()], 1)  # (G, all frames)
     for i, (g, size) in enumerate(zip(groups, model.group_sizes)):
         p = torch.bincount(g, minlength=size).double() / max(1, g.numel())
         stats[f"code_usage_g{i}"] = float((p > 0).double().mean())
