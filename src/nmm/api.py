@@ -95,7 +95,7 @@ class Pipeline:
         unconditional prompt of classifier-free guidance (used when `sampling.cfg_scale` != 1)."""
         interface, spec = self.model.modalities[name], self.vocab.spec(name)
         if "M2G" not in interface.capabilities:
-            raise InputError(f"this model ({self.model.cfg.variant} fusion) reads {name} items but cannot generate them")
+            raise InputError(f"this model ({self.model.cfg.variant_of(name)} {name}) reads {name} items but cannot generate them")
         if not interface.emits_codes:
             codes = interface.sample(self.model, prompts, cfg_scale=sampling.cfg_scale, seed=sampling.seed,
                                      uncond_prompt=uncond)

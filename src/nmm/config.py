@@ -24,6 +24,7 @@ from nmm.errors import ConfigError
 
 FUSIONS = ("early", "mid", "late")
 IMAGE_REPRS = ("discrete", "continuous", "decoupled", "janus")  # janus: an imported Janus (nmm.model.fusion.janus)
+AUDIO_REPRS = ("discrete", "continuous")
 ROUTINGS = ("dense", "moe", "moe-aware", "mot")
 QK_NORM_KINDS = ("rms", "layernorm-per-head")  # the first is the default
 NORM_ORDERS = ("pre", "swin")
@@ -72,6 +73,15 @@ class VisionEncoderConfig:
     pretrain_batch: int = 64
     lr: float = 2e-3
     trainable: bool = False
+
+
+@dataclass
+class AudioEncoderConfig:
+    """The audio encoder of late / mid fusion for audio (`model.audio_fusion`, nmm.model.fusion.audio):
+    residual convolutions along time over the codec's latents, trained with the language model."""
+
+    width: int = 128
+    layers: int = 3  # dilations 1, 2, 4, ...: each layer doubles how far a frame sees
 
 
 @dataclass
@@ -184,6 +194,12 @@ class ModelConfig:
     flow: FlowConfig = field(default_factory=FlowConfig)
     encoder: VisionEncoderConfig = field(default_factory=VisionEncoderConfig)
     janus: JanusConfig = field(default_factory=JanusConfig)  # image_repr=janus only
+    # Audio's own axes: discrete codes in and out (default), or continuous features of the codec's
+    # latents read through a projector (early), an encoder + projector (late) or cross-attention (mid).
+    # Continuous audio is read, not written (M2T: transcription, spoken questions).
+    audio_fusion: str = "early"  # early | mid | late
+    audio_repr: str = "discrete"  # discrete | continuous
+    audio_encoder: AudioEncoderConfig = field(default_factory=AudioEncoderConfig)
     # ---- the backbone -------------------------------------------------------------------------
     d_model: int = 192
     n_layers: int = 4
@@ -216,7 +232,17 @@ class ModelConfig:
         if self.fusion in ("late", "mid") and self.image_repr != "continuous":
             raise ConfigError(f"model.fusion={self.fusion} feeds continuous encoder features: "
                               f"set model.image_repr=continuous (got {self.image_repr})")
-        if self.fusion == "mid" and self.cross_attn_every < 1:
+        if self.audio_fusion not in FUSIONS or self.audio_repr not in AUDIO_REPRS:
+            bad = ("audio_fusion", self.audio_fusion, FUSIONS) if self.audio_fusion not in FUSIONS else \
+                ("audio_repr", self.audio_repr, AUDIO_REPRS)
+            raise ConfigError(f"config key 'model.{bad[0]}': '{bad[1]}' is not one of {', '.join(bad[2])}")
+        if self.audio_fusion in ("late", "mid") and self.audio_repr != "continuous":
+            raise ConfigError(f"model.audio_fusion={self.audio_fusion} feeds continuous encoder features: "
+                              f"set model.audio_repr=continuous (got {self.audio_repr})")
+        if self.fusion == "mid" and self.audio_fusion == "mid":
+            raise ConfigError("model.fusion=mid and model.audio_fusion=mid: only one modality can use mid fusion "
+                              "(one cross-attention memory)")
+        if self.uses_cross_attention and self.cross_attn_every < 1:
             raise ConfigError("config key 'model.cross_attn_every': must be >= 1")
         if self.routing in ("moe", "moe-aware") and not 1 <= self.moe.top_k <= self.moe.n_experts:
             raise ConfigError(f"config key 'model.moe.top_k': must be between 1 and n_experts={self.moe.n_experts}")
@@ -250,6 +276,20 @@ class ModelConfig:
     def variant(self) -> str:
         """The image interface's registry key, e.g. 'early-discrete', 'late', 'mid'."""
         return self.fusion if self.fusion != "early" else f"early-{self.image_repr}"
+
+    @property
+    def audio_variant(self) -> str:
+        """The audio interface's registry key: 'early-discrete', 'early-continuous', 'late' or 'mid'."""
+        return self.audio_fusion if self.audio_fusion != "early" else f"early-{self.audio_repr}"
+
+    def variant_of(self, modality: str) -> str:
+        """The interface key of one modality: image and audio have their axes, the rest discrete early fusion."""
+        return {"image": self.variant, "audio": self.audio_variant}.get(modality, "early-discrete")
+
+    @property
+    def uses_cross_attention(self) -> bool:
+        """Some modality is read through mid fusion's gated cross-attention layers."""
+        return "mid" in (self.fusion, self.audio_fusion)
 
 
 @dataclass

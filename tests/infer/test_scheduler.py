@@ -251,6 +251,45 @@ def test_mid_fusion_rows_keep_their_images(scheduler):
         s.close()
 
 
+def test_mid_fusion_audio_rows_keep_their_utterances():
+    """The same for audio read through cross-attention (nmm.model.fusion.audio): utterances of other
+    lengths per row, whose memories the scheduler pads into one batch."""
+    from nmm.config import AudioEncoderConfig
+    from nmm.modalities.base import ModalitySpec
+
+    speech = ModalitySpec("audio", "<boa>", "<eoa>", codes=20, factors=(5, 4), levels=((5,), (4,)), tokens_per_item=None)
+    vocab = Vocabulary(40, (speech,))
+    torch.manual_seed(0)
+    cfg = ModelConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=64, max_seq_len=64,
+                      audio_fusion="mid", audio_repr="continuous", cross_attn_every=1,
+                      audio_encoder=AudioEncoderConfig(width=16, layers=2))
+    model = NativeMultimodalModel(cfg, vocab).eval()
+    with torch.no_grad():
+        for layer in model.backbone.cross_attn:
+            layer.attn_gate.fill_(1.0)
+            layer.ffn_gate.fill_(1.0)
+        for p in [*model.modalities["audio"].parameters(), *model.backbone.cross_attn.parameters()]:
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.1)
+    rng = random.Random(1)
+
+    def utterance():
+        n = rng.randint(2, 9)
+        return [vocab.begin("audio"), *(vocab.start("audio") + rng.randrange(20) for _ in range(n)), vocab.end("audio")]
+
+    ps = [[vocab.bos, *utterance(), 5, 9] for _ in range(5)] + [[vocab.bos, 3, 3], [vocab.bos, *utterance()]]
+    engine = Engine(model)
+    refs = [engine.generate([p], 10, GREEDY, allow_images=False).tokens[0] for p in ps]
+    assert len({tuple(r) for r in refs[:5]}) > 1
+    s = Scheduler(engine, max_batch=3)
+    try:
+        lengths = [10, 2, 10, 6, 10, 10, 4]
+        handles = s.generate([Request(p, n, GREEDY, allow_images=False) for p, n in zip(ps, lengths)])
+        assert [h.tokens for h in handles] == [r[:n] for r, n in zip(refs, lengths)]
+    finally:
+        s.close()
+
+
 def test_factor_by_factor_inverse_cdf_is_the_joint_one():
     """The scheduler draws a sampled image code factor by factor with the row's one uniform: the same code as
     the joint grid's inverse CDF (codes are ordered factor by factor), for 4,000 evenly spaced uniforms."""

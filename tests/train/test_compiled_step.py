@@ -101,6 +101,18 @@ def test_training_step_is_one_graph_with_a_variable_length_modality():
     assert len(compiled_graphs(net, batches)) == 1
 
 
+@pytest.mark.parametrize("audio_fusion", ["late", "mid"])  # early: late without the encoder
+def test_training_step_is_one_graph_with_continuous_audio(audio_fusion):
+    """Audio read as continuous latents (nmm.model.fusion.audio) next to discrete images."""
+    speech = ModalitySpec("audio", "<boa>", "<eoa>", codes=20, factors=(5, 4), levels=((5,), (4,)), tokens_per_item=None)
+    vocab = Vocabulary(40, (IMAGE, speech))
+    torch.manual_seed(0)
+    cfg = ModelConfig(**SMALL, audio_fusion=audio_fusion, audio_repr="continuous", cross_attn_every=1)
+    net = LossModule(NativeMultimodalModel(cfg, vocab), {}, 1e-4)
+    batches = [packed_batch(vocab, seed) for seed in range(3)]
+    assert len(compiled_graphs(net, batches)) == 1
+
+
 def test_compiled_loss_equals_eager_loss():
     vocab = Vocabulary(40, (IMAGE, SPEECH))
     torch.manual_seed(0)

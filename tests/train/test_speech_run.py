@@ -102,3 +102,26 @@ def test_the_delay_pattern_trains_and_speaks(tmp_path):
     (spoken,) = pipe.speak(["seven"], max_tokens=9, temperature=1.0, seed=0)
     assert spoken.ndim == 1 and len(spoken) <= 8 / codec.tokens_per_second * 16_000 + 400  # <= 8 frames
     assert pipe.transcribe([wave])[0] is not None
+
+
+@pytest.mark.parametrize("fusion", ["late", "mid"])
+def test_continuous_audio_runs_transcribe_and_refuse_to_speak(tmp_path, fusion):
+    """`model.audio_repr=continuous`: the codec's latents are read through an encoder (late) or
+    cross-attention (mid); the run trains on transcription, loads, transcribes, and says it cannot speak."""
+    import nmm
+    from nmm.errors import InputError
+    from nmm.train.trainer import train
+
+    cfg = load_config("speech-tiny", [f"model.audio_fusion={fusion}", "model.audio_repr=continuous",
+                                      "data.roles={transcription: 1.0}", "train.max_steps=3"])
+    train(cfg, tmp_path, show_progress=False, log=lambda *a: None)
+    record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert np.isfinite(record["loss_text"]) and "loss_audio" not in record
+    pipe = nmm.load(tmp_path)
+    assert pipe.model.cfg.audio_variant == fusion and pipe.model.modalities["audio"].fusion == fusion
+    world = SpeechWorld()
+    waves = [world.render(t, v) for t, v in world.utterances(2, 5, "heldout")]
+    texts = pipe.transcribe(waves)
+    assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+    with pytest.raises(InputError, match=f"{fusion} audio.*cannot generate them"):
+        pipe.speak(["seven"])

@@ -200,6 +200,10 @@ KNOWN_ROLES = ("captioning", "generation", "qa", "edit", "text",
                "transcription", "synthesis", "spoken_qa", "tone_captioning", "tone_synthesis",
                "spoken_generation", "video_captioning", "text_to_clip", "video_qa",
                "clip_continuation")
+# The modality each built-in role teaches the model to write (besides text): a model whose interface for
+# it cannot generate (late / mid fusion, continuous audio) must not be given that role.
+ROLE_WRITES = {"generation": "image", "edit": "image", "spoken_generation": "image", "synthesis": "audio",
+               "tone_synthesis": "audio", "text_to_clip": "video", "clip_continuation": "video"}
 
 
 class DocumentMixture:

@@ -60,8 +60,8 @@ class Batch:
         self._ready = False
         self._plan_dirty = self._memory_dirty = True
         self._memory_fed = -1
-        images = self.model.images
-        self._mid = images is not None and images.fusion == "mid"  # keeps each row's image features
+        # Mid fusion keeps each row's features (of its images, or its audio) for cross-attention.
+        self._mid = any(i.fusion == "mid" for i in self.model.modalities.values())
 
     # ---- rows --------------------------------------------------------------------------------
     @property

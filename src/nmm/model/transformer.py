@@ -106,7 +106,7 @@ class Transformer(nn.Module):
         self.cfg, self.modalities = cfg, tuple(modalities)
         self.blocks = nn.ModuleList(BLOCKS[cfg.routing](cfg, self.modalities) for _ in range(cfg.n_layers))
         k = cfg.cross_attn_every
-        n_xattn = cfg.n_layers // k if cfg.fusion == "mid" else 0
+        n_xattn = cfg.n_layers // k if cfg.uses_cross_attention else 0
         self.cross_attn = nn.ModuleList(GatedCrossAttention(cfg) for _ in range(n_xattn))  # after blocks k-1, 2k-1, ...
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         cos, sin = rope_tables(cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)

@@ -106,7 +106,7 @@ def speech_requests(state: ServerState, text: str, n: int, req, param: str) -> t
     as `Pipeline.speak`). Returns them and the prompt's length."""
     audio_codec(state, param)
     if not state.can_speak:
-        raise ApiError(400, f"this model cannot generate audio (a {state.pipe.model.cfg.variant} model reads audio "
+        raise ApiError(400, f"this model cannot generate audio (a model with {state.pipe.model.cfg.audio_variant} audio reads audio "
                        "and writes text)", param=param, code="audio_not_supported")
     if not text.strip():
         raise ApiError(400, f"{param}: there is no text to speak", param=param, code="invalid_value")

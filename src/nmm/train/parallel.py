@@ -73,7 +73,7 @@ def check_parallel_config(cfg: TrainConfig, model_cfg, world_size: int, device: 
         if model_cfg.routing != "dense":
             raise ConfigError(f"train.tp > 1 splits dense blocks; model.routing={model_cfg.routing} is not supported "
                               "with tensor parallelism (use train.tp=1: FSDP2 shards experts and towers)")
-        if cfg.sequence_parallel and model_cfg.fusion == "mid":
+        if cfg.sequence_parallel and model_cfg.uses_cross_attention:
             raise ConfigError("train.sequence_parallel shards the stream between blocks, which mid fusion's "
                               "cross-attention layers read whole: set train.sequence_parallel=false")
         if getattr(model_cfg, "qk_norm_kind", "rms") != "rms":

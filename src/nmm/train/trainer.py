@@ -26,7 +26,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from nmm.config import RunConfig, load_config, save_config, to_dict
-from nmm.data.mixture import PackedBatches
+from nmm.data.mixture import ROLE_WRITES, PackedBatches
 from nmm.data.sources import data_source
 from nmm.errors import CheckpointError, ConfigError
 from nmm.model.model import NativeMultimodalModel
@@ -61,17 +61,18 @@ BUDGET_RECHECK_AT = 241  # train.time_budget_min: the step at which the speed is
 
 
 def check_roles(cfg: RunConfig, model: NativeMultimodalModel) -> None:
-    """A model that cannot write images must not be given documents that teach it to."""
+    """A model that cannot write a modality must not be given documents that teach it to."""
     if "image" in cfg.data.input_loss and cfg.model.variant != "early-discrete":
         # Other variants embed the images they read differently from the ones they write (`generated`).
         raise ConfigError(f"config key 'data.input_loss': 'image' needs discrete early fusion "
                           f"(model.fusion=early model.image_repr=discrete), not {cfg.model.variant}")
-    if all("M2G" in interface.capabilities for interface in model.modalities.values()):
-        return
-    bad = [r for r in ("generation", "edit") if cfg.data.roles.get(r, 0) > 0]
-    if bad:
-        raise ConfigError(f"model.fusion={cfg.model.fusion} reads images but cannot generate them: set "
-                          + " ".join(f"data.roles.{r}=0" for r in bad))
+    for name, interface in model.modalities.items():
+        if "M2G" in interface.capabilities:
+            continue
+        bad = [r for r, w in cfg.data.roles.items() if w > 0 and ROLE_WRITES.get(r) == name]
+        if bad:
+            raise ConfigError(f"this model reads {name} through its {cfg.model.variant_of(name)} interface, which "
+                              f"cannot generate {name}: set " + " ".join(f"data.roles.{r}=0" for r in bad))
 
 
 def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
