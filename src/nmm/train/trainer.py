@@ -56,7 +56,6 @@ from nmm.utils import (
     seed_everything,
 )
 
-
 BUDGET_RECHECK_AT = 241  # train.time_budget_min: the step at which the speed is measured a second time
 
 
