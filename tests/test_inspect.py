@@ -93,3 +93,12 @@ def test_inspect_lists_every_modality_and_its_positions_per_item():
     video = describe("video-demo")
     assert video["modalities"] == ["text", "video"] and "positions_per_image" not in video
     assert video["flops_per_token"] > 0
+
+
+def test_inspect_reports_each_modalitys_interface():
+    from nmm.config import load_config
+    from nmm.inspect import describe_model
+
+    info = describe_model(load_config("speech-tiny", ["model.audio_fusion=late", "model.audio_repr=continuous"]))
+    assert info["interfaces"]["audio"] == {"fusion": "late", "representation": "continuous", "capabilities": ["M2T"]}
+    assert describe("speech-tiny")["interfaces"]["audio"]["capabilities"] == ["M2T", "M2G", "M2M"]

@@ -145,6 +145,9 @@ def describe_model(cfg: RunConfig) -> dict:
         "capabilities": list(images.capabilities),
         "routing": cfg.model.routing,
         "rope": cfg.model.rope,
+        # every modality's own axes (audio has its own: model.audio_fusion / model.audio_repr)
+        "interfaces": {name: {"fusion": i.fusion, "representation": i.representation,
+                              "capabilities": list(i.capabilities)} for name, i in model.modalities.items()},
         "modalities": ["text", *model.modalities],
         "params_total": total,
         "params_active": max(per_modality.values()),
