@@ -430,7 +430,8 @@ def evaluate_audio_codec(model: AudioCodec, waves: list[np.ndarray], vocoder_ite
         gl.append(mel_distance(model.log_mel([model.vocode(r)])[0], x))
         floor.append(mel_distance(model.log_mel([model.vocode(x)])[0], x))
     stats.update(mel_distance_griffin_lim=float(np.mean(gl)), mel_distance_vocoder_only=float(np.mean(floor)))
-    groups = torch.cat([model.groups(c[None])[0] for c in codes if c.numel()], 1)  # (G, all frames)
+    frames = [model.groups(c[None])[0] for c in codes if c.numel()]
+    groups = torch.cat(frames, 1) if frames else torch.zeros(len(model.fsqs), 0, dtype=torch.long)  # (G, all frames)
     for i, (g, size) in enumerate(zip(groups, model.group_sizes)):
         p = torch.bincount(g, minlength=size).double() / max(1, g.numel())
         stats[f"code_usage_g{i}"] = float((p > 0).double().mean())
