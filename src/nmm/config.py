@@ -226,19 +226,15 @@ class ModelConfig:
 
     def __post_init__(self):
         for key, value, allowed in (("fusion", self.fusion, FUSIONS), ("image_repr", self.image_repr, IMAGE_REPRS),
-                                    ("routing", self.routing, ROUTINGS)):
+                                    ("routing", self.routing, ROUTINGS), ("audio_fusion", self.audio_fusion, FUSIONS),
+                                    ("audio_repr", self.audio_repr, AUDIO_REPRS)):
             if value not in allowed:
                 raise ConfigError(f"config key 'model.{key}': '{value}' is not one of {', '.join(allowed)}")
-        if self.fusion in ("late", "mid") and self.image_repr != "continuous":
-            raise ConfigError(f"model.fusion={self.fusion} feeds continuous encoder features: "
-                              f"set model.image_repr=continuous (got {self.image_repr})")
-        if self.audio_fusion not in FUSIONS or self.audio_repr not in AUDIO_REPRS:
-            bad = ("audio_fusion", self.audio_fusion, FUSIONS) if self.audio_fusion not in FUSIONS else \
-                ("audio_repr", self.audio_repr, AUDIO_REPRS)
-            raise ConfigError(f"config key 'model.{bad[0]}': '{bad[1]}' is not one of {', '.join(bad[2])}")
-        if self.audio_fusion in ("late", "mid") and self.audio_repr != "continuous":
-            raise ConfigError(f"model.audio_fusion={self.audio_fusion} feeds continuous encoder features: "
-                              f"set model.audio_repr=continuous (got {self.audio_repr})")
+        for prefix, fusion, repr_key, repr_ in (("", self.fusion, "image_repr", self.image_repr),
+                                                ("audio_", self.audio_fusion, "audio_repr", self.audio_repr)):
+            if fusion in ("late", "mid") and repr_ != "continuous":
+                raise ConfigError(f"model.{prefix}fusion={fusion} feeds continuous encoder features: "
+                                  f"set model.{repr_key}=continuous (got {repr_})")
         if self.fusion == "mid" and self.audio_fusion == "mid":
             raise ConfigError("model.fusion=mid and model.audio_fusion=mid: only one modality can use mid fusion "
                               "(one cross-attention memory)")

@@ -27,6 +27,7 @@ from torch import nn
 
 from nmm.model.fusion.base import ModalityInterface
 from nmm.model.masks import Span
+from nmm.model.vision import ImageProjector
 
 
 def _shifted(x: torch.Tensor, item: torch.Tensor, offset: int) -> torch.Tensor:
@@ -80,10 +81,6 @@ class AudioEncoder(nn.Module):
         return self.norm(x)
 
 
-def _projector(width: int, d_model: int) -> nn.Module:
-    return nn.Sequential(nn.Linear(width, d_model), nn.GELU(), nn.Linear(d_model, d_model))  # LLaVA-1.5's
-
-
 class _AudioFeatures(ModalityInterface):
     """Shared by the three variants: the latent of every frame, from its code id."""
 
@@ -107,7 +104,7 @@ class ContinuousAudio(_AudioFeatures):
 
     def __init__(self, cfg, vocab, name="audio"):
         super().__init__(cfg, vocab, name)
-        self.projector = _projector(self.latents.shape[1], cfg.d_model)
+        self.projector = ImageProjector(self.latents.shape[1], cfg.d_model)  # LLaVA-1.5's MLP
 
     def embed(self, x, ids, layout, generated, image_inputs):
         h = self.projector(self.frame_latents(ids, layout, x.dtype))
@@ -124,7 +121,7 @@ class LateFusionAudio(_AudioFeatures):
         super().__init__(cfg, vocab, name)
         e = cfg.audio_encoder
         self.encoder = AudioEncoder(self.latents.shape[1], e.width, e.layers)
-        self.projector = _projector(e.width, cfg.d_model)
+        self.projector = ImageProjector(e.width, cfg.d_model)
 
     def features(self, ids, layout, dtype) -> torch.Tensor:  # (B, T) -> (B, T, d_model)
         return self.projector(self.encoder(self.frame_latents(ids, layout, dtype), layout.item))
